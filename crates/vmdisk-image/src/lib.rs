@@ -1,0 +1,1 @@
+//! image factory (placeholder, being written).
