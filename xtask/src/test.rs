@@ -1,0 +1,49 @@
+//! `cargo xtask test`: tools, formatting, lints, then every test in the workspace.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use xshell::{cmd, Shell};
+
+use crate::flags::Test;
+
+impl Test {
+    pub fn run(self, sh: &Shell) -> Result<()> {
+        let start = Instant::now();
+        crate::deps::ensure(sh, !self.no_install)?;
+        step("cargo fmt --check", || {
+            cmd!(sh, "cargo fmt --all -- --check").run()?;
+            Ok(())
+        })?;
+        step("cargo clippy", || {
+            cmd!(
+                sh,
+                "cargo clippy --workspace --all-targets --locked -- -D warnings"
+            )
+            .run()?;
+            Ok(())
+        })?;
+        step("cargo test", || {
+            let mut c = cmd!(sh, "cargo test --workspace --locked --no-fail-fast");
+            if self.ci {
+                c = c.env("VMDISK_CI", "1");
+            }
+            c.run()?;
+            Ok(())
+        })?;
+        eprintln!("xtask: all checks passed in {:.0?}", start.elapsed());
+        Ok(())
+    }
+}
+
+fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+    let t = Instant::now();
+    eprintln!("xtask: ── {name}");
+    let r = f();
+    eprintln!(
+        "xtask: ── {name}: {} in {:.1?}",
+        if r.is_ok() { "ok" } else { "FAILED" },
+        t.elapsed()
+    );
+    r
+}
