@@ -1,1 +1,296 @@
-//! qcow2 (placeholder, being written).
+//! qcow2: parse, validate, map, read, write, create, snapshots, compression.
+//!
+//! vmdisk's own implementation of qemu's qcow2 format (v2 = compat 0.10, v3 = compat 1.1).
+//! [`meta`] turns on-disk bytes into validated structures and back and never does IO;
+//! [`Qcow2Image`] is a [`BlockDevice`] over a host `BlockDevice` (and an optional, already
+//! opened backing device); [`create`], [`snapshot`] and [`check`] work on host devices.
+//! Nothing here opens files by path.
+//!
+//! On-disk layout (all integers big-endian; offsets are host byte offsets):
+//!
+//! ```text
+//!  cluster 0   header (magic "QFI\xfb", version, cluster_bits, size, L1/refcount/snapshot
+//!              table pointers, v3 feature bits, refcount_order, compression type)
+//!              + header extensions (backing format, feature names, bitmaps, ...) + backing name
+//!  refcount table ──▶ refcount blocks ──▶ one 2^refcount_order-bit count per host cluster
+//!  L1 table (active) ──▶ L2 tables ──▶ per guest cluster: data cluster | zero | compressed
+//!                                      (extended L2: + 32 subcluster alloc/zero bits)
+//!  snapshot table ──▶ per snapshot: its own L1 copy (sharing L2/data clusters via refcounts)
+//!
+//!  guest offset = (l1_index << (l2_bits + cluster_bits)) | (l2_index << cluster_bits) | in_cluster
+//!  COPIED flag (bit 63) in L1/L2 entries <=> refcount of the pointed-to cluster is exactly 1
+//! ```
+//!
+//! Errors are [`vmdisk_block::Error`] variants, kept distinct:
+//! - `Corrupt { what, off }`: metadata is inconsistent; `off` is the host offset of the bad
+//!   structure (header field, L1/L2 entry, refcount block, snapshot table entry);
+//! - `Unsupported { what }`: a feature we refuse (encryption: never returned as ciphertext;
+//!   external data files; unknown incompatible bits; writes to extended-L2 images);
+//! - `Limit { what, needed, limit }`: an untrusted size above a named limit in [`meta`];
+//! - `Io { .. }` from the host device, `OutOfRange` for requests beyond the virtual size,
+//!   `ReadOnly` for writes to an image opened read-only.
+
+pub mod check;
+mod create;
+mod image;
+pub mod meta;
+pub mod snapshot;
+
+pub use create::create;
+pub use image::Qcow2Image;
+pub use meta::CompressionType;
+pub use vmdisk_block::{BlockDevice, Error, Result};
+
+/// How `create` preallocates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Preallocation {
+    #[default]
+    Off,
+    /// Allocate every L2 table and data cluster (data left unwritten), like qemu.
+    Metadata,
+}
+
+/// Options of [`create`]; `Default` is v3, 64 KiB clusters, 16-bit refcounts, zlib, no
+/// preallocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateOptions {
+    pub size: u64,
+    pub cluster_size: u64,
+    /// 2 (compat 0.10) or 3 (compat 1.1).
+    pub version: u32,
+    pub refcount_bits: u32,
+    pub compression: CompressionType,
+    pub lazy_refcounts: bool,
+    pub preallocation: Preallocation,
+    pub extended_l2: bool,
+    pub backing_file: Option<String>,
+    pub backing_format: Option<String>,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            size: 0,
+            cluster_size: 65536,
+            version: 3,
+            refcount_bits: 16,
+            compression: CompressionType::Zlib,
+            lazy_refcounts: false,
+            preallocation: Preallocation::Off,
+            extended_l2: false,
+            backing_file: None,
+            backing_format: None,
+        }
+    }
+}
+
+/// What `qemu-img info` shows about a qcow2, from its header and snapshot table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Qcow2Info {
+    pub version: u32,
+    pub virtual_size: u64,
+    pub cluster_size: u64,
+    pub refcount_bits: u32,
+    pub compression_type: CompressionType,
+    pub lazy_refcounts: bool,
+    pub dirty: bool,
+    pub corrupt: bool,
+    pub extended_l2: bool,
+    pub backing_file: Option<String>,
+    pub backing_format: Option<String>,
+    pub snapshots: Vec<SnapshotInfo>,
+}
+
+/// One internal snapshot, as `qemu-img snapshot -l` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub id: String,
+    pub name: String,
+    pub vm_state_size: u64,
+    pub date_sec: u64,
+    pub date_nsec: u32,
+    pub vm_clock_nsec: u64,
+    pub icount: Option<u64>,
+}
+
+impl SnapshotInfo {
+    pub(crate) fn from_header(s: &meta::SnapshotHeader) -> Self {
+        SnapshotInfo {
+            id: s.id.clone(),
+            name: s.name.clone(),
+            vm_state_size: s.vm_state_size,
+            date_sec: u64::from(s.date_sec),
+            date_nsec: s.date_nsec,
+            vm_clock_nsec: s.vm_clock_nsec,
+            icount: s.icount,
+        }
+    }
+}
+
+impl Qcow2Info {
+    pub(crate) fn from_header(h: &meta::Header, snaps: &[meta::SnapshotHeader]) -> Self {
+        Qcow2Info {
+            version: h.version,
+            virtual_size: h.size,
+            cluster_size: h.cluster_size(),
+            refcount_bits: h.refcount_bits(),
+            compression_type: h.compression_type,
+            lazy_refcounts: h.lazy_refcounts(),
+            dirty: h.dirty(),
+            corrupt: h.corrupt(),
+            extended_l2: h.extended_l2(),
+            backing_file: h.backing_file.clone(),
+            backing_format: h.backing_format.clone(),
+            snapshots: snaps.iter().map(SnapshotInfo::from_header).collect(),
+        }
+    }
+}
+
+/// True when `first_bytes` start with the qcow2 magic "QFI\xfb".
+pub fn probe(first_bytes: &[u8]) -> bool {
+    first_bytes.len() >= 4 && first_bytes[..4] == meta::MAGIC.to_be_bytes()
+}
+
+/// Read and validate the header (first cluster) of the qcow2 on `host`.
+pub(crate) fn read_header_raw(host: &dyn BlockDevice) -> Result<meta::Header> {
+    let len = host.len();
+    let mut first = vec![0u8; len.min(meta::V3_HEADER_LEN as u64) as usize];
+    host.read_exact_at(&mut first, 0)?;
+    if first.len() < 24 || !probe(&first) {
+        return Err(Error::corrupt("not a qcow2 image (bad magic)", 0));
+    }
+    let bits = u32::from_be_bytes([first[20], first[21], first[22], first[23]]);
+    if !(meta::MIN_CLUSTER_BITS..=meta::MAX_CLUSTER_BITS).contains(&bits) {
+        return Err(Error::corrupt(
+            format!("cluster_bits {bits} outside 9..=21"),
+            20,
+        ));
+    }
+    let mut buf = vec![0u8; len.min(1u64 << bits) as usize];
+    host.read_exact_at(&mut buf, 0)?;
+    meta::Header::parse(&buf)
+}
+
+/// Read the snapshot table described by `h`.
+pub(crate) fn read_snapshots(
+    host: &dyn BlockDevice,
+    h: &meta::Header,
+) -> Result<Vec<meta::SnapshotHeader>> {
+    if h.nb_snapshots == 0 {
+        return Ok(Vec::new());
+    }
+    // Read incrementally: each entry is at least 40 bytes, at most 40 + extra + 2 * 64 KiB.
+    let hlen = host.len();
+    let want = (u64::from(h.nb_snapshots) * 1024)
+        .min(meta::MAX_SNAPSHOT_TABLE_BYTES)
+        .min(hlen.saturating_sub(h.snapshots_offset));
+    let mut size = want.max(4096).min(hlen.saturating_sub(h.snapshots_offset));
+    loop {
+        let mut buf = vec![0u8; size as usize];
+        host.read_exact_at(&mut buf, h.snapshots_offset)?;
+        match meta::SnapshotHeader::parse_table(&buf, h.nb_snapshots, h.snapshots_offset) {
+            Ok(t) => return Ok(t),
+            Err(Error::Corrupt { .. })
+                if size < meta::MAX_SNAPSHOT_TABLE_BYTES
+                    && h.snapshots_offset + size < hlen =>
+            {
+                size = (size * 4)
+                    .min(meta::MAX_SNAPSHOT_TABLE_BYTES)
+                    .min(hlen - h.snapshots_offset);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Parse the header of a qcow2 without opening it (backing name/format for the factory).
+pub fn read_header(host: &dyn BlockDevice) -> Result<Qcow2Info> {
+    let h = read_header_raw(host)?;
+    let snaps = read_snapshots(host, &h)?;
+    Ok(Qcow2Info::from_header(&h, &snaps))
+}
+
+/// Compress one cluster for this image type; `None` when it does not shrink.
+pub fn compress_cluster(
+    ctype: CompressionType,
+    cluster_size: u64,
+    data: &[u8],
+) -> Result<Option<Vec<u8>>> {
+    if data.len() as u64 != cluster_size {
+        return Err(Error::OutOfRange {
+            off: 0,
+            len: data.len() as u64,
+            size: cluster_size,
+        });
+    }
+    let out = match ctype {
+        CompressionType::Zlib => {
+            // Raw deflate with a 4 KiB window (windowBits -12), as qemu writes it.
+            let mut c =
+                flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
+            let mut out = Vec::with_capacity(cluster_size as usize);
+            let st = c
+                .compress_vec(data, &mut out, flate2::FlushCompress::Finish)
+                .map_err(|e| Error::io("compressing a cluster", 0, e.into()))?;
+            if st != flate2::Status::StreamEnd {
+                // Did not fit in a cluster: it does not shrink.
+                return Ok(None);
+            }
+            out
+        }
+        CompressionType::Zstd => zstd::bulk::compress(data, 0)
+            .map_err(|e| Error::io("compressing a cluster (zstd)", 0, e))?,
+    };
+    if out.len() as u64 >= cluster_size {
+        return Ok(None);
+    }
+    Ok(Some(out))
+}
+
+/// Decompress one cluster into `out` (exactly a cluster); trailing input bytes are ignored.
+pub(crate) fn decompress_cluster(
+    ctype: CompressionType,
+    input: &[u8],
+    out: &mut [u8],
+    at: u64,
+) -> Result<()> {
+    let bad = |why: &str| Error::corrupt(format!("compressed cluster: {why}"), at);
+    match ctype {
+        CompressionType::Zlib => {
+            let mut d = flate2::Decompress::new_with_window_bits(false, 12);
+            loop {
+                let (i, o) = (d.total_in() as usize, d.total_out() as usize);
+                if o == out.len() {
+                    return Ok(());
+                }
+                let st = d
+                    .decompress(&input[i..], &mut out[o..], flate2::FlushDecompress::Finish)
+                    .map_err(|_| bad("invalid deflate data"))?;
+                let progressed = d.total_in() as usize != i || d.total_out() as usize != o;
+                if d.total_out() as usize == out.len() {
+                    return Ok(());
+                }
+                if st == flate2::Status::StreamEnd || !progressed {
+                    return Err(bad("decompresses to less than a cluster"));
+                }
+            }
+        }
+        CompressionType::Zstd => {
+            use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+            let mut d = zstd::stream::raw::Decoder::new()
+                .map_err(|e| Error::io("zstd decoder", at, e))?;
+            let mut inb = InBuffer::around(input);
+            let mut outb = OutBuffer::around(out);
+            loop {
+                let before = (inb.pos(), outb.pos());
+                let r = d.run(&mut inb, &mut outb).map_err(|_| bad("invalid zstd data"))?;
+                if outb.pos() == outb.capacity() {
+                    return Ok(());
+                }
+                if r == 0 && inb.pos() == input.len() || before == (inb.pos(), outb.pos()) {
+                    return Err(bad("decompresses to less than a cluster"));
+                }
+            }
+        }
+    }
+}

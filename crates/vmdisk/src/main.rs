@@ -1,1 +1,6 @@
-fn main() {}
+//! The `vmdisk` binary: parse the command line and run it (all logic lives in the
+//! `vmdisk` library target and in `vmdisk-image`).
+
+fn main() -> std::process::ExitCode {
+    vmdisk::main()
+}

@@ -1,0 +1,439 @@
+//! `create`: new raw or qcow2 images, with qemu-img's `-o` options.
+
+use std::path::Path;
+
+use vmdisk_block::lock::{ImageLock, LockMode};
+use vmdisk_block::{BlockDevice, RawFile};
+
+use crate::open::{open, resolve_backing, OpenOptions};
+use crate::q::{self, CompressionType, Preallocation};
+use crate::{Error, Format, Result};
+
+/// Smallest and largest qcow2 cluster sizes (qemu's limits).
+const MIN_CLUSTER_SIZE: u64 = 512;
+const MAX_CLUSTER_SIZE: u64 = 2 << 20;
+
+/// Preallocation modes accepted in `-o preallocation=`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PreallocMode {
+    Off,
+    /// qcow2 only: allocate L2 tables and refcounts up front.
+    Metadata,
+    /// raw only: reserve the space with fallocate.
+    Falloc,
+    /// raw only: write the zeros.
+    Full,
+}
+
+/// qemu-img's `-o` options, parsed. `None` means "the default".
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ImageOptions {
+    pub size: Option<u64>,
+    pub cluster_size: Option<u64>,
+    pub compression_type: Option<CompressionType>,
+    pub lazy_refcounts: Option<bool>,
+    pub preallocation: Option<PreallocMode>,
+    pub refcount_bits: Option<u32>,
+    /// qcow2 version: 2 (compat=0.10) or 3 (compat=1.1).
+    pub compat: Option<u32>,
+    pub extended_l2: Option<bool>,
+    pub backing_file: Option<String>,
+    pub backing_fmt: Option<Format>,
+}
+
+fn invalid(option: &str, reason: impl Into<String>) -> Error {
+    Error::InvalidOption {
+        option: option.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Parse a size like qemu-img: bytes, or a number with a k/K, M, G, T, P, E suffix
+/// (powers of 1024; decimals allowed with a suffix, e.g. `1.5G`).
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_lowercase() {
+                'b' => 0,
+                'k' => 10,
+                'm' => 20,
+                'g' => 30,
+                't' => 40,
+                'p' => 50,
+                'e' => 60,
+                _ => return Err(invalid(s, "unknown size suffix (use k, M, G, T, P or E)")),
+            };
+            (&t[..i], 1u64 << shift)
+        }
+        _ => (t, 1),
+    };
+    let bad = || invalid(s, "not a size (e.g. 10G, 512M, 65536)");
+    if num.contains('.') {
+        let v: f64 = num.parse().map_err(|_| bad())?;
+        let bytes = v * mult as f64;
+        if !(0.0..1.8e19).contains(&bytes) {
+            return Err(bad());
+        }
+        Ok(bytes as u64)
+    } else {
+        let v: u64 = num.parse().map_err(|_| bad())?;
+        v.checked_mul(mult).ok_or_else(bad)
+    }
+}
+
+fn parse_bool(key: &str, v: &str) -> Result<bool> {
+    match v {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(invalid(key, format!("'{v}' is not on or off"))),
+    }
+}
+
+/// Split an option string on commas, honouring qemu's `,,` escape.
+fn split_opts(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+            } else {
+                out.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    out.push(cur);
+    out.retain(|s| !s.is_empty());
+    out
+}
+
+impl ImageOptions {
+    /// Parse `key=value,...` as given to qemu-img's `-o`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let mut o = ImageOptions::default();
+        o.merge(s)?;
+        Ok(o)
+    }
+
+    /// Parse more options on top of these (several `-o` flags add up).
+    pub fn merge(&mut self, s: &str) -> Result<()> {
+        for item in split_opts(s) {
+            let (key, val) = item
+                .split_once('=')
+                .ok_or_else(|| invalid(&item, "expected key=value"))?;
+            match key {
+                "size" => self.size = Some(parse_size(val)?),
+                "cluster_size" => {
+                    let c = parse_size(val)?;
+                    if !c.is_power_of_two() || !(MIN_CLUSTER_SIZE..=MAX_CLUSTER_SIZE).contains(&c) {
+                        return Err(invalid(key, "must be a power of two between 512 and 2M"));
+                    }
+                    self.cluster_size = Some(c);
+                }
+                "compression_type" => {
+                    self.compression_type = Some(match val {
+                        "zlib" => CompressionType::Zlib,
+                        "zstd" => CompressionType::Zstd,
+                        _ => return Err(invalid(key, "must be zlib or zstd")),
+                    })
+                }
+                "lazy_refcounts" => self.lazy_refcounts = Some(parse_bool(key, val)?),
+                "extended_l2" => self.extended_l2 = Some(parse_bool(key, val)?),
+                "preallocation" => {
+                    self.preallocation = Some(match val {
+                        "off" => PreallocMode::Off,
+                        "metadata" => PreallocMode::Metadata,
+                        "falloc" => PreallocMode::Falloc,
+                        "full" => PreallocMode::Full,
+                        _ => return Err(invalid(key, "must be off, metadata, falloc or full")),
+                    })
+                }
+                "refcount_bits" => {
+                    let b: u32 = val.parse().map_err(|_| invalid(key, "not a number"))?;
+                    if !b.is_power_of_two() || b > 64 {
+                        return Err(invalid(key, "must be 1, 2, 4, 8, 16, 32 or 64"));
+                    }
+                    self.refcount_bits = Some(b);
+                }
+                "compat" => {
+                    self.compat = Some(match val {
+                        "0.10" | "v2" => 2,
+                        "1.1" | "v3" => 3,
+                        _ => return Err(invalid(key, "must be 0.10 (v2) or 1.1 (v3)")),
+                    })
+                }
+                "backing_file" => self.backing_file = Some(val.to_string()),
+                "backing_fmt" => self.backing_fmt = Some(val.parse()?),
+                _ => return Err(invalid(key, "not supported by vmdisk")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Fail on options that do not apply to `format`.
+    fn validate_for(&self, format: Format) -> Result<()> {
+        if format == Format::Raw {
+            let qcow2_only = [
+                ("cluster_size", self.cluster_size.is_some()),
+                ("compression_type", self.compression_type.is_some()),
+                ("lazy_refcounts", self.lazy_refcounts.is_some()),
+                ("refcount_bits", self.refcount_bits.is_some()),
+                ("compat", self.compat.is_some()),
+                ("extended_l2", self.extended_l2.is_some()),
+                ("backing_file", self.backing_file.is_some()),
+                (
+                    "preallocation=metadata",
+                    self.preallocation == Some(PreallocMode::Metadata),
+                ),
+            ];
+            if let Some((k, _)) = qcow2_only.iter().find(|(_, set)| *set) {
+                return Err(invalid(k, "only applies to qcow2 images"));
+            }
+        } else {
+            if matches!(
+                self.preallocation,
+                Some(PreallocMode::Falloc | PreallocMode::Full)
+            ) {
+                return Err(invalid(
+                    "preallocation",
+                    "vmdisk supports off or metadata for qcow2",
+                ));
+            }
+            let v2 = self.compat == Some(2);
+            if v2 && self.lazy_refcounts == Some(true) {
+                return Err(invalid("lazy_refcounts", "needs compat=1.1"));
+            }
+            if v2 && self.refcount_bits.is_some_and(|b| b != 16) {
+                return Err(invalid("refcount_bits", "compat=0.10 supports only 16"));
+            }
+            if v2 && self.compression_type == Some(CompressionType::Zstd) {
+                return Err(invalid("compression_type", "zstd needs compat=1.1"));
+            }
+            if v2 && self.extended_l2 == Some(true) {
+                return Err(invalid("extended_l2", "needs compat=1.1"));
+            }
+            if self.extended_l2 == Some(true) && self.cluster_size.is_some_and(|c| c < 16384) {
+                return Err(invalid("extended_l2", "needs cluster_size of at least 16k"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The qcow2 engine's create options for an image of `size` bytes.
+    pub fn qcow2_create_options(&self, size: u64) -> q::CreateOptions {
+        let d = q::CreateOptions::default();
+        q::CreateOptions {
+            size,
+            cluster_size: self.cluster_size.unwrap_or(d.cluster_size),
+            version: self.compat.unwrap_or(d.version),
+            refcount_bits: self.refcount_bits.unwrap_or(d.refcount_bits),
+            compression: self.compression_type.unwrap_or(d.compression),
+            lazy_refcounts: self.lazy_refcounts.unwrap_or(d.lazy_refcounts),
+            preallocation: if self.preallocation == Some(PreallocMode::Metadata) {
+                Preallocation::Metadata
+            } else {
+                Preallocation::Off
+            },
+            extended_l2: self.extended_l2.unwrap_or(d.extended_l2),
+            backing_file: None,
+            backing_format: None,
+        }
+    }
+}
+
+/// What `create` makes.
+#[derive(Debug, Clone)]
+pub struct CreateSpec {
+    pub format: Format,
+    /// Virtual size; `None` takes it from `-o size=` or the backing image.
+    pub size: Option<u64>,
+    pub options: ImageOptions,
+    /// Backing file name as it will be stored (relative names are relative to the new image).
+    pub backing_file: Option<String>,
+    /// Backing format; probed when `None`.
+    pub backing_format: Option<Format>,
+}
+
+impl CreateSpec {
+    pub fn new(format: Format, size: u64) -> Self {
+        CreateSpec {
+            format,
+            size: Some(size),
+            options: ImageOptions::default(),
+            backing_file: None,
+            backing_format: None,
+        }
+    }
+}
+
+/// Create (or overwrite, like qemu-img) the image at `path`. The write lock is taken before
+/// anything is truncated, so an image a running qemu holds is never clobbered.
+pub fn create(path: &Path, spec: &CreateSpec) -> Result<()> {
+    let (host, _lock) = create_locked(path, spec)?;
+    host.flush().map_err(Error::image("flushing", path))
+}
+
+/// Open `path` for writing (creating it), take the write lock, truncate it.
+pub(crate) fn lock_and_truncate(path: &Path) -> Result<(RawFile, ImageLock)> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|source| Error::File {
+            op: "create",
+            path: path.to_owned(),
+            source,
+        })?;
+    let lock =
+        ImageLock::acquire(&file, path, LockMode::Write).map_err(Error::image("locking", path))?;
+    let is_file = file.metadata().map(|m| m.is_file()).unwrap_or(false);
+    if is_file {
+        file.set_len(0).map_err(|source| Error::File {
+            op: "truncate",
+            path: path.to_owned(),
+            source,
+        })?;
+    }
+    let host = RawFile::from_file(file, path, false).map_err(Error::image("opening", path))?;
+    Ok((host, lock))
+}
+
+/// `create`, returning the still-locked host file.
+pub(crate) fn create_locked(path: &Path, spec: &CreateSpec) -> Result<(RawFile, ImageLock)> {
+    let o = &spec.options;
+    o.validate_for(spec.format)?;
+    let backing_file = spec.backing_file.clone().or_else(|| o.backing_file.clone());
+    let mut backing_format = spec.backing_format.or(o.backing_fmt);
+    if spec.format == Format::Raw && backing_file.is_some() {
+        return Err(invalid(
+            "backing_file",
+            "raw images cannot have a backing file",
+        ));
+    }
+    let mut size = spec.size.or(o.size);
+    if let Some(name) = &backing_file {
+        if size.is_none() || backing_format.is_none() {
+            let bpath = resolve_backing(path, name);
+            let b = open(
+                &bpath,
+                &OpenOptions {
+                    format: backing_format,
+                    read_only: true,
+                    force_share: true,
+                    no_backing: true,
+                },
+            )?;
+            backing_format = Some(b.format());
+            size = size.or(Some(b.len()));
+        }
+    }
+    let size = size.ok_or(Error::SizeRequired)?;
+
+    let (host, lock) = lock_and_truncate(path)?;
+    match spec.format {
+        Format::Raw => {
+            host.resize(size).map_err(Error::image("sizing", path))?;
+            if matches!(
+                o.preallocation,
+                Some(PreallocMode::Falloc | PreallocMode::Full)
+            ) && size > 0
+            {
+                host.write_zeroes(0, size, false)
+                    .map_err(Error::image("preallocating", path))?;
+            }
+        }
+        Format::Qcow2 => {
+            let mut co = o.qcow2_create_options(size);
+            co.backing_file = backing_file;
+            co.backing_format = backing_format.map(|f| f.to_string());
+            q::create(&host, &co).map_err(Error::image("creating", path))?;
+        }
+    }
+    Ok((host, lock))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("65536").unwrap(), 65536);
+        assert_eq!(parse_size("64k").unwrap(), 65536);
+        assert_eq!(parse_size("64K").unwrap(), 65536);
+        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_size("1.5M").unwrap(), 3 << 19);
+        assert_eq!(parse_size("2T").unwrap(), 2 << 40);
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("99999999999E").is_err());
+    }
+
+    #[test]
+    fn options() {
+        let o = ImageOptions::parse(
+            "cluster_size=64k,compression_type=zstd,lazy_refcounts=on,preallocation=metadata,refcount_bits=16,compat=v3,extended_l2=on",
+        )
+        .unwrap();
+        assert_eq!(o.cluster_size, Some(65536));
+        assert_eq!(o.compression_type, Some(CompressionType::Zstd));
+        assert_eq!(o.lazy_refcounts, Some(true));
+        assert_eq!(o.preallocation, Some(PreallocMode::Metadata));
+        assert_eq!(o.compat, Some(3));
+        assert_eq!(o.extended_l2, Some(true));
+        assert_eq!(ImageOptions::parse("compat=0.10").unwrap().compat, Some(2));
+        assert!(ImageOptions::parse("cluster_size=3k").is_err());
+        assert!(ImageOptions::parse("refcount_bits=3").is_err());
+        assert!(ImageOptions::parse("encryption=on").is_err());
+        assert!(ImageOptions::parse("nonsense").is_err());
+        assert_eq!(
+            ImageOptions::parse("backing_file=a,,b")
+                .unwrap()
+                .backing_file
+                .as_deref(),
+            Some("a,b")
+        );
+        assert!(ImageOptions::parse("cluster_size=64k")
+            .unwrap()
+            .validate_for(Format::Raw)
+            .is_err());
+        assert!(ImageOptions::parse("compat=0.10,lazy_refcounts=on")
+            .unwrap()
+            .validate_for(Format::Qcow2)
+            .is_err());
+    }
+
+    #[test]
+    fn raw_create_is_sparse_and_overwrites() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.raw");
+        std::fs::write(&p, vec![9u8; 8192]).unwrap();
+        create(&p, &CreateSpec::new(Format::Raw, 1 << 30)).unwrap();
+        let m = std::fs::metadata(&p).unwrap();
+        assert_eq!(m.len(), 1 << 30);
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(m.blocks(), 0);
+    }
+
+    #[test]
+    fn create_refuses_a_locked_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("busy.raw");
+        std::fs::write(&p, vec![9u8; 8192]).unwrap();
+        let f = std::fs::File::open(&p).unwrap();
+        let _held = ImageLock::acquire(&f, &p, LockMode::Write).unwrap();
+        let e = create(&p, &CreateSpec::new(Format::Raw, 4096)).unwrap_err();
+        assert!(
+            matches!(e.block_error(), Some(vmdisk_block::Error::Locked { .. })),
+            "{e}"
+        );
+        assert_eq!(std::fs::read(&p).unwrap(), vec![9u8; 8192], "untouched");
+    }
+}

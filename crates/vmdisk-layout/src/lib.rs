@@ -1,0 +1,1 @@
+//! vmdisk-layout (being written).

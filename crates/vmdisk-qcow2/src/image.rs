@@ -1,0 +1,1339 @@
+//! [`Qcow2Image`]: a qcow2 image as a [`BlockDevice`] over a host device.
+//!
+//! Metadata (L1, a bounded L2 cache, the refcount table, a bounded refcount-block cache) lives
+//! in [`State`] behind a mutex. Reads map the request under the lock and do the data IO
+//! without it, so rayon workers read concurrently. Writes are exclusive (an `RwLock` gate).
+//!
+//! Crash safety: metadata is written back in dependency order by [`State::write_back`]:
+//! refcount blocks (increments) → refcount table → L2 tables → L1 table → deferred refcount
+//! decrements, with a host flush between each step that had something to write. Data is
+//! written to the host before the L2 entries that point at it reach the disk. A freed cluster
+//! is only decremented (and so only reusable) after the L2/L1 entry that dropped it is durable.
+//! A crash can therefore leak clusters but never leave an entry pointing at a cluster whose
+//! refcount is not durable.
+//!
+//! Writes to images with extended L2 entries are refused at open (`Error::Unsupported`):
+//! reading them (subclusters, zero bits) is supported.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use vmdisk_block::{check_range, merge_extents, Extent, ExtentKind};
+
+use crate::meta::{
+    self, check_l1_entry, refcount_get, refcount_max, refcount_set, Header,
+    L2Entry, SnapshotHeader, SubclusterBitmap, SubclusterState, OFLAG_COPIED, OFLAG_ZERO,
+};
+use crate::{decompress_cluster, BlockDevice, Error, Qcow2Info, Result};
+
+/// Memory for cached L2 tables (bounded whatever the cluster size).
+const L2_CACHE_BYTES: u64 = 32 << 20;
+/// Memory for cached refcount blocks.
+const RB_CACHE_BYTES: u64 = 8 << 20;
+/// Always keep at least this many tables cached (small images, huge clusters).
+const MIN_CACHE_SLOTS: usize = 16;
+
+struct Slot {
+    /// Raw 64-bit words (2 per entry with extended L2).
+    words: Vec<u64>,
+    dirty: bool,
+    used: u64,
+}
+
+struct RbSlot {
+    data: Vec<u8>,
+    dirty: bool,
+    used: u64,
+}
+
+/// Where a piece of a guest range is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Seg {
+    Data { host_off: u64 },
+    Zero,
+    Backing,
+    Compressed { host_off: u64, clen: u64, in_off: u64 },
+}
+
+/// The metadata state of an open image.
+pub(crate) struct State {
+    pub h: Header,
+    pub snaps: Vec<SnapshotHeader>,
+    pub l1: Vec<u64>,
+    pub l1_dirty: bool,
+    l2: HashMap<u64, Slot>,
+    l2_max: usize,
+    rt: Vec<u64>,
+    rt_dirty: bool,
+    rb: HashMap<u64, RbSlot>,
+    rb_max: usize,
+    tick: u64,
+    pending_dec: Vec<u64>,
+    /// Cluster-aligned end of the space in use (allocation appends here).
+    host_end: u64,
+    /// Lowest cluster index that may be free.
+    free_hint: u64,
+    /// Next free byte after the last compressed cluster written (0: none).
+    compressed_tail: u64,
+    pub has_backing: bool,
+}
+
+fn words_from(buf: &[u8]) -> Vec<u64> {
+    buf.chunks_exact(8)
+        .map(|c| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(c);
+            u64::from_be_bytes(a)
+        })
+        .collect()
+}
+
+fn bytes_from(words: &[u64]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(words.len() * 8);
+    for w in words {
+        b.extend_from_slice(&w.to_be_bytes());
+    }
+    b
+}
+
+/// Read `len` bytes of metadata at `off`, refusing ranges outside the host file as corrupt.
+pub(crate) fn read_meta(host: &dyn BlockDevice, off: u64, len: u64, what: &str) -> Result<Vec<u8>> {
+    if off.checked_add(len).is_none_or(|e| e > host.len()) {
+        return Err(Error::corrupt(format!("{what} lies beyond the end of the file"), off));
+    }
+    let mut buf = vec![0u8; len as usize];
+    host.read_exact_at(&mut buf, off)?;
+    Ok(buf)
+}
+
+fn ensure_host_len(host: &dyn BlockDevice, end: u64) -> Result<()> {
+    if host.len() < end {
+        host.resize(end)?;
+    }
+    Ok(())
+}
+
+impl State {
+    pub fn load(host: &dyn BlockDevice, h: Header, has_backing: bool) -> Result<State> {
+        let cs = h.cluster_size();
+        let l1 = words_from(&read_meta(
+            host,
+            h.l1_table_offset,
+            u64::from(h.l1_size) * 8,
+            "L1 table",
+        )?);
+        let rt = words_from(&read_meta(
+            host,
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters) * cs,
+            "refcount table",
+        )?);
+        let snaps = crate::read_snapshots(host, &h)?;
+        let host_end = host.len().div_ceil(cs) * cs;
+        Ok(State {
+            l2_max: ((L2_CACHE_BYTES / cs) as usize).max(MIN_CACHE_SLOTS),
+            rb_max: ((RB_CACHE_BYTES / cs) as usize).max(MIN_CACHE_SLOTS),
+            h,
+            snaps,
+            l1,
+            l1_dirty: false,
+            l2: HashMap::new(),
+            rt,
+            rt_dirty: false,
+            rb: HashMap::new(),
+            tick: 0,
+            pending_dec: Vec::new(),
+            host_end,
+            free_hint: 1,
+            compressed_tail: 0,
+            has_backing,
+        })
+    }
+
+    pub fn cs(&self) -> u64 {
+        self.h.cluster_size()
+    }
+    fn cbits(&self) -> u32 {
+        self.h.cluster_bits
+    }
+    fn l2_bits(&self) -> u32 {
+        meta::l2_bits(self.h.cluster_bits, self.h.extended_l2())
+    }
+    fn wpe(&self) -> usize {
+        if self.h.extended_l2() {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// Drop every cached table (after the on-disk metadata changed under us).
+    pub fn invalidate_caches(&mut self) {
+        self.l2.retain(|_, s| s.dirty);
+        self.rb.retain(|_, s| s.dirty);
+    }
+
+    // ---------------------------------------------------------------- L2 tables
+
+    fn load_l2(&mut self, host: &dyn BlockDevice, off: u64) -> Result<&mut Slot> {
+        self.tick += 1;
+        let tick = self.tick;
+        if !self.l2.contains_key(&off) {
+            if self.l2.len() >= self.l2_max {
+                self.evict_l2(host)?;
+            }
+            let cs = self.cs();
+            let buf = read_meta(host, off, cs, "L2 table")?;
+            self.l2.insert(
+                off,
+                Slot {
+                    words: words_from(&buf),
+                    dirty: false,
+                    used: tick,
+                },
+            );
+        }
+        // The key was inserted just above when it was missing.
+        let slot = self
+            .l2
+            .get_mut(&off)
+            .ok_or_else(|| Error::corrupt("L2 cache lost a table", off))?;
+        slot.used = tick;
+        Ok(slot)
+    }
+
+    fn evict_l2(&mut self, host: &dyn BlockDevice) -> Result<()> {
+        if !self.l2.values().any(|s| !s.dirty) {
+            self.write_back(host)?;
+        }
+        if let Some((&k, _)) = self.l2.iter().filter(|(_, s)| !s.dirty).min_by_key(|(_, s)| s.used) {
+            self.l2.remove(&k);
+        }
+        Ok(())
+    }
+
+    /// L2 table offset for L1 index `l1i` (0 when unallocated).
+    fn l2_off(&self, l1i: u64) -> Result<u64> {
+        let Some(&e) = self.l1.get(l1i as usize) else {
+            return Ok(0);
+        };
+        let at = self.h.l1_table_offset + l1i * 8;
+        check_l1_entry(e, self.cs(), at)
+    }
+
+    /// Standard entry, subcluster bitmap and the entry's host offset for guest cluster `gidx`.
+    pub fn entry(&mut self, host: &dyn BlockDevice, gidx: u64) -> Result<(L2Entry, u64, u64)> {
+        let l1i = gidx >> self.l2_bits();
+        let l2i = (gidx & ((1 << self.l2_bits()) - 1)) as usize;
+        let off = self.l2_off(l1i)?;
+        if off == 0 {
+            return Ok((L2Entry::Unallocated, 0, 0));
+        }
+        let wpe = self.wpe();
+        let (cbits, ext) = (self.cbits(), self.h.extended_l2());
+        let slot = self.load_l2(host, off)?;
+        let raw = slot.words[l2i * wpe];
+        let bm = if wpe == 2 { slot.words[l2i * 2 + 1] } else { 0 };
+        let at = off + (l2i * wpe * 8) as u64;
+        Ok((L2Entry::decode(raw, cbits, ext, at)?, bm, at))
+    }
+
+    /// The (standard) words of the L2 table at `off` with their host offsets.
+    pub fn l2_words(&mut self, host: &dyn BlockDevice, off: u64) -> Result<Vec<(u64, u64)>> {
+        let wpe = self.wpe();
+        let slot = self.load_l2(host, off)?;
+        Ok(slot
+            .words
+            .iter()
+            .step_by(wpe)
+            .enumerate()
+            .map(|(i, &w)| (w, off + (i * wpe * 8) as u64))
+            .collect())
+    }
+
+    /// Overwrite standard word `idx` of the L2 table at `off` (in place, marked dirty).
+    pub fn set_l2_word(&mut self, host: &dyn BlockDevice, off: u64, idx: usize, raw: u64) -> Result<()> {
+        let wpe = self.wpe();
+        let slot = self.load_l2(host, off)?;
+        slot.words[idx * wpe] = raw;
+        slot.dirty = true;
+        Ok(())
+    }
+
+    /// Queue a refcount decrement for after the next table write-back.
+    pub fn push_pending_dec(&mut self, off: u64) {
+        self.pending_dec.push(off);
+    }
+
+    /// Make the L2 table for `l1i` writable (allocate it or copy a shared one).
+    fn l2_writable(&mut self, host: &dyn BlockDevice, l1i: u64) -> Result<u64> {
+        let e = self.l1[l1i as usize];
+        let off = self.l2_off(l1i)?;
+        if off != 0 && e & OFLAG_COPIED != 0 {
+            return Ok(off);
+        }
+        let cs = self.cs();
+        let new = self.alloc_clusters(host, 1)?;
+        let words = if off == 0 {
+            vec![0u64; (cs / 8) as usize]
+        } else {
+            let w = self.load_l2(host, off)?.words.clone();
+            self.pending_dec.push(off);
+            w
+        };
+        self.tick += 1;
+        self.l2.insert(
+            new,
+            Slot {
+                words,
+                dirty: true,
+                used: self.tick,
+            },
+        );
+        self.l1[l1i as usize] = new | OFLAG_COPIED;
+        self.l1_dirty = true;
+        Ok(new)
+    }
+
+    /// Set the entry of guest cluster `gidx` (standard word; bitmap word cleared).
+    fn set_entry(&mut self, host: &dyn BlockDevice, gidx: u64, raw: u64) -> Result<()> {
+        self.set_entry_bm(host, gidx, raw, 0)
+    }
+
+    /// Set the entry of guest cluster `gidx` with its subcluster bitmap (extended L2).
+    fn set_entry_bm(&mut self, host: &dyn BlockDevice, gidx: u64, raw: u64, bm: u64) -> Result<()> {
+        let l1i = gidx >> self.l2_bits();
+        let l2i = (gidx & ((1 << self.l2_bits()) - 1)) as usize;
+        let off = self.l2_writable(host, l1i)?;
+        let wpe = self.wpe();
+        let slot = self.load_l2(host, off)?;
+        slot.words[l2i * wpe] = raw;
+        if wpe == 2 {
+            slot.words[l2i * 2 + 1] = bm;
+        }
+        slot.dirty = true;
+        Ok(())
+    }
+
+    /// Queue decrements for every host cluster an entry references.
+    fn release(&mut self, e: L2Entry) {
+        match e {
+            L2Entry::Normal { host_off, .. } => self.pending_dec.push(host_off),
+            L2Entry::Zero { host_off, .. } if host_off != 0 => self.pending_dec.push(host_off),
+            L2Entry::Compressed { host_off, len } => {
+                let (a, b) = L2Entry::compressed_clusters(host_off, len, self.cs());
+                let mut c = a;
+                while c <= b {
+                    self.pending_dec.push(c);
+                    c += self.cs();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // ---------------------------------------------------------------- refcounts
+
+    fn rb_entries(&self) -> u64 {
+        self.h.refcount_block_entries()
+    }
+
+    fn load_rb(&mut self, host: &dyn BlockDevice, off: u64) -> Result<&mut RbSlot> {
+        self.tick += 1;
+        let tick = self.tick;
+        if !self.rb.contains_key(&off) {
+            if self.rb.len() >= self.rb_max {
+                if !self.rb.values().any(|s| !s.dirty) {
+                    self.write_back(host)?;
+                }
+                if let Some((&k, _)) =
+                    self.rb.iter().filter(|(_, s)| !s.dirty).min_by_key(|(_, s)| s.used)
+                {
+                    self.rb.remove(&k);
+                }
+            }
+            let cs = self.cs();
+            let data = read_meta(host, off, cs, "refcount block")?;
+            self.rb.insert(
+                off,
+                RbSlot {
+                    data,
+                    dirty: false,
+                    used: tick,
+                },
+            );
+        }
+        let s = self
+            .rb
+            .get_mut(&off)
+            .ok_or_else(|| Error::corrupt("refcount cache lost a block", off))?;
+        s.used = tick;
+        Ok(s)
+    }
+
+    fn rb_off(&self, bi: u64) -> Result<u64> {
+        match self.rt.get(bi as usize) {
+            None => Ok(0),
+            Some(&e) => {
+                let off = e & meta::REFT_OFFSET_MASK;
+                if off % self.cs() != 0 {
+                    return Err(Error::corrupt(
+                        "refcount table entry not cluster aligned",
+                        self.h.refcount_table_offset + bi * 8,
+                    ));
+                }
+                Ok(off)
+            }
+        }
+    }
+
+    /// Refcount of the host cluster containing `off`.
+    pub fn refcount(&mut self, host: &dyn BlockDevice, off: u64) -> Result<u64> {
+        let idx = off >> self.cbits();
+        let bi = idx / self.rb_entries();
+        let boff = self.rb_off(bi)?;
+        if boff == 0 {
+            return Ok(0);
+        }
+        let order = self.h.refcount_order;
+        let i = idx % self.rb_entries();
+        Ok(refcount_get(&self.load_rb(host, boff)?.data, i, order))
+    }
+
+    /// Set the refcount of the cluster at `off` (the refcount block must exist).
+    fn set_refcount(&mut self, host: &dyn BlockDevice, off: u64, v: u64) -> Result<()> {
+        self.ensure_refblock(host, off)?;
+        let idx = off >> self.cbits();
+        let bi = idx / self.rb_entries();
+        let boff = self.rb_off(bi)?;
+        let order = self.h.refcount_order;
+        let i = idx % self.rb_entries();
+        let s = self.load_rb(host, boff)?;
+        refcount_set(&mut s.data, i, order, v)?;
+        s.dirty = true;
+        Ok(())
+    }
+
+    /// Add `delta` (±1) to the refcount of the cluster at `off`.
+    pub fn adjust_refcount(&mut self, host: &dyn BlockDevice, off: u64, delta: i64) -> Result<u64> {
+        let cur = self.refcount(host, off)?;
+        let new = if delta < 0 {
+            cur.checked_sub(delta.unsigned_abs()).ok_or_else(|| {
+                Error::corrupt("refcount would drop below zero", off)
+            })?
+        } else {
+            cur.checked_add(delta as u64)
+                .filter(|&v| v <= refcount_max(self.h.refcount_order))
+                .ok_or(Error::Limit {
+                    what: "refcount",
+                    needed: cur.saturating_add(1),
+                    limit: refcount_max(self.h.refcount_order),
+                })?
+        };
+        self.set_refcount(host, off, new)?;
+        if new == 0 {
+            self.free_hint = self.free_hint.min(off >> self.cbits());
+        }
+        Ok(new)
+    }
+
+    /// Make sure a refcount block covers the cluster at `off`; returns true when one was made.
+    fn ensure_refblock(&mut self, host: &dyn BlockDevice, off: u64) -> Result<bool> {
+        let cs = self.cs();
+        let idx = off >> self.cbits();
+        let bi = idx / self.rb_entries();
+        if bi as usize >= self.rt.len() {
+            self.grow_reftable(host, bi)?;
+        }
+        if self.rb_off(bi)? != 0 {
+            return Ok(false);
+        }
+        // A missing block means every cluster in its range has refcount 0: place the new
+        // block at the first cluster of its own range, counting itself.
+        let at = bi * self.rb_entries() * cs;
+        if at == 0 {
+            return Err(Error::corrupt(
+                "refcount block 0 is missing",
+                self.h.refcount_table_offset,
+            ));
+        }
+        let mut data = vec![0u8; cs as usize];
+        refcount_set(&mut data, 0, self.h.refcount_order, 1)?;
+        self.tick += 1;
+        self.rb.insert(
+            at,
+            RbSlot {
+                data,
+                dirty: true,
+                used: self.tick,
+            },
+        );
+        self.rt[bi as usize] = at;
+        self.rt_dirty = true;
+        self.host_end = self.host_end.max(at + cs);
+        Ok(true)
+    }
+
+    /// Replace the refcount table by a bigger one that can index block `need_bi`.
+    fn grow_reftable(&mut self, host: &dyn BlockDevice, need_bi: u64) -> Result<()> {
+        let cs = self.cs();
+        let e = self.rb_entries();
+        let p = self.host_end;
+        let mut new_entries = ((need_bi + 1).max(self.rt.len() as u64) * 2).max(cs / 8);
+        let (mut t, mut blocks);
+        loop {
+            t = (new_entries * 8).div_ceil(cs);
+            // Blocks needed for [p, p + t + nb) that do not exist yet.
+            let mut nb = 0u64;
+            loop {
+                let first = p / cs;
+                let end = first + t + nb;
+                let mut missing = Vec::new();
+                for bi in first / e..=(end - 1) / e {
+                    if self.rb_off(bi)? == 0 {
+                        missing.push(bi);
+                    }
+                }
+                if missing.len() as u64 <= nb {
+                    blocks = missing;
+                    break;
+                }
+                nb = missing.len() as u64;
+            }
+            let last_bi = (p / cs + t + nb) / e;
+            if last_bi < new_entries && need_bi < new_entries {
+                break;
+            }
+            new_entries = (last_bi + 1).max(need_bi + 1) * 2;
+        }
+        if new_entries * 8 > meta::MAX_REFCOUNT_TABLE_BYTES {
+            return Err(Error::Limit {
+                what: "refcount table bytes",
+                needed: new_entries * 8,
+                limit: meta::MAX_REFCOUNT_TABLE_BYTES,
+            });
+        }
+        let mut rt = self.rt.clone();
+        rt.resize((t * cs / 8) as usize, 0);
+        let order = self.h.refcount_order;
+        // New blocks live right after the new table.
+        let mut new_blocks: HashMap<u64, Vec<u8>> = HashMap::new();
+        for (k, &bi) in blocks.iter().enumerate() {
+            let at = p + (t + k as u64) * cs;
+            rt[bi as usize] = at;
+            new_blocks.insert(at, vec![0u8; cs as usize]);
+        }
+        let n_new = t + blocks.len() as u64;
+        for c in 0..n_new {
+            let coff = p + c * cs;
+            let idx = coff / cs;
+            let boff = rt[(idx / e) as usize];
+            let i = idx % e;
+            if let Some(b) = new_blocks.get_mut(&boff) {
+                refcount_set(b, i, order, 1)?;
+            } else {
+                self.rt = rt.clone();
+                let s = self.load_rb(host, boff)?;
+                refcount_set(&mut s.data, i, order, 1)?;
+                s.dirty = true;
+            }
+        }
+        // Durable order: blocks (new and dirty old), table, header, then free the old table.
+        ensure_host_len(host, p + n_new * cs)?;
+        for (at, b) in &new_blocks {
+            host.write_all_at(b, *at)?;
+        }
+        self.rt = rt;
+        self.write_dirty_rbs(host)?;
+        host.flush()?;
+        host.write_all_at(&bytes_from(&self.rt), p)?;
+        host.flush()?;
+        let old_off = self.h.refcount_table_offset;
+        let old_clusters = u64::from(self.h.refcount_table_clusters);
+        self.h.refcount_table_offset = p;
+        self.h.refcount_table_clusters = t as u32;
+        self.write_header(host)?;
+        host.flush()?;
+        for c in 0..old_clusters {
+            self.pending_dec.push(old_off + c * cs);
+        }
+        for (at, data) in new_blocks {
+            self.tick += 1;
+            self.rb.insert(
+                at,
+                RbSlot {
+                    data,
+                    dirty: false,
+                    used: self.tick,
+                },
+            );
+        }
+        self.rt_dirty = false;
+        self.host_end = self.host_end.max(p + n_new * cs);
+        Ok(())
+    }
+
+    /// Allocate `n` contiguous free clusters (refcount set to 1); returns the host offset.
+    pub fn alloc_clusters(&mut self, host: &dyn BlockDevice, n: u64) -> Result<u64> {
+        let cs = self.cs();
+        'retry: loop {
+            let mut start = self.free_hint.max(1);
+            let end_idx = self.host_end / cs;
+            let mut run = 0u64;
+            let mut idx = start;
+            while idx < end_idx && run < n {
+                if self.refcount(host, idx * cs)? == 0 {
+                    run += 1;
+                } else {
+                    run = 0;
+                    start = idx + 1;
+                    if self.free_hint == idx {
+                        self.free_hint = idx + 1;
+                    }
+                }
+                idx += 1;
+            }
+            // A run that reaches the end of the file may continue past it.
+            let s = start;
+            for c in s..s + n {
+                if self.ensure_refblock(host, c * cs)? {
+                    continue 'retry;
+                }
+            }
+            for c in s..s + n {
+                if self.refcount(host, c * cs)? != 0 {
+                    continue 'retry;
+                }
+            }
+            for c in s..s + n {
+                self.set_refcount(host, c * cs, 1)?;
+            }
+            self.host_end = self.host_end.max((s + n) * cs);
+            if self.free_hint == s {
+                self.free_hint = s + n;
+            }
+            return Ok(s * cs);
+        }
+    }
+
+    // ---------------------------------------------------------------- write-back
+
+    fn write_dirty_rbs(&mut self, host: &dyn BlockDevice) -> Result<bool> {
+        let cs = self.cs();
+        let mut any = false;
+        for (&off, s) in self.rb.iter_mut().filter(|(_, s)| s.dirty) {
+            ensure_host_len(host, off + cs)?;
+            host.write_all_at(&s.data, off)?;
+            s.dirty = false;
+            any = true;
+        }
+        Ok(any)
+    }
+
+    pub fn write_header(&mut self, host: &dyn BlockDevice) -> Result<()> {
+        let b = self.h.serialize()?;
+        host.write_all_at(&b, 0)
+    }
+
+    /// Write all dirty metadata in crash-safe order (see the module doc).
+    pub fn write_back(&mut self, host: &dyn BlockDevice) -> Result<()> {
+        let cs = self.cs();
+        if self.write_dirty_rbs(host)? {
+            host.flush()?;
+        }
+        if self.rt_dirty {
+            host.write_all_at(&bytes_from(&self.rt), self.h.refcount_table_offset)?;
+            host.flush()?;
+            self.rt_dirty = false;
+        }
+        let mut any = false;
+        for (&off, s) in self.l2.iter_mut().filter(|(_, s)| s.dirty) {
+            ensure_host_len(host, off + cs)?;
+            host.write_all_at(&bytes_from(&s.words), off)?;
+            s.dirty = false;
+            any = true;
+        }
+        if any {
+            host.flush()?;
+        }
+        if self.l1_dirty {
+            host.write_all_at(&bytes_from(&self.l1), self.h.l1_table_offset)?;
+            host.flush()?;
+            self.l1_dirty = false;
+        }
+        if !self.pending_dec.is_empty() {
+            let pend = std::mem::take(&mut self.pending_dec);
+            for off in pend {
+                self.adjust_refcount(host, off, -1)?;
+            }
+            self.compressed_tail = 0;
+            // Decrements of refcount-table clusters never need a new block, so this cannot
+            // recurse into more decrements.
+            if self.write_dirty_rbs(host)? {
+                host.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn dirty_l2_count(&self) -> usize {
+        self.l2.values().filter(|s| s.dirty).count()
+    }
+
+    // ---------------------------------------------------------------- mapping
+
+    /// Map `[off, off+len)` into segments (merged where contiguous).
+    pub fn map(&mut self, host: &dyn BlockDevice, off: u64, len: u64) -> Result<Vec<(u64, u64, Seg)>> {
+        let cs = self.cs();
+        let cbits = self.cbits();
+        let ext = self.h.extended_l2();
+        let span_bits = cbits + self.l2_bits();
+        let mut out: Vec<(u64, u64, Seg)> = Vec::new();
+        let push = |out: &mut Vec<(u64, u64, Seg)>, o: u64, n: u64, seg: Seg| {
+            if let Some(last) = out.last_mut() {
+                let merged = match (last.2, seg) {
+                    (Seg::Zero, Seg::Zero) | (Seg::Backing, Seg::Backing) => true,
+                    (Seg::Data { host_off: a }, Seg::Data { host_off: b }) => a + last.1 == b,
+                    _ => false,
+                };
+                if merged && last.0 + last.1 == o {
+                    last.1 += n;
+                    return;
+                }
+            }
+            out.push((o, n, seg));
+        };
+        let unalloc = if self.has_backing { Seg::Backing } else { Seg::Zero };
+        let end = off + len;
+        let mut pos = off;
+        while pos < end {
+            let l1i = pos >> span_bits;
+            if self.l2_off(l1i)? == 0 {
+                let next = ((l1i + 1) << span_bits).min(end);
+                push(&mut out, pos, next - pos, unalloc);
+                pos = next;
+                continue;
+            }
+            let gidx = pos >> cbits;
+            let in_off = pos & (cs - 1);
+            let n = (cs - in_off).min(end - pos);
+            let (e, bm, at) = self.entry(host, gidx)?;
+            if ext && !matches!(e, L2Entry::Compressed { .. }) {
+                let scs = cs / u64::from(meta::SUBCLUSTERS);
+                let bm = SubclusterBitmap::decode(bm);
+                let mut p = pos;
+                while p < pos + n {
+                    let sc_in = p & (cs - 1);
+                    let sc = (sc_in / scs) as u32;
+                    let sn = (scs - (sc_in % scs)).min(pos + n - p);
+                    let seg = match bm.state(e, sc, scs, at)? {
+                        SubclusterState::Unallocated => unalloc,
+                        SubclusterState::Zero => Seg::Zero,
+                        SubclusterState::Data { host_off } => Seg::Data {
+                            host_off: host_off + sc_in % scs,
+                        },
+                    };
+                    push(&mut out, p, sn, seg);
+                    p += sn;
+                }
+            } else {
+                let seg = match e {
+                    L2Entry::Unallocated => unalloc,
+                    L2Entry::Zero { .. } => Seg::Zero,
+                    L2Entry::Normal { host_off, .. } => Seg::Data {
+                        host_off: host_off + in_off,
+                    },
+                    L2Entry::Compressed { host_off, len } => Seg::Compressed {
+                        host_off,
+                        clen: len,
+                        in_off,
+                    },
+                };
+                push(&mut out, pos, n, seg);
+            }
+            pos += n;
+        }
+        Ok(out)
+    }
+}
+
+/// A qcow2 image opened over a host device. `Send + Sync`; see the module doc for locking.
+pub struct Qcow2Image {
+    host: Arc<dyn BlockDevice>,
+    backing: Option<Arc<dyn BlockDevice>>,
+    read_only: bool,
+    gate: RwLock<()>,
+    st: Mutex<State>,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for Qcow2Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2Image")
+            .field("read_only", &self.read_only)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Qcow2Image {
+    /// Open over `host`; `backing` is the already-opened backing device (the factory resolves
+    /// names). Refuses encrypted images, external data files, unknown incompatible features;
+    /// for writing also refuses images marked corrupt or dirty, and extended L2 images.
+    pub fn open(
+        host: Arc<dyn BlockDevice>,
+        backing: Option<Arc<dyn BlockDevice>>,
+        read_only: bool,
+    ) -> Result<Self> {
+        let h = crate::read_header_raw(&*host)?;
+        let read_only = read_only || host.is_read_only();
+        if !read_only {
+            if h.corrupt() {
+                return Err(Error::corrupt(
+                    "image is marked corrupt (corrupt bit set); repair it with `vmdisk check -r all` \
+                     before writing",
+                    72,
+                ));
+            }
+            if h.dirty() {
+                return Err(Error::unsupported(
+                    "writing an image whose dirty bit is set (refcounts may be stale); run \
+                     `vmdisk check -r all` first",
+                ));
+            }
+            if h.extended_l2() {
+                return Err(Error::unsupported(
+                    "writing qcow2 images with extended L2 entries (reading is supported)",
+                ));
+            }
+        }
+        let mut st = State::load(&*host, h, backing.is_some())?;
+        if !read_only {
+            let mut changed = false;
+            if st.h.autoclear_features != 0 {
+                // We do not maintain bitmaps: clearing the autoclear bits tells readers so.
+                st.h.autoclear_features = 0;
+                changed = true;
+            }
+            if st.h.lazy_refcounts() && st.h.version == 3 {
+                st.h.incompatible_features |= meta::INCOMPAT_DIRTY;
+                changed = true;
+            }
+            if changed {
+                st.write_header(&*host)?;
+                host.flush()?;
+            }
+        }
+        Ok(Qcow2Image {
+            host,
+            backing,
+            read_only,
+            gate: RwLock::new(()),
+            st: Mutex::new(st),
+            closed: false.into(),
+        })
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Run `f` with exclusive access to the metadata (for snapshots).
+    pub(crate) fn exclusive<R>(
+        &self,
+        f: impl FnOnce(&mut State, &dyn BlockDevice) -> Result<R>,
+    ) -> Result<R> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.lock();
+        f(&mut st, &*self.host)
+    }
+
+    pub fn info(&self) -> Qcow2Info {
+        let st = self.lock();
+        Qcow2Info::from_header(&st.h, &st.snaps)
+    }
+
+    pub fn cluster_size(&self) -> u64 {
+        self.lock().cs()
+    }
+
+    /// The host device (for tools that inspect the file).
+    pub fn host(&self) -> &Arc<dyn BlockDevice> {
+        &self.host
+    }
+
+    /// The backing device, if any.
+    pub fn backing(&self) -> Option<&Arc<dyn BlockDevice>> {
+        self.backing.as_ref()
+    }
+
+    fn read_backing(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        match &self.backing {
+            None => buf.fill(0),
+            Some(b) => {
+                let blen = b.len();
+                let n = if off >= blen {
+                    0
+                } else {
+                    ((blen - off) as usize).min(buf.len())
+                };
+                if n > 0 {
+                    b.read_exact_at(&mut buf[..n], off)?;
+                }
+                buf[n..].fill(0);
+            }
+        }
+        Ok(())
+    }
+
+    fn read_compressed(&self, host_off: u64, clen: u64, out: &mut [u8]) -> Result<()> {
+        let hlen = self.host.len();
+        if host_off >= hlen {
+            return Err(Error::corrupt(
+                "compressed cluster beyond the end of the file",
+                host_off,
+            ));
+        }
+        let n = clen.min(hlen - host_off);
+        let mut cbuf = vec![0u8; n as usize];
+        self.host.read_exact_at(&mut cbuf, host_off)?;
+        let ctype = self.lock().h.compression_type;
+        decompress_cluster(ctype, &cbuf, out, host_off)
+    }
+
+    /// Fill `buf` from the mapped segments (no lock held).
+    fn read_segs(&self, segs: &[(u64, u64, Seg)], buf: &mut [u8], base: u64) -> Result<()> {
+        let cs = self.cluster_size();
+        let hlen = self.host.len();
+        for &(o, n, seg) in segs {
+            let dst = &mut buf[(o - base) as usize..(o - base + n) as usize];
+            match seg {
+                Seg::Zero => dst.fill(0),
+                Seg::Backing => self.read_backing(dst, o)?,
+                Seg::Data { host_off } => {
+                    if host_off + n > hlen {
+                        return Err(Error::corrupt(
+                            "data cluster beyond the end of the file",
+                            host_off,
+                        ));
+                    }
+                    self.host.read_exact_at(dst, host_off)?;
+                }
+                Seg::Compressed { host_off, clen, in_off } => {
+                    let mut c = vec![0u8; cs as usize];
+                    self.read_compressed(host_off, clen, &mut c)?;
+                    dst.copy_from_slice(&c[in_off as usize..(in_off + n) as usize]);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Read with the gate already held (used by writes for partial clusters).
+    fn read_locked(&self, st: &mut State, buf: &mut [u8], off: u64) -> Result<()> {
+        let segs = st.map(&*self.host, off, buf.len() as u64)?;
+        // read_segs takes the state lock for compressed clusters only via compression type;
+        // avoid re-locking by handling compressed here.
+        let cs = st.cs();
+        let ctype = st.h.compression_type;
+        for &(o, n, seg) in &segs {
+            let dst = &mut buf[(o - off) as usize..(o - off + n) as usize];
+            match seg {
+                Seg::Compressed { host_off, clen, in_off } => {
+                    let hlen = self.host.len();
+                    if host_off >= hlen {
+                        return Err(Error::corrupt(
+                            "compressed cluster beyond the end of the file",
+                            host_off,
+                        ));
+                    }
+                    let mut cbuf = vec![0u8; clen.min(hlen - host_off) as usize];
+                    self.host.read_exact_at(&mut cbuf, host_off)?;
+                    let mut c = vec![0u8; cs as usize];
+                    decompress_cluster(ctype, &cbuf, &mut c, host_off)?;
+                    dst.copy_from_slice(&c[in_off as usize..(in_off + n) as usize]);
+                }
+                Seg::Zero => dst.fill(0),
+                Seg::Backing => self.read_backing(dst, o)?,
+                Seg::Data { host_off } => self.host.read_exact_at(dst, host_off)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        Ok(())
+    }
+
+    fn maybe_write_back(&self, st: &mut State) -> Result<()> {
+        if st.l2.len() * 2 >= st.l2_max && st.dirty_l2_count() * 2 >= st.l2_max {
+            st.write_back(&*self.host)?;
+        }
+        Ok(())
+    }
+
+    fn write_locked(&self, st: &mut State, buf: &[u8], off: u64) -> Result<()> {
+        let host = &*self.host;
+        let cs = st.cs();
+        let cbits = st.cbits();
+        let end = off + buf.len() as u64;
+        let mut pos = off;
+        while pos < end {
+            let gidx = pos >> cbits;
+            let in_off = pos & (cs - 1);
+            let n = (cs - in_off).min(end - pos);
+            let (e, _, _) = st.entry(host, gidx)?;
+            if let L2Entry::Normal { host_off, copied: true } = e {
+                // In place; extend over following in-place clusters that are host-contiguous.
+                let mut run = n;
+                let mut h_next = host_off + cs;
+                while pos + run < end {
+                    let g2 = (pos + run) >> cbits;
+                    match st.entry(host, g2)?.0 {
+                        L2Entry::Normal { host_off: h, copied: true } if h == h_next => {
+                            run += cs.min(end - pos - run);
+                            h_next += cs;
+                        }
+                        _ => break,
+                    }
+                }
+                let s = (pos - off) as usize;
+                host.write_all_at(&buf[s..s + run as usize], host_off + in_off)?;
+                pos += run;
+                continue;
+            }
+            // Needs a new cluster: gather following clusters that also need one and are
+            // fully covered, allocate them as one contiguous run.
+            let mut k = 1u64;
+            if in_off == 0 && n == cs {
+                while pos + k * cs + cs <= end {
+                    let e2 = st.entry(host, gidx + k)?.0;
+                    if matches!(e2, L2Entry::Normal { copied: true, .. }) {
+                        break;
+                    }
+                    k += 1;
+                    if k >= 1024 {
+                        break;
+                    }
+                }
+            }
+            let new = st.alloc_clusters(host, k)?;
+            ensure_host_len(host, new + k * cs)?;
+            if k == 1 && n < cs {
+                let mut c = vec![0u8; cs as usize];
+                let cstart = gidx << cbits;
+                let vis = cs.min(st.h.size - cstart);
+                self.read_locked(st, &mut c[..vis as usize], cstart)?;
+                let s = (pos - off) as usize;
+                c[in_off as usize..(in_off + n) as usize].copy_from_slice(&buf[s..s + n as usize]);
+                host.write_all_at(&c, new)?;
+            } else {
+                let s = (pos - off) as usize;
+                host.write_all_at(&buf[s..s + (k * cs) as usize], new)?;
+            }
+            for i in 0..k {
+                let old = st.entry(host, gidx + i)?.0;
+                st.set_entry(host, gidx + i, (new + i * cs) | OFLAG_COPIED)?;
+                st.release(old);
+            }
+            pos += if k == 1 { n } else { k * cs };
+            self.maybe_write_back(st)?;
+        }
+        Ok(())
+    }
+
+    /// Zero (or discard, when `discard`) whole clusters `[first, last)`.
+    fn zero_clusters(&self, st: &mut State, first: u64, last: u64, discard: bool) -> Result<()> {
+        let host = &*self.host;
+        let v3 = st.h.version >= 3;
+        let backing = st.has_backing;
+        let cs = st.cs();
+        let span_bits = st.cbits() + st.l2_bits();
+        let mut g = first;
+        while g < last {
+            let l1i = g >> st.l2_bits();
+            if st.l2_off(l1i)? == 0 && (!backing || (discard && !v3)) {
+                // Whole L2 range already reads as zeros / from backing as wanted.
+                g = (((l1i + 1) << span_bits) >> st.cbits()).min(last);
+                continue;
+            }
+            let (e, _, _) = st.entry(host, g)?;
+            let target: Option<u64> = if !backing || (discard && !v3) {
+                // Unallocated reads as wanted (zeros, or backing for a v2 discard).
+                (e != L2Entry::Unallocated).then_some(0)
+            } else if v3 {
+                (!matches!(e, L2Entry::Zero { host_off: 0, .. })).then_some(OFLAG_ZERO)
+            } else {
+                None
+            };
+            match target {
+                Some(raw) => {
+                    st.set_entry(host, g, raw)?;
+                    st.release(e);
+                }
+                None if !v3 && backing && !discard => {
+                    // v2 over a backing file has no zero flag: write zeros.
+                    let zeros = vec![0u8; cs as usize];
+                    self.write_locked(st, &zeros, g * cs)?;
+                }
+                None => {}
+            }
+            self.maybe_write_back(st)?;
+            g += 1;
+        }
+        Ok(())
+    }
+
+    fn zero_range(&self, off: u64, len: u64, discard: bool) -> Result<()> {
+        let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.lock();
+        let cs = st.cs();
+        let size = st.h.size;
+        let end = off + len;
+        // Whole clusters; the last guest cluster counts as whole when it ends the disk.
+        let first = off.div_ceil(cs);
+        let last = if end == size { end.div_ceil(cs) } else { end / cs };
+        if first >= last {
+            if !discard {
+                let z = vec![0u8; len as usize];
+                self.write_locked(&mut st, &z, off)?;
+            }
+            return Ok(());
+        }
+        if !discard {
+            let head = first * cs - off;
+            if head > 0 {
+                self.write_locked(&mut st, &vec![0u8; head as usize], off)?;
+            }
+            let tail_start = (last * cs).min(size);
+            if end > tail_start {
+                self.write_locked(&mut st, &vec![0u8; (end - tail_start) as usize], tail_start)?;
+            }
+        }
+        self.zero_clusters(&mut st, first, last, discard)
+    }
+
+    /// Store one whole guest cluster already compressed by `compress_cluster`
+    /// (the guest cluster must be unallocated in this image).
+    pub fn write_compressed(&self, guest_off: u64, compressed: &[u8]) -> Result<()> {
+        self.check_writable()?;
+        let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.lock();
+        let host = &*self.host;
+        let cs = st.cs();
+        check_range(st.h.size, guest_off, 1)?;
+        if guest_off % cs != 0 {
+            return Err(Error::unsupported("compressed write not at a cluster boundary"));
+        }
+        let len = compressed.len() as u64;
+        if len == 0 || len >= cs {
+            return Err(Error::Limit {
+                what: "compressed cluster length",
+                needed: len,
+                limit: cs - 1,
+            });
+        }
+        let gidx = guest_off / cs;
+        if st.entry(host, gidx)?.0 != L2Entry::Unallocated {
+            return Err(Error::unsupported(
+                "compressed write to a cluster that is already allocated",
+            ));
+        }
+        // Pack after the previous compressed cluster when it fits, like qemu.
+        let mut place = None;
+        let t = st.compressed_tail;
+        if t != 0 && t % cs != 0 {
+            let room = cs - t % cs;
+            let cur = t - t % cs;
+            if st.refcount(host, cur)? < refcount_max(st.h.refcount_order) {
+                if len <= room {
+                    st.adjust_refcount(host, cur, 1)?;
+                    place = Some(t);
+                } else {
+                    let extra = (len - room).div_ceil(cs);
+                    let next = cur + cs;
+                    if next == st.host_end {
+                        let got = st.alloc_clusters(host, extra)?;
+                        if got == next {
+                            st.adjust_refcount(host, cur, 1)?;
+                            place = Some(t);
+                        } else {
+                            for c in 0..extra {
+                                st.pending_dec.push(got + c * cs);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let at = match place {
+            Some(p) => p,
+            None => st.alloc_clusters(host, len.div_ceil(cs))?,
+        };
+        ensure_host_len(host, (at + len).div_ceil(cs) * cs)?;
+        host.write_all_at(compressed, at)?;
+        let raw = L2Entry::encode_compressed(at, len, st.cbits());
+        st.set_entry(host, gidx, raw)?;
+        st.compressed_tail = at + len;
+        self.maybe_write_back(&mut st)?;
+        Ok(())
+    }
+
+    fn finish(&self) -> Result<()> {
+        if self.read_only || self.closed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.lock();
+        st.write_back(&*self.host)?;
+        self.host.flush()?;
+        if st.h.dirty() {
+            st.h.incompatible_features &= !meta::INCOMPAT_DIRTY;
+            st.write_header(&*self.host)?;
+            self.host.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Flush metadata and data, clear the dirty bit; also done (best effort) on Drop.
+    pub fn close(self) -> Result<()> {
+        self.finish()
+    }
+}
+
+impl Drop for Qcow2Image {
+    fn drop(&mut self) {
+        let _ = self.finish();
+    }
+}
+
+impl BlockDevice for Qcow2Image {
+    fn len(&self) -> u64 {
+        self.lock().h.size
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        let _g = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        let segs = {
+            let mut st = self.lock();
+            check_range(st.h.size, off, buf.len() as u64)?;
+            if buf.is_empty() {
+                return Ok(());
+            }
+            st.map(&*self.host, off, buf.len() as u64)?
+        };
+        self.read_segs(&segs, buf, off)
+    }
+
+    fn write_all_at(&self, buf: &[u8], off: u64) -> Result<()> {
+        self.check_writable()?;
+        let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.lock();
+        check_range(st.h.size, off, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.write_locked(&mut st, buf, off)
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.lock();
+        st.write_back(&*self.host)?;
+        self.host.flush()
+    }
+
+    fn block_status(&self, off: u64, len: u64) -> Result<Vec<Extent>> {
+        let _g = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        let segs = {
+            let mut st = self.lock();
+            check_range(st.h.size, off, len)?;
+            st.map(&*self.host, off, len)?
+        };
+        let mut out = Vec::with_capacity(segs.len());
+        for (o, n, seg) in segs {
+            match seg {
+                Seg::Zero => out.push(Extent::new(o, n, ExtentKind::Zero)),
+                Seg::Data { host_off } => out.push(Extent {
+                    host_off: Some(host_off),
+                    ..Extent::new(o, n, ExtentKind::Data)
+                }),
+                Seg::Compressed { .. } => out.push(Extent {
+                    compressed: true,
+                    ..Extent::new(o, n, ExtentKind::Data)
+                }),
+                Seg::Backing => {
+                    let b = self.backing.as_ref();
+                    let blen = b.map_or(0, |b| b.len());
+                    let in_b = if o >= blen { 0 } else { n.min(blen - o) };
+                    if let (Some(b), true) = (b, in_b > 0) {
+                        for mut e in b.block_status(o, in_b)? {
+                            e.depth += 1;
+                            out.push(e);
+                        }
+                    }
+                    if in_b < n {
+                        out.push(Extent::new(o + in_b, n - in_b, ExtentKind::Unallocated));
+                    }
+                }
+            }
+        }
+        Ok(merge_extents(out))
+    }
+
+    fn write_zeroes(&self, off: u64, len: u64, may_unmap: bool) -> Result<()> {
+        let _ = may_unmap;
+        self.check_writable()?;
+        check_range(self.len(), off, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.zero_range(off, len, false)
+    }
+
+    fn discard(&self, off: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        check_range(self.len(), off, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.zero_range(off, len, true)
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+}
+
+/// Allocate every L2 table and data cluster of a freshly created image on `host` (data left
+/// unwritten, extended L2 subclusters marked allocated): `preallocation=metadata`, as qemu.
+pub(crate) fn preallocate_metadata(host: &dyn BlockDevice) -> Result<()> {
+    let h = crate::read_header_raw(host)?;
+    let mut st = State::load(host, h, false)?;
+    let cs = st.cs();
+    let bm = if st.h.extended_l2() { u64::from(u32::MAX) } else { 0 };
+    let n = st.h.size.div_ceil(cs);
+    let mut g = 0;
+    while g < n {
+        let k = (n - g).min(1024);
+        let new = st.alloc_clusters(host, k)?;
+        ensure_host_len(host, new + k * cs)?;
+        for i in 0..k {
+            st.set_entry_bm(host, g + i, (new + i * cs) | OFLAG_COPIED, bm)?;
+        }
+        if st.l2.len() * 2 >= st.l2_max {
+            st.write_back(host)?;
+        }
+        g += k;
+    }
+    st.write_back(host)?;
+    host.flush()
+}

@@ -1,0 +1,281 @@
+//! Internal snapshots on an open, writable [`Qcow2Image`]: create, list, apply, delete.
+//!
+//! Refcounts count, per cluster, how many L1 tables (the active one and each snapshot's copy)
+//! reach it. The active tables carry COPIED exactly where the refcount is 1. Every step keeps
+//! the on-disk image free of references to clusters whose refcount is not durable:
+//! increments are written and flushed before the tables that add references, a snapshot is
+//! removed from the table before its clusters are released. A crash can leak clusters; the
+//! short window between writing refcounts and fixing COPIED flags (as in qemu) can leave
+//! COPIED-flag mismatches that `check -r all` repairs.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::image::{read_meta, State};
+use crate::meta::{self, L2Entry, SnapshotHeader, OFLAG_COPIED};
+use crate::{BlockDevice, Error, Qcow2Image, Result, SnapshotInfo};
+
+fn words(buf: &[u8]) -> Vec<u64> {
+    buf.chunks_exact(8)
+        .map(|c| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(c);
+            u64::from_be_bytes(a)
+        })
+        .collect()
+}
+
+fn bytes(w: &[u64]) -> Vec<u8> {
+    w.iter().flat_map(|x| x.to_be_bytes()).collect()
+}
+
+/// Find a snapshot by id first, then by name (as qemu does).
+fn find(snaps: &[SnapshotHeader], name_or_id: &str) -> Result<usize> {
+    snaps
+        .iter()
+        .position(|s| s.id == name_or_id)
+        .or_else(|| snaps.iter().position(|s| s.name == name_or_id))
+        .ok_or_else(|| Error::unsupported(format!("no snapshot named or numbered '{name_or_id}'")))
+}
+
+/// Add `delta` to the refcount of every L2 table and data cluster reachable from `l1`.
+fn tree_adjust(st: &mut State, host: &dyn BlockDevice, l1: &[u64], delta: i64) -> Result<()> {
+    let cs = st.cs();
+    for (i, &e) in l1.iter().enumerate() {
+        let off = meta::check_l1_entry(e, cs, i as u64 * 8)?;
+        if off == 0 {
+            continue;
+        }
+        for (raw, at) in st.l2_words(host, off)? {
+            match L2Entry::decode(raw, st.h.cluster_bits, st.h.extended_l2(), at)? {
+                L2Entry::Normal { host_off, .. } => {
+                    st.adjust_refcount(host, host_off, delta)?;
+                }
+                L2Entry::Zero { host_off, .. } if host_off != 0 => {
+                    st.adjust_refcount(host, host_off, delta)?;
+                }
+                L2Entry::Compressed { host_off, len } => {
+                    let (a, b) = L2Entry::compressed_clusters(host_off, len, cs);
+                    let mut c = a;
+                    while c <= b {
+                        st.adjust_refcount(host, c, delta)?;
+                        c += cs;
+                    }
+                }
+                _ => {}
+            }
+        }
+        st.adjust_refcount(host, off, delta)?;
+    }
+    Ok(())
+}
+
+/// Set COPIED in the active L1/L2 tables exactly where the refcount is 1.
+fn fix_copied(st: &mut State, host: &dyn BlockDevice) -> Result<()> {
+    let cs = st.cs();
+    for i in 0..st.l1.len() {
+        let off = meta::check_l1_entry(st.l1[i], cs, i as u64 * 8)?;
+        if off == 0 {
+            continue;
+        }
+        let rc = st.refcount(host, off)?;
+        let want = if rc == 1 { off | OFLAG_COPIED } else { off };
+        if st.l1[i] != want {
+            st.l1[i] = want;
+            st.l1_dirty = true;
+        }
+        for (idx, (raw, at)) in st.l2_words(host, off)?.into_iter().enumerate() {
+            let host_off = match L2Entry::decode(raw, st.h.cluster_bits, st.h.extended_l2(), at)? {
+                L2Entry::Normal { host_off, .. } => host_off,
+                L2Entry::Zero { host_off, .. } if host_off != 0 => host_off,
+                _ => continue,
+            };
+            let want = if st.refcount(host, host_off)? == 1 {
+                raw | OFLAG_COPIED
+            } else {
+                raw & !OFLAG_COPIED
+            };
+            if want != raw {
+                st.set_l2_word(host, off, idx, want)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Write `snaps` as the new snapshot table and point the header at it (crash-safe order).
+fn replace_table(st: &mut State, host: &dyn BlockDevice, snaps: Vec<SnapshotHeader>) -> Result<()> {
+    let cs = st.cs();
+    let old_off = st.h.snapshots_offset;
+    let old_len = if st.h.nb_snapshots > 0 {
+        SnapshotHeader::serialize_table(&st.snaps).len() as u64
+    } else {
+        0
+    };
+    let table = SnapshotHeader::serialize_table(&snaps);
+    let new_off = if snaps.is_empty() {
+        0
+    } else {
+        let n = (table.len() as u64).div_ceil(cs);
+        let at = st.alloc_clusters(host, n)?;
+        if host.len() < at + n * cs {
+            host.resize(at + n * cs)?;
+        }
+        host.write_all_at(&table, at)?;
+        at
+    };
+    st.write_back(host)?;
+    host.flush()?;
+    st.h.nb_snapshots = snaps.len() as u32;
+    st.h.snapshots_offset = new_off;
+    st.write_header(host)?;
+    host.flush()?;
+    st.snaps = snaps;
+    if old_off != 0 {
+        for c in 0..old_len.div_ceil(cs) {
+            st.push_pending_dec(old_off + c * cs);
+        }
+    }
+    st.write_back(host)
+}
+
+/// Take an internal snapshot of the active state named `name`; returns its id.
+pub fn create(img: &Qcow2Image, name: &str) -> Result<String> {
+    img.exclusive(|st, host| {
+        if st.h.refcount_order == 0 {
+            return Err(Error::unsupported("snapshots need refcount_bits of at least 2"));
+        }
+        if st.snaps.iter().any(|s| s.name == name) {
+            return Err(Error::unsupported(format!("a snapshot named '{name}' already exists")));
+        }
+        if st.snaps.len() as u32 >= meta::MAX_SNAPSHOTS {
+            return Err(Error::Limit {
+                what: "number of snapshots",
+                needed: st.snaps.len() as u64 + 1,
+                limit: u64::from(meta::MAX_SNAPSHOTS),
+            });
+        }
+        st.write_back(host)?;
+        let cs = st.cs();
+        let l1: Vec<u64> = st.l1.iter().map(|e| e & !OFLAG_COPIED).collect();
+        let l1_bytes = bytes(&l1);
+        let n = (l1_bytes.len() as u64).div_ceil(cs);
+        let l1_off = if n > 0 {
+            let at = st.alloc_clusters(host, n)?;
+            if host.len() < at + n * cs {
+                host.resize(at + n * cs)?;
+            }
+            host.write_all_at(&l1_bytes, at)?;
+            at
+        } else {
+            0
+        };
+        let active = st.l1.clone();
+        tree_adjust(st, host, &active, 1)?;
+        st.write_back(host)?;
+        fix_copied(st, host)?;
+        st.write_back(host)?;
+        let id = st
+            .snaps
+            .iter()
+            .filter_map(|s| s.id.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let mut snaps = st.snaps.clone();
+        snaps.push(SnapshotHeader {
+            l1_table_offset: l1_off,
+            l1_size: st.h.l1_size,
+            id: id.to_string(),
+            name: name.to_string(),
+            date_sec: now.as_secs() as u32,
+            date_nsec: now.subsec_nanos(),
+            vm_clock_nsec: 0,
+            vm_state_size: 0,
+            disk_size: Some(st.h.size),
+            icount: None,
+            extra_tail: Vec::new(),
+        });
+        replace_table(st, host, snaps)?;
+        Ok(id.to_string())
+    })
+}
+
+/// The snapshots of an open image.
+pub fn list(img: &Qcow2Image) -> Vec<SnapshotInfo> {
+    img.info().snapshots
+}
+
+fn read_l1(st: &State, host: &dyn BlockDevice, sn: &SnapshotHeader) -> Result<Vec<u64>> {
+    if sn.l1_size > st.h.l1_size {
+        return Err(Error::unsupported(
+            "applying a snapshot with a larger L1 table than the active one",
+        ));
+    }
+    if sn.l1_table_offset % st.cs() != 0 {
+        return Err(Error::corrupt("snapshot L1 table not cluster aligned", sn.l1_table_offset));
+    }
+    let mut l1 = words(&read_meta(
+        host,
+        sn.l1_table_offset,
+        u64::from(sn.l1_size) * 8,
+        "snapshot L1 table",
+    )?);
+    l1.resize(st.h.l1_size as usize, 0);
+    Ok(l1)
+}
+
+/// Revert the active state to snapshot `name_or_id`.
+pub fn apply(img: &Qcow2Image, name_or_id: &str) -> Result<()> {
+    img.exclusive(|st, host| {
+        let i = find(&st.snaps, name_or_id)?;
+        let sn = st.snaps[i].clone();
+        if sn.disk_size.is_some_and(|d| d != st.h.size) {
+            return Err(Error::unsupported(
+                "applying a snapshot taken at a different disk size",
+            ));
+        }
+        st.write_back(host)?;
+        let new_l1: Vec<u64> = read_l1(st, host, &sn)?
+            .into_iter()
+            .map(|e| e & !OFLAG_COPIED)
+            .collect();
+        tree_adjust(st, host, &new_l1, 1)?;
+        st.write_back(host)?;
+        let old = std::mem::replace(&mut st.l1, new_l1);
+        st.l1_dirty = true;
+        st.write_back(host)?;
+        tree_adjust(st, host, &old, -1)?;
+        st.write_back(host)?;
+        fix_copied(st, host)?;
+        st.write_back(host)?;
+        st.invalidate_caches();
+        Ok(())
+    })
+}
+
+/// Delete snapshot `name_or_id`, releasing what only it referenced.
+pub fn delete(img: &Qcow2Image, name_or_id: &str) -> Result<()> {
+    img.exclusive(|st, host| {
+        let i = find(&st.snaps, name_or_id)?;
+        let sn = st.snaps[i].clone();
+        st.write_back(host)?;
+        let l1 = words(&read_meta(
+            host,
+            sn.l1_table_offset,
+            u64::from(sn.l1_size) * 8,
+            "snapshot L1 table",
+        )?);
+        let mut snaps = st.snaps.clone();
+        snaps.remove(i);
+        replace_table(st, host, snaps)?;
+        tree_adjust(st, host, &l1, -1)?;
+        let cs = st.cs();
+        for c in 0..(u64::from(sn.l1_size) * 8).div_ceil(cs) {
+            st.adjust_refcount(host, sn.l1_table_offset + c * cs, -1)?;
+        }
+        st.write_back(host)?;
+        fix_copied(st, host)?;
+        st.write_back(host)
+    })
+}
