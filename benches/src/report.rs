@@ -25,6 +25,8 @@ pub struct Report {
     pub source: GenStats,
     pub qemu_img_version: String,
     pub vmdisk: String,
+    /// /proc/loadavg when the benchmark started (timings on a busy machine are noisy).
+    pub load_average: String,
     pub runs: usize,
     pub targets: Targets,
     pub rows: Vec<Row>,
@@ -64,6 +66,7 @@ impl Report {
             source: source.stats.clone(),
             qemu_img_version: qemu_img_version.to_string(),
             vmdisk: vmdisk.display().to_string(),
+            load_average: load_average(),
             runs,
             targets: Targets {
                 speed: SPEED_TARGET,
@@ -88,7 +91,8 @@ impl Report {
         let _ = writeln!(
             md,
             "Source: {:.2} GiB virtual, {:.2} GiB data ({:.2} GiB of it explicit zeros) in {} \
-             extents, seed {}. {}; vmdisk `{}`. Times: best of {} runs (median).\n",
+             extents, seed {}. {}; vmdisk `{}`. Times: best of {} runs (median). \
+             Load average at start: {} on {} CPUs.\n",
             s.virtual_size as f64 / GIB,
             s.data_bytes as f64 / GIB,
             s.zero_bytes as f64 / GIB,
@@ -97,11 +101,13 @@ impl Report {
             self.qemu_img_version,
             self.vmdisk,
             self.runs,
+            self.load_average,
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
         );
         md.push_str(
             "| case | qemu-img s | vmdisk s | speed ratio | qemu-img size MiB | vmdisk size MiB \
-             | size ratio | vmdisk peak RSS MiB (qemu-img) | verdict |\n\
-             |---|--:|--:|--:|--:|--:|--:|--:|---|\n",
+             | size ratio | vmdisk peak RSS MiB (qemu-img) | CPU s vmdisk (qemu-img) | verdict |\n\
+             |---|--:|--:|--:|--:|--:|--:|--:|--:|---|\n",
         );
         for row in &self.rows {
             let (q, v) = (&row.result.qemu_img, &row.result.vmdisk);
@@ -118,9 +124,14 @@ impl Report {
                 opt(v.timing.as_ref().map(|t| t.peak_rss_mib), 1, ""),
                 opt(q.timing.as_ref().map(|t| t.peak_rss_mib), 1, ""),
             );
+            let cpu = format!(
+                "{} ({})",
+                opt(v.timing.as_ref().map(|t| t.cpu_s), 2, ""),
+                opt(q.timing.as_ref().map(|t| t.cpu_s), 2, ""),
+            );
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 row.result.case,
                 time(&q.timing),
                 time(&v.timing),
@@ -129,6 +140,7 @@ impl Report {
                 size(&v.size),
                 opt(row.size_ratio, 3, "x"),
                 rss,
+                cpu,
                 row.verdict,
             );
         }
@@ -138,7 +150,8 @@ impl Report {
              uncompressed, >= {:.1}x compressed; size ratio (vmdisk / qemu-img allocated bytes, \
              st_blocks*512; apparent sizes must match too, see --json) <= {:.2}x; vmdisk peak \
              RSS < {:.0} MiB. qemu-img runs with default settings (no -W) unless the case says \
-             otherwise. FAIL = vmdisk erred or `qemu-img compare`/`check` rejected its output.",
+             otherwise. CPU s = least user+system time over the runs (steadier than wall time on a \
+             busy machine). FAIL = vmdisk erred or `qemu-img compare`/`check` rejected its output.",
             SPEED_TARGET, SPEED_TARGET_COMPRESSED, SIZE_TARGET, RSS_TARGET_MIB
         );
         for row in &self.rows {
@@ -208,6 +221,12 @@ impl Row {
             verdict,
         }
     }
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 fn opt(v: Option<f64>, decimals: usize, unit: &str) -> String {

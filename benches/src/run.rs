@@ -91,6 +91,8 @@ pub struct Timing {
     pub best_s: f64,
     pub median_s: f64,
     pub runs_s: Vec<f64>,
+    /// Least CPU time (user + system) over the runs: less sensitive to a busy machine.
+    pub cpu_s: f64,
     /// Largest peak RSS over the runs.
     pub peak_rss_mib: f64,
 }
@@ -191,7 +193,7 @@ pub fn run_case(setup: &Setup, case: &Case) -> Result<CaseResult> {
 
 fn show(runs: &[Measurement], i: usize) -> String {
     match runs.get(i) {
-        Some(m) => format!("{:.2} s", m.secs),
+        Some(m) => format!("{:.2} s (cpu {:.2} s)", m.secs, m.cpu_s),
         None => "failed".into(),
     }
 }
@@ -219,16 +221,19 @@ fn timing(runs: &[Measurement]) -> Timing {
         (secs[n / 2 - 1] + secs[n / 2]) / 2.0
     };
     let peak_kib = runs.iter().map(|m| m.max_rss_kib).max().unwrap_or(0);
+    let cpu_s = runs.iter().map(|m| m.cpu_s).fold(f64::INFINITY, f64::min);
     Timing {
         best_s: secs[0],
         median_s,
         runs_s,
+        cpu_s,
         peak_rss_mib: peak_kib as f64 / 1024.0,
     }
 }
 
 struct Measurement {
     secs: f64,
+    cpu_s: f64,
     max_rss_kib: u64,
 }
 
@@ -257,8 +262,10 @@ fn timed(cmd: &mut Command, out: &Path, stderr_path: &Path) -> Result<Measuremen
         };
         bail!("{status}: {msg}");
     }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     Ok(Measurement {
         secs,
+        cpu_s: tv(rusage.ru_utime) + tv(rusage.ru_stime),
         // ru_maxrss is in KiB on Linux.
         max_rss_kib: rusage.ru_maxrss.max(0) as u64,
     })

@@ -68,7 +68,8 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// The `vmdisk` binary, built once per test process with `cargo build -p vmdisk`.
+/// The `vmdisk` binary, built once per test process with `cargo build -p vmdisk`
+/// (test profile).
 ///
 /// `VMDISK_BIN` overrides it (to run the suite against an installed binary).
 pub fn vmdisk_bin() -> &'static Path {
@@ -86,9 +87,13 @@ pub fn vmdisk_bin() -> &'static Path {
 pub fn cargo_build_bin(pkg: &str, bin: &str) -> PathBuf {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
+    // The test profile: the libraries are already built that way for this test binary, so
+    // only the binary itself is left to compile (and it runs at the test opt-level).
     cmd.current_dir(workspace_root()).args([
         "build",
         "-q",
+        "--profile",
+        "test",
         "-p",
         pkg,
         "--bin",
@@ -107,7 +112,11 @@ pub fn cargo_build_bin(pkg: &str, bin: &str) -> PathBuf {
         .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == bin)
         .find_map(|v| v["executable"].as_str().map(PathBuf::from))
         .unwrap_or_else(|| panic!("cargo did not report an executable for `{bin}`:\n{out}"));
-    assert!(exe.is_file(), "{} does not exist after the build", exe.display());
+    assert!(
+        exe.is_file(),
+        "{} does not exist after the build",
+        exe.display()
+    );
     exe
 }
 
@@ -213,20 +222,59 @@ pub fn cmdline(cmd: &Command) -> String {
     s
 }
 
-/// Run `cmd` to completion (stdin closed), capturing stdout and stderr.
+/// Longest any single command may take before it is killed and reported as hung.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Run `cmd` to completion (stdin closed), capturing stdout and stderr; a command still
+/// running after [`COMMAND_TIMEOUT`] is killed (SIGKILL) and its record says so.
 pub fn run(cmd: &mut Command) -> Run {
+    run_with_timeout(cmd, COMMAND_TIMEOUT)
+}
+
+/// [`run`] with an explicit timeout.
+pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Run {
     let line = cmdline(cmd);
     let cwd = cmd.get_current_dir().map(Path::to_path_buf);
-    let out: Output = cmd
+    let child = cmd
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap_or_else(|e| panic!("cannot start `{line}`: {e}"));
+    let pid = child.id() as libc::pid_t;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let (out, timed_out): (Output, bool) = match rx.recv_timeout(timeout) {
+        Ok(r) => (
+            r.unwrap_or_else(|e| panic!("waiting for `{line}`: {e}")),
+            false,
+        ),
+        Err(_) => {
+            // SAFETY: kill(2) on the pid of our own child, which is not yet reaped (the
+            // waiting thread has not returned), so the pid cannot have been reused.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let r = rx.recv().expect("waiter thread");
+            (
+                r.unwrap_or_else(|e| panic!("waiting for `{line}`: {e}")),
+                true,
+            )
+        }
+    };
+    let mut stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if timed_out {
+        stderr.push_str(&format!(
+            "\n[test harness: HUNG, killed after {} s]",
+            timeout.as_secs()
+        ));
+    }
     Run {
         cmdline: line,
         cwd,
         status: out.status,
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        stderr,
     }
 }
 
@@ -241,7 +289,9 @@ pub fn vmdisk<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Run {
 
 /// Run `vmdisk ARGS...` in `cwd` (relative paths resolve from there).
 pub fn vmdisk_in<S: AsRef<std::ffi::OsStr>>(cwd: &Path, args: &[S]) -> Run {
-    run(Command::new(vmdisk_bin()).current_dir(cwd).args(to_args(args)))
+    run(Command::new(vmdisk_bin())
+        .current_dir(cwd)
+        .args(to_args(args)))
 }
 
 /// Run `qemu-img ARGS...`.
@@ -347,7 +397,14 @@ impl Rng {
 /// (compressible), a repeated byte, or zeros. Deterministic in `seed`.
 pub fn mixed_data(seed: u64, len: usize) -> Vec<u8> {
     const WORDS: &[&str] = &[
-        "qcow2 ", "cluster ", "refcount ", "backing ", "snapshot ", "nixos ", "vmdisk ", "L2 ",
+        "qcow2 ",
+        "cluster ",
+        "refcount ",
+        "backing ",
+        "snapshot ",
+        "nixos ",
+        "vmdisk ",
+        "L2 ",
         "\n",
     ];
     let mut rng = Rng::new(seed);
@@ -460,12 +517,18 @@ pub fn assert_qemu_check_clean(img: &Path, what: &str) {
 #[track_caller]
 pub fn assert_qemu_compare_identical(cwd: &Path, a: &str, b: &str, what: &str) {
     let r = qemu_img_in(cwd, &["compare", a, b]);
-    assert_eq!(r.code(), 0, "{what}: qemu-img compare says the images differ:\n{r}");
+    assert_eq!(
+        r.code(),
+        0,
+        "{what}: qemu-img compare says the images differ:\n{r}"
+    );
 }
 
 /// `qemu-img info --output=json` of `img` run from `cwd`.
 pub fn qemu_info(cwd: &Path, img: &str) -> serde_json::Value {
-    qemu_img_in(cwd, &["info", "--output=json", img]).ok().json()
+    qemu_img_in(cwd, &["info", "--output=json", img])
+        .ok()
+        .json()
 }
 
 /// Rewrite a qcow2 header so it no longer names its backing file's format (qemu-img
@@ -478,7 +541,11 @@ pub fn strip_backing_format(img: &Path) {
     assert_eq!(&data[..4], b"QFI\xfb", "not a qcow2: {}", img.display());
     let version = be32(&data, 4);
     let backing_off = u64::from_be_bytes(data[8..16].try_into().unwrap()) as usize;
-    let start = if version >= 3 { be32(&data, 100) as usize } else { 72 };
+    let start = if version >= 3 {
+        be32(&data, 100) as usize
+    } else {
+        72
+    };
     let limit = if backing_off > 0 { backing_off } else { 4096 };
     let mut exts: Vec<(u32, Vec<u8>)> = Vec::new();
     let mut pos = start;
@@ -504,7 +571,10 @@ pub fn strip_backing_format(img: &Path) {
         out.resize(out.len().div_ceil(8) * 8, 0);
     }
     out.extend_from_slice(&[0u8; 8]); // end marker
-    assert!(start + out.len() <= limit, "rewritten extensions overlap the backing name");
+    assert!(
+        start + out.len() <= limit,
+        "rewritten extensions overlap the backing name"
+    );
     data[start..start + out.len()].copy_from_slice(&out);
     for b in &mut data[start + out.len()..limit] {
         *b = 0;
@@ -528,7 +598,11 @@ pub fn lock_byte_held(path: &Path, byte: i64) -> bool {
     fl.l_len = 1;
     // SAFETY: F_OFD_GETLK reads and writes the valid flock struct we own.
     let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
-    assert!(r == 0, "F_OFD_GETLK failed: {}", std::io::Error::last_os_error());
+    assert!(
+        r == 0,
+        "F_OFD_GETLK failed: {}",
+        std::io::Error::last_os_error()
+    );
     fl.l_type != libc::F_UNLCK as libc::c_short
 }
 
@@ -605,11 +679,7 @@ pub fn qemu_io_ops(seed: u64, size: u64, cluster: u64, rnd_file: &Path) -> Vec<S
         };
         let op = match i % 7 {
             0 | 1 => format!("write -P {:#x} {off} {len}", rng.range(1, 256)),
-            2 | 3 => format!(
-                "write -s {} {off} {}",
-                rnd_file.display(),
-                len.min(MIB)
-            ),
+            2 | 3 => format!("write -s {} {off} {}", rnd_file.display(), len.min(MIB)),
             4 => format!("write -z {off} {len}"),
             5 => format!("write -z -u {off} {len}"),
             _ => format!("discard {off} {len}"),
@@ -631,12 +701,26 @@ pub fn make_rnd_file(path: &Path, seed: u64) {
 /// One guest operation of a random workload.
 #[derive(Debug, Clone)]
 pub enum Op {
-    Write { off: u64, len: u64, seed: u64 },
-    Zero { off: u64, len: u64, may_unmap: bool },
-    Discard { off: u64, len: u64 },
+    Write {
+        off: u64,
+        len: u64,
+        seed: u64,
+    },
+    Zero {
+        off: u64,
+        len: u64,
+        may_unmap: bool,
+    },
+    Discard {
+        off: u64,
+        len: u64,
+    },
     Flush,
     /// Read back and compare (the model-keeping caller does this).
-    Verify { off: u64, len: u64 },
+    Verify {
+        off: u64,
+        len: u64,
+    },
 }
 
 impl Op {
@@ -658,7 +742,9 @@ impl Op {
             2 => rng.range(0, (size - len) / cluster + 1) * cluster,
             _ => {
                 let boundary = rng.range(1, size / cluster + 1) * cluster;
-                boundary.saturating_sub(rng.range(1, len + 1)).min(size - len)
+                boundary
+                    .saturating_sub(rng.range(1, len + 1))
+                    .min(size - len)
             }
         };
         match rng.range(0, 100) {

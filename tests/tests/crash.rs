@@ -25,23 +25,57 @@ struct Scenario {
     opts: &'static str,
     cluster: u64,
     backing: bool,
+    /// Starts as a copy of base.raw carrying an internal snapshot "keep" of that content.
+    snapshot: bool,
 }
 
-const SCENARIOS: [Scenario; 3] = [
-    Scenario { label: "64K clusters", file: "a.qcow2", opts: "cluster_size=65536", cluster: 65536, backing: false },
+const SCENARIOS: [Scenario; 4] = [
+    Scenario {
+        label: "64K clusters",
+        file: "a.qcow2",
+        opts: "cluster_size=65536",
+        cluster: 65536,
+        backing: false,
+        snapshot: false,
+    },
     Scenario {
         label: "4K clusters, refcount_bits=4",
         file: "b.qcow2",
         opts: "cluster_size=4096,refcount_bits=4",
         cluster: 4096,
         backing: false,
+        snapshot: false,
     },
-    Scenario { label: "overlay over a qcow2", file: "c.qcow2", opts: "cluster_size=65536", cluster: 65536, backing: true },
+    Scenario {
+        label: "overlay over a qcow2",
+        file: "c.qcow2",
+        opts: "cluster_size=65536",
+        cluster: 65536,
+        backing: true,
+        snapshot: false,
+    },
+    Scenario {
+        label: "image with an internal snapshot",
+        file: "d.qcow2",
+        opts: "cluster_size=65536",
+        cluster: 65536,
+        backing: false,
+        snapshot: true,
+    },
 ];
 
 fn fresh(d: &Path, sc: &Scenario) {
     let img = d.join(sc.file);
     std::fs::remove_file(&img).ok();
+    if sc.snapshot {
+        qemu_img_in(
+            d,
+            &["convert", "-O", "qcow2", "-o", sc.opts, "base.raw", sc.file],
+        )
+        .ok();
+        qemu_img_in(d, &["snapshot", "-c", "keep", sc.file]).ok();
+        return;
+    }
     let mut args = vec!["create", "-q", "-f", "qcow2", "-o", sc.opts];
     if sc.backing {
         args.extend(["-b", "base.qcow2", "-F", "qcow2"]);
@@ -65,7 +99,10 @@ fn start(bin: &str, img: &Path, seed: u64, cluster: u64, log: &Path) -> Backgrou
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {line}: {e}"));
     let stdout = child.stdout.take().unwrap();
-    let mut bg = Background { child, cmdline: line };
+    let mut bg = Background {
+        child,
+        cmdline: line,
+    };
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let mut l = String::new();
@@ -136,16 +173,55 @@ fn sigkill_never_corrupts() {
             code,
             "{what}: vmdisk check's verdict differs from qemu-img check's\nvmdisk:\n{v}\nqemu-img:\n{q}"
         );
-        let (ql, vl) = (qv["leaks"].as_u64().unwrap_or(0), vj["leaks"].as_u64().unwrap_or(0));
-        assert_eq!(vl, ql, "{what}: vmdisk check counts {vl} leaks, qemu-img {ql}\nvmdisk:\n{v}\nqemu-img:\n{q}");
+        let (ql, vl) = (
+            qv["leaks"].as_u64().unwrap_or(0),
+            vj["leaks"].as_u64().unwrap_or(0),
+        );
+        assert_eq!(
+            vl, ql,
+            "{what}: vmdisk check counts {vl} leaks, qemu-img {ql}\nvmdisk:\n{v}\nqemu-img:\n{q}"
+        );
+        if sc.snapshot {
+            let kept = d.join("kept.raw");
+            qemu_img_in(
+                d,
+                &[
+                    "convert",
+                    "-l",
+                    "snapshot.name=keep",
+                    "-O",
+                    "raw",
+                    sc.file,
+                    s(&kept),
+                ],
+            )
+            .ok();
+            let c = qemu_img_in(
+                d,
+                &["compare", "-f", "raw", "-F", "raw", "base.raw", s(&kept)],
+            );
+            assert_eq!(
+                c.code(),
+                0,
+                "{what}: the internal snapshot's content changed:\n{c}"
+            );
+        }
         if code == 3 {
             leaky += 1;
             let r = vmdisk(&["check", "-r", "leaks", s(&img)]);
-            assert_eq!(r.code(), 0, "{what}: vmdisk check -r leaks did not end clean:\n{r}\nqemu-img before:\n{q}");
+            assert_eq!(
+                r.code(),
+                0,
+                "{what}: vmdisk check -r leaks did not end clean:\n{r}\nqemu-img before:\n{q}"
+            );
             let (code2, _, q2) = qemu_check(&img);
             assert_eq!(code2, 0, "{what}: after vmdisk check -r leaks, qemu-img check is not clean:\n{q2}\nrepair:\n{r}");
         }
     }
-    assert_eq!(sha256(&d.join("base.qcow2")), base_sha, "the overlay workload changed its backing file");
+    assert_eq!(
+        sha256(&d.join("base.qcow2")),
+        base_sha,
+        "the overlay workload changed its backing file"
+    );
     eprintln!("{KILLS} kills, {leaky} left leaks that vmdisk repaired");
 }

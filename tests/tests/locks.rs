@@ -76,16 +76,27 @@ fn qemu_writer_blocks_every_vmdisk_write() {
     for args in &writes {
         let r = vmdisk(args);
         if r.success() || !r.all_output_lower().contains("lock") {
-            errs.push(format!("expected a refusal naming the lock while qemu-nbd holds the image:\n{r}"));
+            errs.push(format!(
+                "expected a refusal naming the lock while qemu-nbd holds the image:\n{r}"
+            ));
         }
         if sha256(&img) != sha {
-            errs.push(format!("the image changed although qemu holds it, after:\n{r}"));
+            errs.push(format!(
+                "the image changed although qemu holds it, after:\n{r}"
+            ));
             break;
         }
     }
     // the library refuses too, with the typed error
-    match vmdisk_image::open(&img, &vmdisk_image::OpenOptions { read_only: false, ..Default::default() }) {
-        Ok(_) => errs.push("vmdisk_image::open read-write succeeded while qemu-nbd holds the image".into()),
+    match vmdisk_image::open(
+        &img,
+        &vmdisk_image::OpenOptions {
+            read_only: false,
+            ..Default::default()
+        },
+    ) {
+        Ok(_) => errs
+            .push("vmdisk_image::open read-write succeeded while qemu-nbd holds the image".into()),
         Err(e) => {
             let msg = error_chain(&e);
             if !msg.to_lowercase().contains("lock") {
@@ -99,14 +110,21 @@ fn qemu_writer_blocks_every_vmdisk_write() {
     // reading with -U (force share) is allowed, as for qemu-img
     let r = vmdisk(&["inspect", "-U", i]);
     if !r.success() {
-        errs.push(format!("vmdisk inspect -U should read an image qemu holds:\n{r}"));
+        errs.push(format!(
+            "vmdisk inspect -U should read an image qemu holds:\n{r}"
+        ));
     }
     assert!(holder.alive(), "qemu-nbd died during the test");
     holder.kill();
     if sha256(&img) != sha {
         errs.push("the image changed while qemu held it".into());
     }
-    assert!(errs.is_empty(), "{} failure(s):\n\n{}", errs.len(), errs.join("\n\n"));
+    assert!(
+        errs.is_empty(),
+        "{} failure(s):\n\n{}",
+        errs.len(),
+        errs.join("\n\n")
+    );
 
     // once qemu is gone the same commands work: the refusals were the lock
     vmdisk(&["snapshot", "create", i, "s1"]).ok();
@@ -120,8 +138,14 @@ fn vmdisk_writer_blocks_qemu() {
     let d = dir.path();
     let (img, _) = fixture(d);
     let i = s(&img);
-    let image = vmdisk_image::open(&img, &vmdisk_image::OpenOptions { read_only: false, ..Default::default() })
-        .unwrap_or_else(|e| panic!("open read-write: {}", error_chain(&e)));
+    let image = vmdisk_image::open(
+        &img,
+        &vmdisk_image::OpenOptions {
+            read_only: false,
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("open read-write: {}", error_chain(&e)));
     assert!(
         lock_byte_held(&img, QEMU_PERM_WRITE) && lock_byte_held(&img, QEMU_SHARED_WRITE),
         "vmdisk holds the image read-write but not qemu's write lock bytes 101/201"
@@ -129,11 +153,16 @@ fn vmdisk_writer_blocks_qemu() {
     let mut errs = Vec::new();
     let info = qemu_img(&["info", i]);
     if info.success() || !info.stderr.contains("lock") {
-        errs.push(format!("qemu-img info should fail on qemu's lock while vmdisk writes:\n{info}"));
+        errs.push(format!(
+            "qemu-img info should fail on qemu's lock while vmdisk writes:\n{info}"
+        ));
     }
-    let io = run(Command::new(require_tool("qemu-io")).args(["-f", "qcow2", "-c", "write 0 512", i]));
+    let io =
+        run(Command::new(require_tool("qemu-io")).args(["-f", "qcow2", "-c", "write 0 512", i]));
     if !io.stderr.contains("lock") || io.stdout.contains("wrote") {
-        errs.push(format!("qemu-io write should fail on qemu's lock while vmdisk writes:\n{io}"));
+        errs.push(format!(
+            "qemu-io write should fail on qemu's lock while vmdisk writes:\n{io}"
+        ));
     }
     let forced = qemu_img(&["info", "-U", i]);
     if !forced.success() {
@@ -142,13 +171,25 @@ fn vmdisk_writer_blocks_qemu() {
     // another vmdisk refuses as well
     let r = vmdisk(&["snapshot", "create", i, "x"]);
     if r.success() || !r.all_output_lower().contains("lock") {
-        errs.push(format!("a second vmdisk should refuse to write an image vmdisk holds:\n{r}"));
+        errs.push(format!(
+            "a second vmdisk should refuse to write an image vmdisk holds:\n{r}"
+        ));
     }
-    image.close().unwrap_or_else(|e| panic!("close: {}", error_chain(&e)));
-    assert!(errs.is_empty(), "{} failure(s):\n\n{}", errs.len(), errs.join("\n\n"));
+    image
+        .close()
+        .unwrap_or_else(|e| panic!("close: {}", error_chain(&e)));
+    assert!(
+        errs.is_empty(),
+        "{} failure(s):\n\n{}",
+        errs.len(),
+        errs.join("\n\n")
+    );
 
     // released: qemu works again
-    assert!(!lock_byte_held(&img, QEMU_PERM_WRITE), "lock byte 101 still held after close");
+    assert!(
+        !lock_byte_held(&img, QEMU_PERM_WRITE),
+        "lock byte 101 still held after close"
+    );
     qemu_img(&["info", i]).ok();
     qemu_io(&img, &["write -P 0x42 0 512".into()]);
     assert_qemu_check_clean(&img, "after vmdisk released the image");
@@ -160,18 +201,34 @@ fn vmdisk_reader_blocks_qemu_writes_only() {
     let d = dir.path();
     let (img, _) = fixture(d);
     let i = s(&img);
-    let image = vmdisk_image::open(&img, &vmdisk_image::OpenOptions { read_only: true, ..Default::default() })
-        .unwrap_or_else(|e| panic!("open read-only: {}", error_chain(&e)));
+    let image = vmdisk_image::open(
+        &img,
+        &vmdisk_image::OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("open read-only: {}", error_chain(&e)));
     let mut errs = Vec::new();
     let info = qemu_img(&["info", i]);
     if !info.success() {
-        errs.push(format!("qemu-img info should share an image vmdisk only reads:\n{info}"));
+        errs.push(format!(
+            "qemu-img info should share an image vmdisk only reads:\n{info}"
+        ));
     }
-    let io = run(Command::new(require_tool("qemu-io")).args(["-f", "qcow2", "-c", "write 0 512", i]));
+    let io =
+        run(Command::new(require_tool("qemu-io")).args(["-f", "qcow2", "-c", "write 0 512", i]));
     if !io.stderr.contains("lock") || io.stdout.contains("wrote") {
-        errs.push(format!("qemu-io write should fail on qemu's lock while vmdisk reads consistently:\n{io}"));
+        errs.push(format!(
+            "qemu-io write should fail on qemu's lock while vmdisk reads consistently:\n{io}"
+        ));
     }
     drop(image);
-    assert!(errs.is_empty(), "{} failure(s):\n\n{}", errs.len(), errs.join("\n\n"));
+    assert!(
+        errs.is_empty(),
+        "{} failure(s):\n\n{}",
+        errs.len(),
+        errs.join("\n\n")
+    );
     qemu_io(&img, &["write -P 0x42 0 512".into()]);
 }

@@ -37,14 +37,21 @@ impl Failures {
 }
 
 fn label_seed(label: &str) -> u64 {
-    label
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+    label.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 /// Run `compare A B` with both tools from `cwd`; the expected code is what qemu-img must say
 /// (a test bug otherwise), vmdisk must say the same.
-fn compare_agrees(cwd: &Path, a: &str, b: &str, strict: bool, expect: Option<i32>, label: &str) -> Vec<String> {
+fn compare_agrees(
+    cwd: &Path,
+    a: &str,
+    b: &str,
+    strict: bool,
+    expect: Option<i32>,
+    label: &str,
+) -> Vec<String> {
     let mut args = vec!["compare"];
     if strict {
         args.push("-s");
@@ -76,9 +83,7 @@ fn compare_agrees(cwd: &Path, a: &str, b: &str, strict: bool, expect: Option<i32
 /// Find a byte at or after a seeded position (wrapping) for which `pred` holds.
 fn pick(data: &[u8], rng: &mut Rng, pred: impl Fn(u8) -> bool) -> Option<usize> {
     let start = rng.range(0, data.len() as u64) as usize;
-    (start..data.len())
-        .chain(0..start)
-        .find(|&i| pred(data[i]))
+    (start..data.len()).chain(0..start).find(|&i| pred(data[i]))
 }
 
 /// The core check for one image `img` (path as given on the command line, from `cwd`).
@@ -121,14 +126,31 @@ fn reads_like_qemu(cwd: &Path, img: &str, fmt: Option<&str>, label: &str) -> Vec
         return errs;
     }
     let refp = s(&ref_raw);
-    errs.extend(compare_agrees(cwd, img, refp, false, Some(0), &format!("{label} [compare vs its own raw]")));
-    errs.extend(compare_agrees(cwd, refp, img, false, Some(0), &format!("{label} [compare raw vs image]")));
+    errs.extend(compare_agrees(
+        cwd,
+        img,
+        refp,
+        false,
+        Some(0),
+        &format!("{label} [compare vs its own raw]"),
+    ));
+    errs.extend(compare_agrees(
+        cwd,
+        refp,
+        img,
+        false,
+        Some(0),
+        &format!("{label} [compare raw vs image]"),
+    ));
 
     let data = fs::read(&ref_raw).expect("read reference");
     let mut rng = Rng::new(label_seed(label));
     let cases: [(&str, Option<usize>); 2] = [
         ("a changed data byte", pick(&data, &mut rng, |b| b != 0)),
-        ("a byte set inside a zero range", pick(&data, &mut rng, |b| b == 0)),
+        (
+            "a byte set inside a zero range",
+            pick(&data, &mut rng, |b| b == 0),
+        ),
     ];
     for (i, (what, pos)) in cases.into_iter().enumerate() {
         let Some(pos) = pos else {
@@ -137,8 +159,12 @@ fn reads_like_qemu(cwd: &Path, img: &str, fmt: Option<&str>, label: &str) -> Vec
         };
         let diff = scratch.path().join(format!("diff{i}.raw"));
         fs::copy(&ref_raw, &diff).expect("copy reference");
-        let f = fs::OpenOptions::new().write(true).open(&diff).expect("open diff");
-        f.write_all_at(&[data[pos] ^ 0x5a], pos as u64).expect("write diff byte");
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(&diff)
+            .expect("open diff");
+        f.write_all_at(&[data[pos] ^ 0x5a], pos as u64)
+            .expect("write diff byte");
         drop(f);
         let d = s(&diff);
         let l = format!("{label} [{what} at {pos:#x}]");
@@ -171,7 +197,14 @@ impl Fixture {
     }
 
     /// qcow2 converted by qemu-img from a sparse mixed-data raw, with `-o opts` (and `-c`).
-    fn qcow2_from_raw(&self, name: &str, size: u64, seed: u64, opts: &str, compress: bool) -> PathBuf {
+    fn qcow2_from_raw(
+        &self,
+        name: &str,
+        size: u64,
+        seed: u64,
+        opts: &str,
+        compress: bool,
+    ) -> PathBuf {
         let src = self.path(&format!("{name}.src.raw"));
         make_sparse_raw(&src, size, seed, 24, 700 * KIB);
         let img = self.path(name);
@@ -202,7 +235,12 @@ fn check_file(fx: &Fixture, img: &Path, label: &str) -> Vec<String> {
 #[test]
 fn cluster_sizes() {
     let mut fails = Failures::default();
-    for (cs, size) in [(512, 8 * MIB), (4096, 16 * MIB), (65536, 16 * MIB), (2 * MIB, 32 * MIB)] {
+    for (cs, size) in [
+        (512, 8 * MIB),
+        (4096, 16 * MIB),
+        (65536, 16 * MIB),
+        (2 * MIB, 32 * MIB),
+    ] {
         let fx = Fixture::new();
         let img = fx.qcow2_from_raw("img.qcow2", size, cs, &format!("cluster_size={cs}"), false);
         fx.scribble(&img, cs, size, cs);
@@ -268,8 +306,17 @@ fn extended_l2_subclusters() {
         make_sparse_raw(&base, size, 99, 30, 900 * KIB);
         let top = fx.path("top.qcow2");
         qemu_img(&[
-            "create", "-q", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=65536", "-b",
-            "base.raw", "-F", "raw", s(&top),
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on,cluster_size=65536",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            s(&top),
         ])
         .ok();
         let sub = 2048;
@@ -284,7 +331,11 @@ fn extended_l2_subclusters() {
             ],
         );
         fx.scribble(&top, 5, size, 65536);
-        fails.extend(check_file(&fx, &top, "extended_l2 overlay over raw backing"));
+        fails.extend(check_file(
+            &fx,
+            &top,
+            "extended_l2 overlay over raw backing",
+        ));
     }
     fails.assert_none("extended_l2_subclusters");
 }
@@ -298,7 +349,9 @@ fn compression(ctype: &str) {
         let img = fx.qcow2_from_raw("img.qcow2", size, cs + 3, &opts, true);
         let (code, v, r) = qemu_check(&img);
         if code != 0 || v["compressed-clusters"].as_u64().unwrap_or(0) == 0 {
-            fails.0.push(format!("{opts}: TEST BUG: qemu made no compressed clusters:\n{r}"));
+            fails.0.push(format!(
+                "{opts}: TEST BUG: qemu made no compressed clusters:\n{r}"
+            ));
         }
         fails.extend(check_file(&fx, &img, &format!("{opts} (as converted)")));
         // partial overwrites of compressed clusters, zeroing and discarding them, and
@@ -338,24 +391,94 @@ fn backing_chain_relative_paths() {
     let bottom = root.join("imgs/a/bottom.raw");
     make_sparse_raw(&bottom, 16 * MIB, 11, 20, 800 * KIB);
     let a = root.join("imgs/a");
-    qemu_img_in(&a, &["create", "-q", "-f", "qcow2", "-b", "bottom.raw", "-F", "raw", "base.qcow2", "24M"]).ok();
+    qemu_img_in(
+        &a,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "bottom.raw",
+            "-F",
+            "raw",
+            "base.qcow2",
+            "24M",
+        ],
+    )
+    .ok();
     fx.scribble(&a.join("base.qcow2"), 12, 24 * MIB, 65536);
     let b = root.join("imgs/b");
-    qemu_img_in(&b, &["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", "../a/base.qcow2", "-F", "qcow2", "mid.qcow2", "32M"]).ok();
+    qemu_img_in(
+        &b,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            "-b",
+            "../a/base.qcow2",
+            "-F",
+            "qcow2",
+            "mid.qcow2",
+            "32M",
+        ],
+    )
+    .ok();
     fx.scribble(&b.join("mid.qcow2"), 13, 32 * MIB, 4096);
     let c = root.join("imgs/c");
-    qemu_img_in(&c, &["create", "-q", "-f", "qcow2", "-b", "../b/mid.qcow2", "-F", "qcow2", "top.qcow2", "40M"]).ok();
+    qemu_img_in(
+        &c,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "../b/mid.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+            "40M",
+        ],
+    )
+    .ok();
     fx.scribble(&c.join("top.qcow2"), 14, 40 * MIB, 65536);
 
     let info = qemu_info(root, "imgs/c/top.qcow2");
-    assert_eq!(info["backing-filename"], "../b/mid.qcow2", "TEST BUG: backing path not relative");
+    assert_eq!(
+        info["backing-filename"], "../b/mid.qcow2",
+        "TEST BUG: backing path not relative"
+    );
 
     let mut fails = Failures::default();
-    fails.extend(reads_like_qemu(root, "imgs/c/top.qcow2", None, "top of chain, from the tree root"));
-    fails.extend(reads_like_qemu(&root.join("elsewhere"), "../imgs/c/top.qcow2", None, "top of chain, from a sibling dir"));
-    fails.extend(reads_like_qemu(root, "imgs/b/mid.qcow2", None, "middle of chain"));
+    fails.extend(reads_like_qemu(
+        root,
+        "imgs/c/top.qcow2",
+        None,
+        "top of chain, from the tree root",
+    ));
+    fails.extend(reads_like_qemu(
+        &root.join("elsewhere"),
+        "../imgs/c/top.qcow2",
+        None,
+        "top of chain, from a sibling dir",
+    ));
+    fails.extend(reads_like_qemu(
+        root,
+        "imgs/b/mid.qcow2",
+        None,
+        "middle of chain",
+    ));
     let abs = root.join("imgs/c/top.qcow2");
-    fails.extend(reads_like_qemu(Path::new("/"), s(&abs), None, "top of chain, absolute path from /"));
+    fails.extend(reads_like_qemu(
+        Path::new("/"),
+        s(&abs),
+        None,
+        "top of chain, absolute path from /",
+    ));
     fails.assert_none("backing_chain_relative_paths");
 }
 
@@ -391,7 +514,11 @@ fn zero_clusters_and_discards() {
         let img = fx.qcow2_from_raw("img.qcow2", size, 21, &format!("compat={compat}"), false);
         qemu_io(&img, &[format!("write -P 0x5e 0 {}", 6 * MIB)]);
         qemu_io(&img, &zero_ops(22, size, 65536));
-        fails.extend(check_file(&fx, &img, &format!("zero/discard, compat={compat}")));
+        fails.extend(check_file(
+            &fx,
+            &img,
+            &format!("zero/discard, compat={compat}"),
+        ));
 
         // overlay: zeroing and discarding must hide the backing data, not expose it
         let fx = Fixture::new();
@@ -400,13 +527,32 @@ fn zero_clusters_and_discards() {
         let top = fx.path("top.qcow2");
         qemu_img_in(
             fx.dir.path(),
-            &["create", "-q", "-f", "qcow2", "-o", &format!("compat={compat}"), "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"],
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                &format!("compat={compat}"),
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                "top.qcow2",
+            ],
         )
         .ok();
         let _ = base;
-        qemu_io(&top, &[format!("write -P 0x70 {} {}", 4 * MIB + 123, 2 * MIB)]);
+        qemu_io(
+            &top,
+            &[format!("write -P 0x70 {} {}", 4 * MIB + 123, 2 * MIB)],
+        );
         qemu_io(&top, &zero_ops(24, size, 65536));
-        fails.extend(check_file(&fx, &top, &format!("zero/discard over backing, compat={compat}")));
+        fails.extend(check_file(
+            &fx,
+            &top,
+            &format!("zero/discard over backing, compat={compat}"),
+        ));
     }
     fails.assert_none("zero_clusters_and_discards");
 }
@@ -425,7 +571,11 @@ fn internal_snapshots() {
     qemu_img(&["snapshot", "-d", "s1", p]).ok();
     fx.scribble(&img, 34, size, 65536);
     let mut fails = Failures::default();
-    fails.extend(check_file(&fx, &img, "image carrying internal snapshots, changed after them"));
+    fails.extend(check_file(
+        &fx,
+        &img,
+        "image carrying internal snapshots, changed after them",
+    ));
     fails.assert_none("internal_snapshots");
 }
 
@@ -436,16 +586,136 @@ fn raw_images_and_declared_raw() {
     let raw = fx.path("disk.raw");
     make_sparse_raw(&raw, 24 * MIB + 512, 41, 20, 600 * KIB);
     fails.extend(check_file(&fx, &raw, "sparse raw image"));
-    fails.extend(reads_like_qemu(fx.dir.path(), "disk.raw", Some("raw"), "sparse raw image, -f raw"));
+    fails.extend(reads_like_qemu(
+        fx.dir.path(),
+        "disk.raw",
+        Some("raw"),
+        "sparse raw image, -f raw",
+    ));
     // a qcow2 declared raw must be read as the file's bytes, never interpreted
     let img = fx.qcow2_from_raw("img.qcow2", 16 * MIB, 42, "", false);
-    fails.extend(reads_like_qemu(fx.dir.path(), "img.qcow2", Some("raw"), "qcow2 file declared -f raw"));
+    fails.extend(reads_like_qemu(
+        fx.dir.path(),
+        "img.qcow2",
+        Some("raw"),
+        "qcow2 file declared -f raw",
+    ));
     let vm_raw = fx.path("declared.raw");
-    let r = vmdisk_in(fx.dir.path(), &["convert", "-f", "raw", "-O", "raw", "img.qcow2", s(&vm_raw)]);
+    let r = vmdisk_in(
+        fx.dir.path(),
+        &["convert", "-f", "raw", "-O", "raw", "img.qcow2", s(&vm_raw)],
+    );
     if r.success() && sha256(&vm_raw) != sha256(&img) {
-        fails.0.push(format!("-f raw on a qcow2 did not copy the file's own bytes:\n{r}"));
+        fails.0.push(format!(
+            "-f raw on a qcow2 did not copy the file's own bytes:\n{r}"
+        ));
     }
     fails.assert_none("raw_images_and_declared_raw");
+}
+
+/// Large, sparse virtual sizes: an L1 table spanning many clusters (512-byte clusters,
+/// 1 GiB) and an 8 GiB image with data near the 4 GiB boundary and the end. The outputs are
+/// compared with `qemu-img compare` (hole-aware) rather than byte by byte, and vmdisk's raw
+/// output must stay sparse.
+#[test]
+fn large_sparse_images() {
+    let mut fails = Failures::default();
+    for (label, opts, size) in [
+        (
+            "1 GiB, 512-byte clusters (L1 of 256 KiB)",
+            "cluster_size=512",
+            1u64 << 30,
+        ),
+        ("8 GiB, 64 KiB clusters", "cluster_size=65536", 8u64 << 30),
+    ] {
+        let fx = Fixture::new();
+        let d = fx.dir.path();
+        qemu_img_in(
+            d,
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                opts,
+                "big.qcow2",
+                &size.to_string(),
+            ],
+        )
+        .ok();
+        let g = 1u64 << 30;
+        let mut ops = vec![
+            "write -P 0x01 0 70000".to_string(),
+            format!("write -P 0x02 {} 1000", size / 4 - 500),
+            format!("write -P 0x03 {} 131072", size / 2 - 4096),
+            format!("write -s {} {} 300000", fx.rnd.display(), size / 3 + 77),
+            format!("write -z {} 4096", size / 2),
+            format!("write -P 0x04 {} 65536", size - 65536),
+            format!("write -P 0x05 {} 1", size - 1),
+        ];
+        if size > 4 * g {
+            ops.push(format!("write -P 0x06 {} 8192", 4 * g - 4096));
+        }
+        qemu_io(&d.join("big.qcow2"), &ops);
+        let q_raw = fx.path("qemu.raw");
+        let v_raw = fx.path("vmdisk.raw");
+        qemu_img_in(d, &["convert", "-O", "raw", "big.qcow2", s(&q_raw)]).ok();
+        let r = vmdisk_in(d, &["convert", "-O", "raw", "big.qcow2", s(&v_raw)]);
+        if !r.success() {
+            fails
+                .0
+                .push(format!("{label}: vmdisk convert -O raw failed:\n{r}"));
+            continue;
+        }
+        let len = fs::metadata(&v_raw).unwrap().len();
+        if len != size {
+            fails.0.push(format!(
+                "{label}: vmdisk's raw output is {len} bytes, not {size}"
+            ));
+        }
+        let cmp = qemu_img_in(
+            d,
+            &["compare", "-f", "raw", "-F", "raw", s(&q_raw), s(&v_raw)],
+        );
+        if cmp.code() != 0 {
+            fails.0.push(format!(
+                "{label}: vmdisk's raw output differs from qemu-img's:\n{cmp}"
+            ));
+        }
+        use std::os::unix::fs::MetadataExt;
+        let (qb, vb) = (
+            fs::metadata(&q_raw).unwrap().blocks() * 512,
+            fs::metadata(&v_raw).unwrap().blocks() * 512,
+        );
+        if vb > 2 * qb + 4 * MIB {
+            fails.0.push(format!(
+                "{label}: vmdisk's raw output is not sparse: {vb} bytes allocated, qemu-img's {qb}"
+            ));
+        }
+        fails.extend(compare_agrees(
+            d,
+            "big.qcow2",
+            s(&q_raw),
+            false,
+            Some(0),
+            &format!("{label} [vs raw]"),
+        ));
+        fs::copy(fx.path("big.qcow2"), fx.path("big2.qcow2")).unwrap();
+        qemu_io(
+            &fx.path("big2.qcow2"),
+            &[format!("write -P 0x07 {} 1", size - 4 * MIB)],
+        );
+        fails.extend(compare_agrees(
+            d,
+            "big.qcow2",
+            "big2.qcow2",
+            false,
+            Some(1),
+            &format!("{label} [one byte set near the end]"),
+        ));
+    }
+    fails.assert_none("large_sparse_images");
 }
 
 /// Sizes that differ (extra zeros vs extra data) and strict mode.
@@ -478,11 +748,46 @@ fn compare_sizes_and_strict() {
     let mut fails = Failures::default();
     let l = s(&longer);
     let ld = s(&longer_dirty);
-    fails.extend(compare_agrees(cwd, "img.qcow2", l, false, Some(0), "longer image, extra is zeros"));
-    fails.extend(compare_agrees(cwd, l, "img.qcow2", false, Some(0), "longer image first, extra is zeros"));
-    fails.extend(compare_agrees(cwd, "img.qcow2", ld, false, Some(1), "longer image, extra holds data"));
-    fails.extend(compare_agrees(cwd, "img.qcow2", "copy.qcow2", true, Some(0), "-s, byte copy of the image"));
+    fails.extend(compare_agrees(
+        cwd,
+        "img.qcow2",
+        l,
+        false,
+        Some(0),
+        "longer image, extra is zeros",
+    ));
+    fails.extend(compare_agrees(
+        cwd,
+        l,
+        "img.qcow2",
+        false,
+        Some(0),
+        "longer image first, extra is zeros",
+    ));
+    fails.extend(compare_agrees(
+        cwd,
+        "img.qcow2",
+        ld,
+        false,
+        Some(1),
+        "longer image, extra holds data",
+    ));
+    fails.extend(compare_agrees(
+        cwd,
+        "img.qcow2",
+        "copy.qcow2",
+        true,
+        Some(0),
+        "-s, byte copy of the image",
+    ));
     // strict: a raw file is allocated everywhere, the qcow2 is not: whatever qemu says
-    fails.extend(compare_agrees(cwd, "img.qcow2", l, true, None, "-s, qcow2 vs sized raw"));
+    fails.extend(compare_agrees(
+        cwd,
+        "img.qcow2",
+        l,
+        true,
+        None,
+        "-s, qcow2 vs sized raw",
+    ));
     fails.assert_none("compare_sizes_and_strict");
 }

@@ -9,8 +9,16 @@ fn encrypted(d: &Path) {
     qemu_img_in(
         d,
         &[
-            "create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=abc", "-o",
-            "encrypt.format=luks,encrypt.key-secret=sec0", "enc.qcow2", "16M",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "--object",
+            "secret,id=sec0,data=abc",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0",
+            "enc.qcow2",
+            "16M",
         ],
     )
     .ok();
@@ -37,7 +45,9 @@ fn encrypted_image_is_refused() {
     for args in cmds {
         let r = vmdisk_in(d, args);
         if r.success() || !r.all_output_lower().contains("encrypt") {
-            errs.push(format!("expected a refusal that says the image is encrypted:\n{r}"));
+            errs.push(format!(
+                "expected a refusal that says the image is encrypted:\n{r}"
+            ));
         }
     }
     if d.join("out.raw").exists() {
@@ -54,13 +64,42 @@ fn backing_loop_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     qemu_img_in(d, &["create", "-q", "-f", "qcow2", "b.qcow2", "16M"]).ok();
-    qemu_img_in(d, &["create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "a.qcow2"]).ok();
-    qemu_img_in(d, &["rebase", "-u", "-b", "a.qcow2", "-F", "qcow2", "b.qcow2"]).ok();
-    assert_eq!(qemu_info(d, "b.qcow2")["backing-filename"], "a.qcow2", "TEST BUG: no loop made");
+    qemu_img_in(
+        d,
+        &[
+            "create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "a.qcow2",
+        ],
+    )
+    .ok();
+    qemu_img_in(
+        d,
+        &["rebase", "-u", "-b", "a.qcow2", "-F", "qcow2", "b.qcow2"],
+    )
+    .ok();
+    assert_eq!(
+        qemu_info(d, "b.qcow2")["backing-filename"],
+        "a.qcow2",
+        "TEST BUG: no loop made"
+    );
     // and an image that is its own backing file
     qemu_img_in(d, &["create", "-q", "-f", "qcow2", "self.qcow2", "16M"]).ok();
-    qemu_img_in(d, &["rebase", "-u", "-b", "self.qcow2", "-F", "qcow2", "self.qcow2"]).ok();
-    let shas: Vec<String> = ["a.qcow2", "b.qcow2", "self.qcow2"].iter().map(|n| sha256(&d.join(n))).collect();
+    qemu_img_in(
+        d,
+        &[
+            "rebase",
+            "-u",
+            "-b",
+            "self.qcow2",
+            "-F",
+            "qcow2",
+            "self.qcow2",
+        ],
+    )
+    .ok();
+    let shas: Vec<String> = ["a.qcow2", "b.qcow2", "self.qcow2"]
+        .iter()
+        .map(|n| sha256(&d.join(n)))
+        .collect();
 
     let mut errs = Vec::new();
     let cmds: &[(&[&str], &str)] = &[
@@ -68,10 +107,19 @@ fn backing_loop_is_refused() {
         (&["convert", "-O", "raw", "a.qcow2", "out.raw"], "a.qcow2"),
         (&["compare", "a.qcow2", "b.qcow2"], "a.qcow2"),
         (&["map", "--json", "b.qcow2"], "b.qcow2"),
-        (&["convert", "-O", "raw", "self.qcow2", "out2.raw"], "self.qcow2"),
+        (
+            &["convert", "-O", "raw", "self.qcow2", "out2.raw"],
+            "self.qcow2",
+        ),
     ];
     for (args, name) in cmds {
-        let r = vmdisk_in(d, args);
+        // a loop followed forever hangs: 30 s is plenty for a 16 MiB image
+        let r = run_with_timeout(
+            std::process::Command::new(vmdisk_bin())
+                .current_dir(d)
+                .args(*args),
+            std::time::Duration::from_secs(30),
+        );
         let out = r.all_output_lower();
         let names_loop = out.contains("loop") || out.contains("cycle") || out.contains("circular");
         if r.success() || !names_loop || !out.contains(name) {
@@ -84,7 +132,10 @@ fn backing_loop_is_refused() {
             errs.push(format!("the loop crashed vmdisk:\n{r}"));
         }
     }
-    let now: Vec<String> = ["a.qcow2", "b.qcow2", "self.qcow2"].iter().map(|n| sha256(&d.join(n))).collect();
+    let now: Vec<String> = ["a.qcow2", "b.qcow2", "self.qcow2"]
+        .iter()
+        .map(|n| sha256(&d.join(n)))
+        .collect();
     if now != shas {
         errs.push("refusing a backing loop changed an image".into());
     }

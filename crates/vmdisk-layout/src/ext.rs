@@ -127,7 +127,9 @@ impl Usage {
             } else if m.is_file() {
                 // Sparse files still cost their allocated blocks at most; count apparent size
                 // unless it is larger than what is allocated (holes stay holes with -d).
-                let bytes = m.len().min(m.blocks().saturating_mul(512).max(m.len().min(BLOCK)));
+                let bytes = m
+                    .len()
+                    .min(m.blocks().saturating_mul(512).max(m.len().min(BLOCK)));
                 let blocks = bytes.div_ceil(BLOCK);
                 // Extent tree blocks for big, fragmented files: one per 128 MiB is generous.
                 self.data_bytes += (blocks + blocks / 32768) * BLOCK;
@@ -143,7 +145,10 @@ impl Usage {
     /// Smallest filesystem (whole MiB) mke2fs can fill with this content, leaving `margin`.
     pub fn min_fs_bytes(&self, margin: u64) -> u64 {
         const MIB: u64 = 1 << 20;
-        let payload = self.data_bytes.saturating_add(margin).saturating_add(4 * MIB);
+        let payload = self
+            .data_bytes
+            .saturating_add(margin)
+            .saturating_add(4 * MIB);
         // Inode tables (up to 1/16 with mke2fs's "small" type), 5 % reserved blocks, bitmaps
         // and group descriptors: divide by 0.85 to be safe.
         let mut size = payload.saturating_mul(100) / 85;

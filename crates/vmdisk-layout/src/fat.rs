@@ -112,7 +112,8 @@ impl Geometry {
 /// Smallest filesystem with `spc` sectors per cluster that is still FAT32.
 fn min_bytes_for(spc: u64) -> u64 {
     let fat = (MIN_CLUSTERS + 2) * 4;
-    (RESERVED_SECTORS * SECTOR + NUM_FATS * fat.div_ceil(SECTOR) * SECTOR
+    (RESERVED_SECTORS * SECTOR
+        + NUM_FATS * fat.div_ceil(SECTOR) * SECTOR
         + MIN_CLUSTERS * spc * SECTOR)
         .div_ceil(1 << 20)
         * (1 << 20)
@@ -136,7 +137,6 @@ pub fn check_label(l: &str) -> std::result::Result<(), String> {
 #[derive(Debug, Clone)]
 pub struct Tree {
     root: Vec<Node>,
-    count: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -156,16 +156,7 @@ impl Tree {
     pub fn scan(dir: &Path, json_path: &JsonPath) -> Result<Tree> {
         let mut count = 0;
         let root = scan_dir(dir, json_path, 0, &mut count)?;
-        Ok(Tree { root, count })
-    }
-
-    /// Entries (files and directories) below the root.
-    pub fn len(&self) -> usize {
-        self.count
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
+        Ok(Tree { root })
     }
 }
 
@@ -191,9 +182,10 @@ fn scan_dir(dir: &Path, jp: &JsonPath, depth: usize, count: &mut usize) -> Resul
     for entry in fs::read_dir(dir).map_err(io_err(dir))? {
         let entry = entry.map_err(io_err(dir))?;
         let path = entry.path();
-        let name = entry.file_name().into_string().map_err(|n| {
-            too_large(format!("{}: file name {n:?} is not UTF-8", dir.display()))
-        })?;
+        let name = entry
+            .file_name()
+            .into_string()
+            .map_err(|n| too_large(format!("{}: file name {n:?} is not UTF-8", dir.display())))?;
         check_long_name(&name).map_err(|rule| too_large(format!("{}: {rule}", path.display())))?;
         let meta = fs::metadata(&path).map_err(io_err(&path))?;
         *count += 1;
@@ -323,9 +315,9 @@ fn generated_short(name: &str, taken: &[[u8; 11]]) -> Option<[u8; 11]> {
 }
 
 fn lfn_checksum(short: &[u8; 11]) -> u8 {
-    short
-        .iter()
-        .fold(0u8, |sum, &b| (sum >> 1).wrapping_add(sum << 7).wrapping_add(b))
+    short.iter().fold(0u8, |sum, &b| {
+        (sum >> 1).wrapping_add(sum << 7).wrapping_add(b)
+    })
 }
 
 fn short_entry(name: &[u8; 11], attr: u8, cluster: u32, size: u32) -> [u8; 32] {
@@ -417,7 +409,7 @@ fn place<'a>(
     lay: &mut Layout,
 ) -> std::result::Result<Placed<'a>, String> {
     let cb = g.cluster_bytes();
-    let mut alloc = |bytes: u64, lay: &mut Layout| -> std::result::Result<(u32, u32), String> {
+    let alloc = |bytes: u64, lay: &mut Layout| -> std::result::Result<(u32, u32), String> {
         let n = bytes.div_ceil(cb);
         if n == 0 {
             return Ok((0, 0));
@@ -507,8 +499,8 @@ impl<'a> FatImage<'a> {
         tree: Option<&'a Tree>,
         jp: &JsonPath,
     ) -> Result<FatImage<'a>> {
-        let g = Geometry::for_size(bytes, hidden_sectors)
-            .map_err(|rule| Error::invalid(jp, rule))?;
+        let g =
+            Geometry::for_size(bytes, hidden_sectors).map_err(|rule| Error::invalid(jp, rule))?;
         let label = match label {
             Some(l) => {
                 check_label(l).map_err(|rule| Error::invalid(jp, rule))?;
@@ -595,6 +587,8 @@ impl<'a> FatImage<'a> {
                     .runs
                     .partition_point(|&(f, _)| u64::from(f) <= c)
                     .saturating_sub(1);
+                // 2 <= c < next_free, so the root directory's run exists and runs is not
+                // empty; partition_point - 1 picks the run starting at or before c.
                 let (f, n) = self.lay.runs[i];
                 if c + 1 == u64::from(f) + u64::from(n) {
                     EOC
@@ -642,7 +636,13 @@ impl<'a> FatImage<'a> {
         Ok(())
     }
 
-    fn write_dir(&self, dev: &dyn BlockDevice, d: &Placed, is_root: bool, parent: u32) -> Result<()> {
+    fn write_dir(
+        &self,
+        dev: &dyn BlockDevice,
+        d: &Placed,
+        is_root: bool,
+        parent: u32,
+    ) -> Result<()> {
         let mut entries: Vec<[u8; 32]> = Vec::new();
         if is_root {
             if let Some(l) = &self.label {
@@ -667,12 +667,12 @@ impl<'a> FatImage<'a> {
             let Some(node) = c.node else { continue };
             let short = match ex {
                 Some(s) => *s,
-                None => generated_short(&node.name, &taken).ok_or_else(|| {
-                    Error::ContentTooLarge {
+                None => {
+                    generated_short(&node.name, &taken).ok_or_else(|| Error::ContentTooLarge {
                         path: JsonPath::root(),
                         detail: format!("no free short name for {:?}", node.name),
-                    }
-                })?,
+                    })?
+                }
             };
             if ex.is_none() {
                 taken.push(short);
@@ -762,7 +762,7 @@ mod tests {
         let g2 = generated_short("verylongname.conf", &[g]).unwrap();
         assert_eq!(&g2, b"VERYLO~2CON");
         assert_eq!(&generated_short(".hidden", &[]).unwrap(), b"HIDDEN~1   ");
-        assert_eq!(&generated_short("ünï côde", &[]).unwrap(), b"__N_C~1    ");
+        assert_eq!(&generated_short("ünï côde", &[]).unwrap(), b"_N_C_D~1   ");
     }
 
     #[test]
@@ -773,7 +773,9 @@ mod tests {
         assert_eq!(e[0][0], 0x42);
         assert_eq!(e[1][0], 0x01);
         assert_eq!(e[1][1], b'v');
-        assert!(e.iter().all(|x| x[11] == ATTR_LFN && x[13] == lfn_checksum(&short)));
+        assert!(e
+            .iter()
+            .all(|x| x[11] == ATTR_LFN && x[13] == lfn_checksum(&short)));
     }
 
     #[test]

@@ -103,18 +103,50 @@ impl serde::Serialize for Guid {
 
 /// sgdisk short type codes vmdisk knows, with their GUIDs and names.
 pub const TYPE_CODES: &[(&str, &str, &str)] = &[
-    ("EF00", "c12a7328-f81f-11d2-ba4b-00a0c93ec93b", "EFI system partition"),
-    ("EF02", "21686148-6449-6e6f-744e-656564454649", "BIOS boot partition"),
-    ("8300", "0fc63daf-8483-4772-8e79-3d69d8477de4", "Linux filesystem"),
+    (
+        "EF00",
+        "c12a7328-f81f-11d2-ba4b-00a0c93ec93b",
+        "EFI system partition",
+    ),
+    (
+        "EF02",
+        "21686148-6449-6e6f-744e-656564454649",
+        "BIOS boot partition",
+    ),
+    (
+        "8300",
+        "0fc63daf-8483-4772-8e79-3d69d8477de4",
+        "Linux filesystem",
+    ),
     ("8200", "0657fd6d-a4ab-43c4-84e5-0933c84b4f4f", "Linux swap"),
     ("8E00", "e6d6d379-f507-44c2-a23c-238f2a3df928", "Linux LVM"),
     ("FD00", "a19d880f-05fc-4d3b-a006-743f0f84911e", "Linux RAID"),
-    ("8304", "4f68bce3-e8cd-4db1-96e7-fbcaf984b709", "Linux x86-64 root (/)"),
-    ("8305", "b921b045-1df0-41c3-af44-4c6f280d3fae", "Linux ARM64 root (/)"),
-    ("8302", "933ac7e1-2eb4-4f13-b844-0e14e2aef915", "Linux /home"),
+    (
+        "8304",
+        "4f68bce3-e8cd-4db1-96e7-fbcaf984b709",
+        "Linux x86-64 root (/)",
+    ),
+    (
+        "8305",
+        "b921b045-1df0-41c3-af44-4c6f280d3fae",
+        "Linux ARM64 root (/)",
+    ),
+    (
+        "8302",
+        "933ac7e1-2eb4-4f13-b844-0e14e2aef915",
+        "Linux /home",
+    ),
     ("8309", "ca7d7ccb-63ed-4c53-861c-1742536059cc", "Linux LUKS"),
-    ("EA00", "bc13c2ff-59e6-4262-a352-b275fd6f7172", "XBOOTLDR partition"),
-    ("0700", "ebd0a0a2-b9e5-4433-87c0-68b6b72699c7", "Microsoft basic data"),
+    (
+        "EA00",
+        "bc13c2ff-59e6-4262-a352-b275fd6f7172",
+        "XBOOTLDR partition",
+    ),
+    (
+        "0700",
+        "ebd0a0a2-b9e5-4433-87c0-68b6b72699c7",
+        "Microsoft basic data",
+    ),
 ];
 
 /// The GUID of a short type code (case-insensitive), if vmdisk knows it.
@@ -144,9 +176,15 @@ mod tests {
         let b = g.to_gpt_bytes();
         assert_eq!(&b[..4], &[0x28, 0x73, 0x2a, 0xc1]);
         assert_eq!(Guid::from_gpt_bytes(b), g);
-        assert!("c12a7328-f81f-11d2-ba4b-00a0c93ec93".parse::<Guid>().is_err());
-        assert!("g12a7328-f81f-11d2-ba4b-00a0c93ec93b".parse::<Guid>().is_err());
-        assert!("c12a7328f81f-11d2-ba4b-00a0c93ec93b0".parse::<Guid>().is_err());
+        assert!("c12a7328-f81f-11d2-ba4b-00a0c93ec93"
+            .parse::<Guid>()
+            .is_err());
+        assert!("g12a7328-f81f-11d2-ba4b-00a0c93ec93b"
+            .parse::<Guid>()
+            .is_err());
+        assert!("c12a7328f81f-11d2-ba4b-00a0c93ec93b0"
+            .parse::<Guid>()
+            .is_err());
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, JsonPath, Result};
 use crate::guid::Guid;
 use crate::size::{Position, SizeSpec, SECTOR};
-use crate::spec::{Content, DiskSpec, FsFormat, PartitionSpec, GPT_ENTRIES};
+use crate::spec::{Content, DiskSpec, FsFormat, PartitionSpec};
 
 /// sgdisk's default partition alignment: 2048 sectors (1 MiB).
 pub const DEFAULT_ALIGNMENT: u64 = 2048;
@@ -171,7 +171,9 @@ pub fn plan(disk: &DiskSpec, disk_size: Option<u64>, opts: &PlanOptions) -> Resu
                 }
                 PlannedContent::Swap {
                     label: sw.label.clone(),
-                    uuid: sw.uuid.unwrap_or_else(|| Guid::derive(&seed, &tag("swap-uuid", p))),
+                    uuid: sw
+                        .uuid
+                        .unwrap_or_else(|| Guid::derive(&seed, &tag("swap-uuid", p))),
                 }
             }
         };
@@ -183,7 +185,9 @@ pub fn plan(disk: &DiskSpec, disk_size: Option<u64>, opts: &PlanOptions) -> Resu
             label: p.label.clone(),
             type_code: p.type_code.clone(),
             type_guid: p.type_guid,
-            guid: p.guid.unwrap_or_else(|| Guid::derive(&seed, &tag("partition-guid", p))),
+            guid: p
+                .guid
+                .unwrap_or_else(|| Guid::derive(&seed, &tag("partition-guid", p))),
             first_lba: first,
             last_lba: last,
             attributes: p.attributes,
@@ -306,7 +310,10 @@ fn align_up(v: u64, a: u64) -> Option<u64> {
 
 /// sgdisk `--align-end --new=N:start:end` for each partition in order; returns inclusive LBA
 /// ranges in the same order.
-pub(crate) fn allocate(disk: &DiskSpec, size: u64) -> std::result::Result<Vec<(u64, u64)>, FitError> {
+pub(crate) fn allocate(
+    disk: &DiskSpec,
+    size: u64,
+) -> std::result::Result<Vec<(u64, u64)>, FitError> {
     let size_path = disk.path.key("imageSize");
     if size > MAX_DISK_BYTES {
         return Err(FitError::Other(Error::invalid(
@@ -344,18 +351,20 @@ pub(crate) fn allocate(disk: &DiskSpec, size: u64) -> std::result::Result<Vec<(u
     }
     let mut used: Vec<(u64, u64)> = Vec::with_capacity(parts.len());
     for p in parts {
-        let align = if p.alignment == 0 { DEFAULT_ALIGNMENT } else { p.alignment };
-        let too_small = |what: &str, rule: String| {
-            FitError::TooSmall(Error::invalid(&p.path.key(what), rule))
+        let align = if p.alignment == 0 {
+            DEFAULT_ALIGNMENT
+        } else {
+            p.alignment
         };
+        let too_small =
+            |what: &str, rule: String| FitError::TooSmall(Error::invalid(&p.path.key(what), rule));
         let free = free_blocks(first_usable, last_usable, &used);
         // The largest free block (the first of equals), as sgdisk's default.
-        let Some(&(lo, hi)) = free
-            .iter()
-            .rev()
-            .max_by_key(|(a, b)| b - a)
-        else {
-            return Err(too_small("size", format!("no free space left on a {size}-byte disk")));
+        let Some(&(lo, hi)) = free.iter().rev().max_by_key(|(a, b)| b - a) else {
+            return Err(too_small(
+                "size",
+                format!("no free space left on a {size}-byte disk"),
+            ));
         };
         let low = match align_up(lo, align) {
             Some(a) if a <= hi => a,
@@ -386,14 +395,27 @@ pub(crate) fn allocate(disk: &DiskSpec, size: u64) -> std::result::Result<Vec<(u
         };
         let mut end = match p.end {
             Position::Default | Position::Plus(0) => fhi,
-            Position::Plus(n) => start.checked_add(n - 1).ok_or_else(|| {
-                too_small(end_path, "end sector overflows".to_string())
-            })?,
+            Position::Plus(n) => start
+                .checked_add(n - 1)
+                .ok_or_else(|| too_small(end_path, "end sector overflows".to_string()))?,
             Position::Minus(n) => fhi.checked_sub(n).ok_or_else(|| {
-                too_small(end_path, format!("{n} sectors before the end leaves no room"))
+                too_small(
+                    end_path,
+                    format!("{n} sectors before the end leaves no room"),
+                )
             })?,
             Position::Absolute(s) => s,
         };
+        if end > fhi {
+            return Err(too_small(
+                end_path,
+                format!(
+                    "partition needs sectors {start}..={end} but the free space there ends at \
+                     sector {fhi} on a {size}-byte disk"
+                ),
+            ));
+        }
+        // end <= fhi < sectors <= MAX_DISK_BYTES / 512: no overflow below.
         if (end + 1) % align != 0 {
             let aligned = (end + 1) / align * align;
             if aligned > start + 1 {
@@ -405,15 +427,6 @@ pub(crate) fn allocate(disk: &DiskSpec, size: u64) -> std::result::Result<Vec<(u
                 &p.path.key(end_path),
                 format!("end sector {end} is before start sector {start}"),
             )));
-        }
-        if end > fhi {
-            return Err(too_small(
-                end_path,
-                format!(
-                    "partition needs sectors {start}..={end} but the free space there ends at \
-                     sector {fhi} on a {size}-byte disk"
-                ),
-            ));
         }
         used.push((start, end));
     }
@@ -427,7 +440,10 @@ pub fn measure(disk: &DiskSpec, opts: &PlanOptions) -> Result<u64> {
     // Minimum bytes each partition's content needs.
     let mut need: Vec<u64> = Vec::with_capacity(disk.partitions.len());
     for p in &disk.partitions {
-        let src = copy_in.iter().find(|(n, _)| *n == p.number).map(|(_, d)| d.as_path());
+        let src = copy_in
+            .iter()
+            .find(|(n, _)| *n == p.number)
+            .map(|(_, d)| d.as_path());
         let rest = p.size == Some(SizeSpec::Rest);
         let margin = if rest { opts.free_margin } else { 0 };
         need.push(content_min_bytes(p, src, margin)?);

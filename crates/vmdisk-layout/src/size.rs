@@ -32,9 +32,9 @@ fn number_and_unit(text: &str, path: &JsonPath, what: &str) -> Result<(u64, Opti
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad());
     }
-    let n: u64 = digits.parse().map_err(|_| {
-        Error::invalid(path, format!("{text:?} overflows a 64-bit number"))
-    })?;
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| Error::invalid(path, format!("{text:?} overflows a 64-bit number")))?;
     Ok((n, mult))
 }
 
@@ -90,10 +90,11 @@ pub fn parse_position(text: &str, path: &JsonPath) -> Result<Position> {
     let (n, mult) = number_and_unit(rest, path, "sgdisk position")?;
     let sectors = match mult {
         None => n,
-        Some(m) => n
-            .checked_mul(m)
-            .ok_or_else(|| Error::invalid(path, format!("{text:?} overflows 64 bits of bytes")))?
-            / SECTOR,
+        Some(m) => {
+            n.checked_mul(m).ok_or_else(|| {
+                Error::invalid(path, format!("{text:?} overflows 64 bits of bytes"))
+            })? / SECTOR
+        }
     };
     Ok(match sign {
         1 => Position::Plus(sectors),
@@ -113,25 +114,42 @@ mod tests {
 
     #[test]
     fn sizes() {
-        assert_eq!(parse_size("512M", &p()).unwrap(), SizeSpec::Bytes(512 << 20));
+        assert_eq!(
+            parse_size("512M", &p()).unwrap(),
+            SizeSpec::Bytes(512 << 20)
+        );
         assert_eq!(parse_size("100%", &p()).unwrap(), SizeSpec::Rest);
         assert_eq!(parse_size("8", &p()).unwrap(), SizeSpec::Bytes(4096));
         assert_eq!(parse_size("1g", &p()).unwrap(), SizeSpec::Bytes(1 << 30));
         for bad in ["", "M", "1.5G", "50%", "-1G", "1GB", " 1G", "1 G"] {
             assert!(parse_size(bad, &p()).is_err(), "{bad:?}");
         }
-        let e = parse_size("99999999999999999999P", &p()).unwrap_err().to_string();
+        let e = parse_size("99999999999999999999P", &p())
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("size: ") && e.contains("overflows"), "{e}");
-        assert!(parse_size("20000P", &p()).unwrap_err().to_string().contains("overflows"));
+        assert!(parse_size("20000P", &p())
+            .unwrap_err()
+            .to_string()
+            .contains("overflows"));
     }
 
     #[test]
     fn positions() {
         assert_eq!(parse_position("0", &p()).unwrap(), Position::Default);
         assert_eq!(parse_position("-0", &p()).unwrap(), Position::Minus(0));
-        assert_eq!(parse_position("+1G", &p()).unwrap(), Position::Plus(2 << 20));
-        assert_eq!(parse_position("1M", &p()).unwrap(), Position::Absolute(2048));
-        assert_eq!(parse_position("4096", &p()).unwrap(), Position::Absolute(4096));
+        assert_eq!(
+            parse_position("+1G", &p()).unwrap(),
+            Position::Plus(2 << 20)
+        );
+        assert_eq!(
+            parse_position("1M", &p()).unwrap(),
+            Position::Absolute(2048)
+        );
+        assert_eq!(
+            parse_position("4096", &p()).unwrap(),
+            Position::Absolute(4096)
+        );
         assert!(parse_position("+", &p()).is_err());
         assert!(parse_position("+-1", &p()).is_err());
     }

@@ -118,16 +118,7 @@ pub struct SwapSpec {
 
 /// Content types disko has that vmdisk does not build yet.
 const UNSUPPORTED_CONTENT: &[&str] = &[
-    "luks",
-    "lvm_pv",
-    "btrfs",
-    "zfs",
-    "mdraid",
-    "bcachefs",
-    "nodev",
-    "bcache",
-    "verity",
-    "table",
+    "luks", "lvm_pv", "btrfs", "zfs", "mdraid", "bcachefs", "nodev", "bcache", "verity", "table",
 ];
 
 /// Top-level device kinds besides `disk`; a non-empty one is refused.
@@ -199,9 +190,9 @@ fn parse_devices(devices: &Json, path: &JsonPath) -> Result<Vec<DiskSpec>> {
         }
     }
     let disk_path = path.key("disk");
-    let disks = devices
-        .get("disk")
-        .ok_or_else(|| Error::NoDisk { path: disk_path.clone() })?;
+    let disks = devices.get("disk").ok_or_else(|| Error::NoDisk {
+        path: disk_path.clone(),
+    })?;
     let members = disks.members(&disk_path)?;
     if members.is_empty() {
         return Err(Error::NoDisk { path: disk_path });
@@ -291,19 +282,28 @@ fn order_partitions(parts: &mut [PartitionSpec]) -> Result<()> {
             if q.name == p.name {
                 return Err(Error::invalid(
                     &p.path.key("name"),
-                    format!("duplicate partition name {:?} (also used by {})", p.name, q.path),
+                    format!(
+                        "duplicate partition name {:?} (also used by {})",
+                        p.name, q.path
+                    ),
                 ));
             }
             if q.label == p.label {
                 return Err(Error::invalid(
                     &p.path.key("label"),
-                    format!("duplicate GPT partition name {:?} (also used by {})", p.label, q.path),
+                    format!(
+                        "duplicate GPT partition name {:?} (also used by {})",
+                        p.label, q.path
+                    ),
                 ));
             }
             if q.number == p.number {
                 return Err(Error::invalid(
                     &p.path.key("_index"),
-                    format!("duplicate partition number {} (also used by {})", p.number, q.path),
+                    format!(
+                        "duplicate partition number {} (also used by {})",
+                        p.number, q.path
+                    ),
                 ));
             }
             if let (Some(a), Some(b)) = (p.guid, q.guid) {
@@ -321,7 +321,14 @@ fn order_partitions(parts: &mut [PartitionSpec]) -> Result<()> {
 
 fn parse_partition(disk: &str, key: &str, v: &Json, path: &JsonPath) -> Result<PartitionSpec> {
     v.members(path)?;
-    let type_code = v.get_str("type", path)?.unwrap_or("8300").to_string();
+    let content = parse_content(v.get("content"), &path.key("content"))?;
+    // disko's default type: 8200 for swap content, 8300 otherwise.
+    let default_type = if matches!(content, Content::Swap(_)) {
+        "8200"
+    } else {
+        "8300"
+    };
+    let type_code = v.get_str("type", path)?.unwrap_or(default_type).to_string();
     let type_guid = parse_type(&type_code, &path.key("type"))?;
     let name = v.get_str("name", path)?.unwrap_or(key).to_string();
     let label = match v.get_str("label", path)? {
@@ -336,14 +343,16 @@ fn parse_partition(disk: &str, key: &str, v: &Json, path: &JsonPath) -> Result<P
         ));
     }
     if label.contains('\0') {
-        return Err(Error::invalid(&label_path, "GPT partition name contains NUL"));
+        return Err(Error::invalid(
+            &label_path,
+            "GPT partition name contains NUL",
+        ));
     }
     let guid = v
         .get_str("uuid", path)?
         .map(|s| {
-            s.parse::<Guid>().map_err(|_| {
-                Error::invalid(&path.key("uuid"), format!("{s:?} is not a GUID"))
-            })
+            s.parse::<Guid>()
+                .map_err(|_| Error::invalid(&path.key("uuid"), format!("{s:?} is not a GUID")))
         })
         .transpose()?;
     let size_text = v.get_str("size", path)?;
@@ -415,7 +424,6 @@ fn parse_partition(disk: &str, key: &str, v: &Json, path: &JsonPath) -> Result<P
         None | Some(Json::Null) => {}
         Some(_) => return Err(Error::unsupported(&path.key("hybrid"), "a hybrid MBR")),
     }
-    let content = parse_content(v.get("content"), &path.key("content"))?;
     Ok(PartitionSpec {
         key: key.to_string(),
         name,
@@ -440,7 +448,9 @@ fn parse_type(code: &str, path: &JsonPath) -> Result<Guid> {
         return type_code_guid(code).ok_or_else(|| {
             Error::unsupported(
                 path,
-                format!("type code {code:?} (use EF00, EF02, 8300, 8200, 8E00, FD00 or a full GUID)"),
+                format!(
+                    "type code {code:?} (use EF00, EF02, 8300, 8200, 8E00, FD00 or a full GUID)"
+                ),
             )
         });
     }
@@ -473,7 +483,10 @@ fn parse_content(c: Option<&Json>, path: &JsonPath) -> Result<Content> {
                 Some("ext3") => FsFormat::Ext3,
                 Some("ext2") => FsFormat::Ext2,
                 Some(f) => {
-                    return Err(Error::unsupported(&fpath, format!("filesystem format {f:?}")))
+                    return Err(Error::unsupported(
+                        &fpath,
+                        format!("filesystem format {f:?}"),
+                    ))
                 }
                 None => return Err(Error::invalid(&fpath, "missing filesystem format")),
             };
@@ -605,8 +618,25 @@ fn check_mke2fs_args(args: &[String], apath: &JsonPath) -> Result<()> {
 fn takes_value(opt: &str) -> bool {
     matches!(
         opt,
-        "-b" | "-C" | "-E" | "-e" | "-G" | "-g" | "-I" | "-i" | "-J" | "-L" | "-M" | "-m" | "-N"
-            | "-O" | "-o" | "-r" | "-T" | "-t" | "-U" | "-z"
+        "-b" | "-C"
+            | "-E"
+            | "-e"
+            | "-G"
+            | "-g"
+            | "-I"
+            | "-i"
+            | "-J"
+            | "-L"
+            | "-M"
+            | "-m"
+            | "-N"
+            | "-O"
+            | "-o"
+            | "-r"
+            | "-T"
+            | "-t"
+            | "-U"
+            | "-z"
     )
 }
 

@@ -31,6 +31,7 @@ pub fn header(len: u64, uuid: Guid, label: Option<&str>) -> Vec<u8> {
     p
 }
 
+#[cfg(test)]
 /// Parse a swap header page: (uuid, label) when the magic is there.
 pub fn parse(page: &[u8]) -> Option<(Guid, Option<String>)> {
     if page.len() < PAGE as usize || &page[PAGE as usize - 10..PAGE as usize] != MAGIC {
@@ -53,7 +54,10 @@ mod tests {
         let g = Guid::derive(b"s", "swap");
         let h = header(1 << 30, g, Some("swap"));
         assert_eq!(&h[4086..], b"SWAPSPACE2");
-        assert_eq!(u32::from_le_bytes(h[1028..1032].try_into().unwrap()), 262143);
+        assert_eq!(
+            u32::from_le_bytes(h[1028..1032].try_into().unwrap()),
+            262143
+        );
         assert_eq!(parse(&h), Some((g, Some("swap".into()))));
     }
 }

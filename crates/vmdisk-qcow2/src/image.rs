@@ -1337,3 +1337,33 @@ pub(crate) fn preallocate_metadata(host: &dyn BlockDevice) -> Result<()> {
     st.write_back(host)?;
     host.flush()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{create, CreateOptions};
+    use vmdisk_block::MemDisk;
+
+    #[test]
+    fn allocation_stays_compact_small_clusters() {
+        let host = Arc::new(MemDisk::new(0));
+        create(
+            &*host,
+            &CreateOptions {
+                size: 24 << 20,
+                cluster_size: 512,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let img = Qcow2Image::open(host.clone(), None, false).unwrap();
+        let data = vec![7u8; 4 << 20];
+        img.write_all_at(&data, 1 << 20).unwrap();
+        img.flush().unwrap();
+        let len = host.len();
+        assert!(len < (4 << 20) + (1 << 20), "host grew to {len}");
+        let mut back = vec![0u8; 4 << 20];
+        img.read_exact_at(&mut back, 1 << 20).unwrap();
+        assert!(back == data);
+    }
+}

@@ -295,6 +295,9 @@ fn reads_qemu_images_like_qemu() {
     ];
     for (i, o) in combos.iter().enumerate() {
         for with_backing in [false, true] {
+            if with_backing && o.contains("preallocation") {
+                continue; // qemu refuses backing + preallocation without extended_l2
+            }
             let p = dir.path().join(format!("q{i}{with_backing}.qcow2"));
             let mut c = Command::new(qemu_img());
             c.args(["create", "-f", "qcow2", "-o", o]);

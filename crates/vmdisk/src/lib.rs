@@ -6,6 +6,10 @@
 //! (check: 0 clean / 1 errors / 2 corruptions / 3 leaks; compare: 0 same / 1 different /
 //! 2 error; everything else 0 / 1).
 
+mod guest;
+mod part;
+mod serve;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -70,6 +74,17 @@ pub enum Command {
     Compare(CompareArgs),
     /// Create, list, apply or delete internal snapshots of a qcow2 image.
     Snapshot(SnapshotArgs),
+    /// List files in a guest filesystem (ext4 inside the image, no root needed).
+    Ls(guest::LsArgs),
+    /// Print a file from a guest filesystem.
+    Cat(guest::CatArgs),
+    /// Copy a file or directory tree out of a guest filesystem, keeping modes and times.
+    #[command(name = "cp-out")]
+    CpOut(guest::CpOutArgs),
+    /// Set, unlock or restore a user's password in the guest's /etc/shadow, safely.
+    Passwd(guest::PasswdArgs),
+    /// Export an image (or one partition) over NBD for qemu, nbdcopy, vfkit or the kernel.
+    Serve(serve::ServeArgs),
     /// Print a shell completion script.
     Completions {
         #[arg(value_enum)]
@@ -360,6 +375,11 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Map(a) => map(a),
         Command::Compare(a) => compare(a, quiet),
         Command::Snapshot(a) => snapshot(a),
+        Command::Ls(a) => guest::ls(a),
+        Command::Cat(a) => guest::cat(a),
+        Command::CpOut(a) => guest::cp_out(a, quiet),
+        Command::Passwd(a) => guest::passwd(a, quiet),
+        Command::Serve(a) => serve::run(a, quiet),
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "vmdisk", &mut std::io::stdout());

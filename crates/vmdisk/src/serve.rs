@@ -1,0 +1,176 @@
+//! `vmdisk serve`: export an image (or one partition of it) over NBD.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use vmdisk_block::BlockDevice;
+use vmdisk_image::{CreateSpec, Format, ImageOptions, OpenOptions};
+use vmdisk_nbd::{Listen, ServerConfig};
+
+use crate::{part, FormatArg};
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The image to export (raw or qcow2, with its backing chain).
+    pub image: PathBuf,
+    /// Listen on this unix socket (mode 0600). Default: $XDG_RUNTIME_DIR/vmdisk/NAME.sock,
+    /// else /tmp/vmdisk-UID/NAME.sock.
+    #[arg(long, value_name = "PATH", conflicts_with = "tcp")]
+    pub socket: Option<PathBuf>,
+    /// Listen on TCP instead (loopback unless --insecure-remote).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub tcp: Option<SocketAddr>,
+    /// Allow a TCP address other than loopback, without TLS.
+    #[arg(long, requires = "tcp")]
+    pub insecure_remote: bool,
+    /// Export read-only: clients' writes fail with EPERM.
+    #[arg(short = 'r', long = "read-only")]
+    pub read_only: bool,
+    /// Send writes to a throwaway qcow2 overlay; the image is never written.
+    #[arg(long, conflicts_with = "read_only")]
+    pub snapshot: bool,
+    /// Export one partition: number, GPT name (disk-main-root) or filesystem label (nixos).
+    #[arg(short = 'P', long = "partition", value_name = "PART")]
+    pub partition: Option<String>,
+    /// Keep serving after the last client disconnects.
+    #[arg(long)]
+    pub persistent: bool,
+    /// Number of clients served at once.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub shared: usize,
+    /// The export name clients ask for.
+    #[arg(long, value_name = "NAME", default_value = "")]
+    pub export_name: String,
+    /// Only these uids may connect to the unix socket (checked with SO_PEERCRED).
+    #[arg(long, value_name = "UID")]
+    pub allow_uid: Vec<u32>,
+    /// Image format (probed when not given).
+    #[arg(short = 'f', value_enum, value_name = "FMT")]
+    pub format: Option<FormatArg>,
+}
+
+fn default_socket(image: &std::path::Path) -> PathBuf {
+    let name = image
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "disk".to_string());
+    let dir = match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("vmdisk"),
+        _ => {
+            // SAFETY: getuid cannot fail and touches no memory.
+            let uid = unsafe { libc::getuid() };
+            PathBuf::from(format!("/tmp/vmdisk-{uid}"))
+        }
+    };
+    dir.join(format!("{name}.sock"))
+}
+
+pub fn run(a: ServeArgs, quiet: bool) -> Result<u8> {
+    // --snapshot: a private overlay in a temp dir, backed by the image (opened read-only).
+    let tmp;
+    let (path, format, read_only) = if a.snapshot {
+        tmp = tempfile::Builder::new()
+            .prefix("vmdisk-serve-")
+            .tempdir()
+            .context("creating a directory for the --snapshot overlay")?;
+        let overlay = tmp.path().join("overlay.qcow2");
+        let backing = std::fs::canonicalize(&a.image)
+            .with_context(|| format!("resolving {}", a.image.display()))?;
+        vmdisk_image::create(
+            &overlay,
+            &CreateSpec {
+                format: Format::Qcow2,
+                size: None,
+                options: ImageOptions::default(),
+                backing_file: Some(backing.to_string_lossy().into_owned()),
+                // Probed and recorded by create when not given.
+                backing_format: a.format.map(Into::into),
+            },
+        )
+        .context("creating the --snapshot overlay")?;
+        (overlay, Some(Format::Qcow2), false)
+    } else {
+        (a.image.clone(), a.format.map(Into::into), a.read_only)
+    };
+    let img = vmdisk_image::open(
+        &path,
+        &OpenOptions {
+            format,
+            read_only,
+            force_share: false,
+            no_backing: false,
+        },
+    )?;
+    let whole = img.dev();
+    let dev: Arc<dyn BlockDevice> = match &a.partition {
+        Some(sel) => {
+            let p = part::select(&whole, Some(sel))?;
+            Arc::new(vmdisk_block::Slice::new(whole.clone(), p.off, p.len)?)
+        }
+        None => whole,
+    };
+    let listen = match (a.tcp, &a.socket) {
+        (Some(addr), _) => {
+            if !addr.ip().is_loopback() && !a.insecure_remote {
+                bail!(
+                    "{addr} is not a loopback address: anyone on that network could read and \
+                     write the disk. Bind 127.0.0.1, or pass --insecure-remote if you mean it"
+                );
+            }
+            Listen::Tcp(addr)
+        }
+        (None, Some(p)) => Listen::Unix(p.clone()),
+        (None, None) => {
+            let p = default_socket(&a.image);
+            if let Some(dir) = p.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            Listen::Unix(p)
+        }
+    };
+    if !quiet {
+        let uri = match &listen {
+            Listen::Unix(p) => format!("nbd+unix:///{}?socket={}", a.export_name, p.display()),
+            Listen::Tcp(addr) => format!("nbd://{addr}/{}", a.export_name),
+        };
+        eprintln!(
+            "vmdisk: serving {} ({} bytes{}{}) at {uri}",
+            a.image.display(),
+            dev.len(),
+            if a.snapshot {
+                ", writes go to a throwaway overlay"
+            } else if read_only {
+                ", read-only"
+            } else {
+                ""
+            },
+            if a.persistent {
+                ""
+            } else {
+                "; exits after the last client"
+            }
+        );
+    }
+    let cfg = ServerConfig {
+        export_name: a.export_name.clone(),
+        read_only,
+        persistent: a.persistent,
+        max_connections: a.shared.max(1),
+        allow_uids: (!a.allow_uid.is_empty()).then(|| a.allow_uid.clone()),
+        description: Some(format!("vmdisk export of {}", a.image.display())),
+        allow_remote: a.insecure_remote,
+    };
+    let stats = vmdisk_nbd::serve_blocking(dev, listen, cfg)?;
+    img.close()?;
+    if !quiet {
+        eprintln!(
+            "vmdisk: served {} connection(s), {} requests, {} bytes read, {} bytes written",
+            stats.connections, stats.requests, stats.bytes_read, stats.bytes_written
+        );
+    }
+    Ok(0)
+}
