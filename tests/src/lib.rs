@@ -103,7 +103,9 @@ pub fn cargo_build_bin(pkg: &str, bin: &str) -> PathBuf {
     let out = run(&mut cmd);
     assert!(
         out.status.success(),
-        "building `{bin}` failed (a product build error, not a test failure):\n{out}"
+        "building `{bin}` failed (a product build error, not a test failure):\n  $ {}\n{}",
+        out.cmdline,
+        out.stderr
     );
     let exe = out
         .stdout

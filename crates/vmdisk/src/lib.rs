@@ -7,6 +7,7 @@
 //! 2 error; everything else 0 / 1).
 
 mod guest;
+mod layout;
 mod part;
 mod serve;
 
@@ -85,6 +86,8 @@ pub enum Command {
     Passwd(guest::PasswdArgs),
     /// Export an image (or one partition) over NBD for qemu, nbdcopy, vfkit or the kernel.
     Serve(serve::ServeArgs),
+    /// How big a disk built from a layout must be (JSON).
+    Measure(MeasureArgs),
     /// Print a shell completion script.
     Completions {
         #[arg(value_enum)]
@@ -113,9 +116,21 @@ pub struct CreateArgs {
     /// Format of the backing file (probed when not given).
     #[arg(short = 'F', value_enum, value_name = "FMT", requires = "backing")]
     pub backing_format: Option<FormatArg>,
+    #[command(flatten)]
+    pub layout: layout::LayoutArgs,
     pub file: PathBuf,
-    /// Virtual size in bytes, or with a k, M, G, T suffix (default: the backing file's size).
+    /// Virtual size in bytes, or with a k, M, G, T suffix (default: the backing file's size,
+    /// or the layout's imageSize); `auto` with --layout: just big enough for the content.
     pub size: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct MeasureArgs {
+    #[command(flatten)]
+    pub layout: layout::LayoutArgs,
+    /// Print JSON (the only output form for now).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -375,6 +390,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Map(a) => map(a),
         Command::Compare(a) => compare(a, quiet),
         Command::Snapshot(a) => snapshot(a),
+        Command::Measure(a) => layout::measure(&a.layout),
         Command::Ls(a) => guest::ls(a),
         Command::Cat(a) => guest::cat(a),
         Command::CpOut(a) => guest::cp_out(a, quiet),
@@ -402,6 +418,19 @@ pub fn run(cli: Cli) -> Result<u8> {
 }
 
 fn create(a: CreateArgs, quiet: bool) -> Result<u8> {
+    if a.layout.layout.is_some() {
+        if a.backing.is_some() {
+            anyhow::bail!("--layout builds a whole disk; it cannot have a backing file (-b)");
+        }
+        return layout::create(
+            &a.layout,
+            &a.file,
+            a.format.into(),
+            parse_options(&a.options)?,
+            a.size.as_deref(),
+            quiet,
+        );
+    }
     let size = a
         .size
         .as_deref()
@@ -489,15 +518,32 @@ fn inspect(a: InspectArgs) -> Result<u8> {
         ..open_opts(a.format, true, a.force_share)
     };
     let infos = vmdisk_image::info(&a.file, &opts, a.backing_chain)?;
+    // What the guest sees: partition table and filesystems (vmdisk's addition to qemu's info).
+    let guest = layout::describe(&a.file, a.format.map(Into::into), a.force_share);
+    if let Err(e) = &guest {
+        eprintln!("vmdisk: warning: cannot look inside the image: {e:#}");
+    }
     if is_json(a.json, a.output) {
+        let mut values = Vec::new();
+        for (i, info) in infos.iter().enumerate() {
+            let mut v = serde_json::to_value(info)?;
+            if let (0, Some(obj), Ok(serde_json::Value::Object(g))) = (i, v.as_object_mut(), &guest)
+            {
+                obj.extend(g.clone());
+            }
+            values.push(v);
+        }
         if a.backing_chain {
-            print_json(&infos)?;
-        } else if let Some(i) = infos.first() {
-            print_json(i)?;
+            print_json(&values)?;
+        } else if let Some(v) = values.first() {
+            print_json(v)?;
         }
     } else {
         let text: Vec<String> = infos.iter().map(|i| i.human()).collect();
         print!("{}", text.join("\n"));
+        if let Ok(g) = &guest {
+            print!("{}", layout::describe_human(g));
+        }
     }
     Ok(0)
 }
