@@ -11,9 +11,27 @@ use crate::flags::Deps;
 
 /// (command the tests run, Debian package that provides it)
 pub const TOOLS: &[(&str, &str)] = &[
+    // images: the qcow2 oracle
     ("qemu-img", "qemu-utils"),
     ("qemu-io", "qemu-utils"),
     ("qemu-nbd", "qemu-utils"),
+    // NBD clients
+    ("nbdinfo", "libnbd-bin"),
+    ("nbdcopy", "libnbd-bin"),
+    // ext4: mkfs for layouts and fixtures, e2fsck/debugfs as oracles
+    ("mke2fs", "e2fsprogs"),
+    ("e2fsck", "e2fsprogs"),
+    ("debugfs", "e2fsprogs"),
+    ("dumpe2fs", "e2fsprogs"),
+    // GPT and FAT oracles
+    ("sgdisk", "gdisk"),
+    ("sfdisk", "fdisk"),
+    ("fsck.vfat", "dosfstools"),
+    ("mdir", "mtools"),
+    ("blkid", "util-linux"),
+    ("swaplabel", "util-linux"),
+    // password hashes
+    ("openssl", "openssl"),
     ("sha256sum", "coreutils"),
 ];
 
