@@ -334,7 +334,11 @@ pub(crate) fn create_locked(path: &Path, spec: &CreateSpec) -> Result<(RawFile, 
             size = size.or(Some(b.len()));
         }
     }
-    let size = size.ok_or(Error::SizeRequired)?;
+    // Like qemu-img: sizes are rounded up to whole 512-byte sectors.
+    let size = size
+        .ok_or(Error::SizeRequired)?
+        .checked_next_multiple_of(512)
+        .ok_or_else(|| invalid("size", "too large"))?;
 
     let (host, lock) = lock_and_truncate(path)?;
     match spec.format {
