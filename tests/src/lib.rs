@@ -783,3 +783,259 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     }
     s
 }
+
+// ---------------------------------------------------------------------------------------------
+// Guest-side oracles (e2fsprogs, gdisk, util-linux, dosfstools, libnbd) and `vmdisk serve`
+// ---------------------------------------------------------------------------------------------
+
+/// Debian packages of the guest-side oracle tools (the [`require_tool`] table covers qemu).
+const GUEST_TOOL_PACKAGES: &[(&str, &str)] = &[
+    ("e2fsck", "e2fsprogs"),
+    ("debugfs", "e2fsprogs"),
+    ("mkfs.ext4", "e2fsprogs"),
+    ("sgdisk", "gdisk"),
+    ("sfdisk", "fdisk"),
+    ("blkid", "util-linux"),
+    ("mount", "mount"),
+    ("umount", "mount"),
+    ("fsck.vfat", "dosfstools"),
+    ("openssl", "openssl"),
+    ("dd", "coreutils"),
+    ("nbdinfo", "libnbd-bin"),
+    ("nbdcopy", "libnbd-bin"),
+];
+
+/// Path of a guest-side oracle tool (also searched in the sbin directories, which a
+/// non-login PATH may lack); panics naming the Debian package when it is missing.
+pub fn require_guest_tool(tool: &str) -> PathBuf {
+    if let Some(p) = find_in_path(tool) {
+        return p;
+    }
+    for dir in ["/usr/sbin", "/sbin", "/usr/bin", "/bin"] {
+        let p = Path::new(dir).join(tool);
+        if p.is_file() {
+            return p;
+        }
+    }
+    let pkg = GUEST_TOOL_PACKAGES
+        .iter()
+        .find(|(t, _)| *t == tool)
+        .map(|(_, p)| *p)
+        .unwrap_or(tool);
+    panic!(
+        "required tool `{tool}` is not installed; these interop tests never skip.\n\
+         install it with:  sudo apt-get install -y {pkg}   (or: cargo xtask deps)"
+    )
+}
+
+/// Run a guest-side oracle tool (see [`require_guest_tool`]).
+pub fn guest_tool<S: AsRef<std::ffi::OsStr>>(tool: &str, args: &[S]) -> Run {
+    run(Command::new(require_guest_tool(tool)).args(to_args(args)))
+}
+
+/// Run `cmd` with `input` on its stdin; returns the record and stdout's exact bytes (the
+/// record's text is lossy). Killed after [`COMMAND_TIMEOUT`] like [`run`].
+pub fn run_bytes(cmd: &mut Command, input: Option<&[u8]>) -> (Run, Vec<u8>) {
+    let line = cmdline(cmd);
+    let cwd = cmd.get_current_dir().map(Path::to_path_buf);
+    let mut child = cmd
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start `{line}`: {e}"));
+    if let Some(data) = input {
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        let data = data.to_vec();
+        // A child that exits without reading gives EPIPE here; that is its business.
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(&data);
+        });
+    }
+    let pid = child.id() as libc::pid_t;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let (out, timed_out) = match rx.recv_timeout(COMMAND_TIMEOUT) {
+        Ok(r) => (
+            r.unwrap_or_else(|e| panic!("waiting for `{line}`: {e}")),
+            false,
+        ),
+        Err(_) => {
+            // SAFETY: kill(2) on our own not-yet-reaped child (the waiter has not returned).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let r = rx.recv().expect("waiter thread");
+            (
+                r.unwrap_or_else(|e| panic!("waiting for `{line}`: {e}")),
+                true,
+            )
+        }
+    };
+    let mut stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if timed_out {
+        stderr.push_str(&format!(
+            "\n[test harness: HUNG, killed after {} s]",
+            COMMAND_TIMEOUT.as_secs()
+        ));
+    }
+    let run = Run {
+        cmdline: line,
+        cwd,
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr,
+    };
+    (run, out.stdout)
+}
+
+/// `vmdisk ARGS...` with `input` on stdin; the record and stdout's exact bytes.
+pub fn vmdisk_bytes<S: AsRef<std::ffi::OsStr>>(args: &[S], input: Option<&[u8]>) -> (Run, Vec<u8>) {
+    run_bytes(Command::new(vmdisk_bin()).args(to_args(args)), input)
+}
+
+/// Copy `len` bytes at `off` of `src` into a new sparse file `dst` (`dd conv=sparse`).
+pub fn extract_range(src: &Path, dst: &Path, off: u64, len: u64) {
+    guest_tool(
+        "dd",
+        &[
+            format!("if={}", s(src)),
+            format!("of={}", s(dst)),
+            "bs=1M".into(),
+            format!("skip={off}"),
+            format!("count={len}"),
+            "iflag=skip_bytes,count_bytes".into(),
+            "conv=sparse".into(),
+            "status=none".into(),
+        ],
+    )
+    .ok();
+    let got = fs::metadata(dst).map(|m| m.len()).unwrap_or(0);
+    assert_eq!(
+        got,
+        len,
+        "extracting {off}+{len} of {} gave {got} bytes",
+        src.display()
+    );
+}
+
+/// The partitions `vmdisk inspect --json IMG` reports (panics when it has no partition table).
+#[track_caller]
+pub fn inspect_partitions(img: &Path) -> Vec<serde_json::Value> {
+    let r = vmdisk(&["inspect", "--json", s(img)]).ok();
+    let v = r.json();
+    v["partition-table"]["partitions"]
+        .as_array()
+        .unwrap_or_else(|| panic!("inspect --json shows no partition-table.partitions:\n{r}"))
+        .clone()
+}
+
+/// Panic unless `e2fsck -fn` finds the ext2/3/4 filesystem in `dev` clean.
+#[track_caller]
+pub fn assert_e2fsck_clean(dev: &Path, what: &str) {
+    let r = guest_tool("e2fsck", &["-fn", s(dev)]);
+    assert_eq!(r.code(), 0, "{what}: e2fsck -fn is not clean:\n{r}");
+}
+
+/// A `vmdisk serve IMAGE --socket DIR/nbd.sock ARGS...` child, killed (SIGKILL) on drop.
+pub struct Serve {
+    pub bg: Background,
+    pub socket: PathBuf,
+    log_dir: PathBuf,
+    name: String,
+}
+
+impl Serve {
+    /// Start serving `img` with `args` on a unix socket in `dir` and wait (up to 30 s) for
+    /// the socket to appear; panics with the server's log when it does not.
+    #[track_caller]
+    pub fn start(img: &Path, args: &[&str], dir: &Path) -> Serve {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("serve{n}");
+        let socket = dir.join(format!("{name}.sock"));
+        let mut cmd = Command::new(vmdisk_bin());
+        cmd.arg("serve")
+            .arg(img)
+            .arg("--socket")
+            .arg(&socket)
+            .args(args);
+        let bg = Background::spawn(&mut cmd, dir, &name);
+        let mut srv = Serve {
+            bg,
+            socket,
+            log_dir: dir.to_path_buf(),
+            name,
+        };
+        let up = wait_until(Duration::from_secs(30), || {
+            srv.socket.exists() || !srv.bg.alive()
+        });
+        if !(up && srv.socket.exists()) {
+            let sock = srv.socket.display().to_string();
+            panic!(
+                "vmdisk serve did not create its socket {sock}:\n{}",
+                srv.describe()
+            );
+        }
+        srv
+    }
+
+    /// The NBD URI of the export.
+    pub fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.socket.display())
+    }
+
+    /// Command line, state and logs, for messages.
+    pub fn describe(&mut self) -> String {
+        let read = |ext: &str| {
+            fs::read_to_string(self.log_dir.join(format!("{}.{ext}", self.name)))
+                .unwrap_or_default()
+        };
+        let state = match self.bg.child.try_wait() {
+            Ok(Some(st)) => format!("exited: {st}"),
+            Ok(None) => "still running".into(),
+            Err(e) => format!("unknown: {e}"),
+        };
+        format!(
+            "  $ {}\n  state: {state}\n  stdout: {}\n  stderr: {}",
+            self.bg.cmdline,
+            clip(&read("stdout")),
+            clip(&read("stderr"))
+        )
+    }
+
+    /// Wait up to `timeout` for the server to exit; its status, or None if still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let mut status = None;
+        wait_until(timeout, || {
+            status = self.bg.child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        status
+    }
+
+    /// Panic unless the server exits 0 within `timeout` (e.g. one-shot after its client).
+    #[track_caller]
+    pub fn assert_exits_ok(&mut self, timeout: Duration, what: &str) {
+        let st = self.wait_exit(timeout);
+        assert!(
+            st.is_some_and(|s| s.success()),
+            "{what}: vmdisk serve did not exit 0 within {} s:\n{}",
+            timeout.as_secs(),
+            self.describe()
+        );
+    }
+
+    /// Send SIGTERM (unless the server already exited).
+    pub fn sigterm(&mut self) {
+        if matches!(self.bg.child.try_wait(), Ok(None)) {
+            // SAFETY: kill(2) on our own child, which try_wait just found not yet reaped, so
+            // its pid cannot have been reused.
+            unsafe { libc::kill(self.bg.child.id() as libc::pid_t, libc::SIGTERM) };
+        }
+    }
+}

@@ -293,13 +293,26 @@ pub(crate) fn lock_and_truncate(path: &Path) -> Result<(RawFile, ImageLock)> {
         })?;
     let lock =
         ImageLock::acquire(&file, path, LockMode::Write).map_err(Error::image("locking", path))?;
-    let is_file = file.metadata().map(|m| m.is_file()).unwrap_or(false);
-    if is_file {
-        file.set_len(0).map_err(|source| Error::File {
+    let meta = file.metadata().ok();
+    if meta.as_ref().is_some_and(|m| m.is_file() && m.len() > 0) {
+        // Truncate through a short-lived handle: ext4 (auto_da_alloc) flushes every byte
+        // written through a handle that truncated the file to 0 when that handle closes,
+        // which costs ~0.8 s per GiB converted. Closing the truncating handle right away
+        // clears that state before any data is written.
+        let t = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|source| Error::File {
+                op: "truncate",
+                path: path.to_owned(),
+                source,
+            })?;
+        t.set_len(0).map_err(|source| Error::File {
             op: "truncate",
             path: path.to_owned(),
             source,
         })?;
+        drop(t);
     }
     let host = RawFile::from_file(file, path, false).map_err(Error::image("opening", path))?;
     Ok((host, lock))

@@ -19,8 +19,10 @@ fn header_for(opts: &CreateOptions) -> Result<Header> {
             opts.refcount_bits
         )));
     }
-    if opts.size % 512 != 0 {
-        return Err(Error::unsupported("image size must be a multiple of 512 bytes"));
+    if !opts.size.is_multiple_of(512) {
+        return Err(Error::unsupported(
+            "image size must be a multiple of 512 bytes",
+        ));
     }
     if opts.size > meta::MAX_VIRTUAL_SIZE {
         return Err(Error::Limit {
@@ -32,10 +34,14 @@ fn header_for(opts: &CreateOptions) -> Result<Header> {
     match opts.version {
         2 => {
             if opts.refcount_bits != 16 {
-                return Err(Error::unsupported("v2 (compat 0.10) images need refcount_bits=16"));
+                return Err(Error::unsupported(
+                    "v2 (compat 0.10) images need refcount_bits=16",
+                ));
             }
             if opts.lazy_refcounts {
-                return Err(Error::unsupported("lazy_refcounts needs a v3 (compat 1.1) image"));
+                return Err(Error::unsupported(
+                    "lazy_refcounts needs a v3 (compat 1.1) image",
+                ));
             }
             if opts.compression != CompressionType::Zlib {
                 return Err(Error::unsupported("compression_type=zstd needs a v3 image"));
@@ -48,10 +54,14 @@ fn header_for(opts: &CreateOptions) -> Result<Header> {
         v => return Err(Error::unsupported(format!("qcow2 version {v}"))),
     }
     if opts.extended_l2 && cs < 16384 {
-        return Err(Error::unsupported("extended_l2 needs a cluster size of at least 16 KiB"));
+        return Err(Error::unsupported(
+            "extended_l2 needs a cluster size of at least 16 KiB",
+        ));
     }
     if opts.backing_format.is_some() && opts.backing_file.is_none() {
-        return Err(Error::unsupported("a backing format without a backing file"));
+        return Err(Error::unsupported(
+            "a backing format without a backing file",
+        ));
     }
     let mut incompat = 0;
     if opts.compression == CompressionType::Zstd {
@@ -82,7 +92,11 @@ fn header_for(opts: &CreateOptions) -> Result<Header> {
         },
         autoclear_features: 0,
         refcount_order: opts.refcount_bits.trailing_zeros(),
-        header_length: if v3 { meta::V3_HEADER_LEN } else { meta::V2_HEADER_LEN },
+        header_length: if v3 {
+            meta::V3_HEADER_LEN
+        } else {
+            meta::V2_HEADER_LEN
+        },
         compression_type: opts.compression,
         backing_file: opts.backing_file.clone(),
         backing_format: opts.backing_format.clone(),

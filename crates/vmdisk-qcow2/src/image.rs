@@ -21,8 +21,8 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use vmdisk_block::{check_range, merge_extents, Extent, ExtentKind};
 
 use crate::meta::{
-    self, check_l1_entry, refcount_get, refcount_max, refcount_set, Header,
-    L2Entry, SnapshotHeader, SubclusterBitmap, SubclusterState, OFLAG_COPIED, OFLAG_ZERO,
+    self, check_l1_entry, refcount_get, refcount_max, refcount_set, Header, L2Entry,
+    SnapshotHeader, SubclusterBitmap, SubclusterState, OFLAG_COPIED, OFLAG_ZERO,
 };
 use crate::{decompress_cluster, BlockDevice, Error, Qcow2Info, Result};
 
@@ -49,10 +49,16 @@ struct RbSlot {
 /// Where a piece of a guest range is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Seg {
-    Data { host_off: u64 },
+    Data {
+        host_off: u64,
+    },
     Zero,
     Backing,
-    Compressed { host_off: u64, clen: u64, in_off: u64 },
+    Compressed {
+        host_off: u64,
+        clen: u64,
+        in_off: u64,
+    },
 }
 
 /// The metadata state of an open image.
@@ -99,7 +105,10 @@ fn bytes_from(words: &[u64]) -> Vec<u8> {
 /// Read `len` bytes of metadata at `off`, refusing ranges outside the host file as corrupt.
 pub(crate) fn read_meta(host: &dyn BlockDevice, off: u64, len: u64, what: &str) -> Result<Vec<u8>> {
     if off.checked_add(len).is_none_or(|e| e > host.len()) {
-        return Err(Error::corrupt(format!("{what} lies beyond the end of the file"), off));
+        return Err(Error::corrupt(
+            format!("{what} lies beyond the end of the file"),
+            off,
+        ));
     }
     let mut buf = vec![0u8; len as usize];
     host.read_exact_at(&mut buf, off)?;
@@ -206,7 +215,12 @@ impl State {
         if !self.l2.values().any(|s| !s.dirty) {
             self.write_back(host)?;
         }
-        if let Some((&k, _)) = self.l2.iter().filter(|(_, s)| !s.dirty).min_by_key(|(_, s)| s.used) {
+        if let Some((&k, _)) = self
+            .l2
+            .iter()
+            .filter(|(_, s)| !s.dirty)
+            .min_by_key(|(_, s)| s.used)
+        {
             self.l2.remove(&k);
         }
         Ok(())
@@ -252,7 +266,13 @@ impl State {
     }
 
     /// Overwrite standard word `idx` of the L2 table at `off` (in place, marked dirty).
-    pub fn set_l2_word(&mut self, host: &dyn BlockDevice, off: u64, idx: usize, raw: u64) -> Result<()> {
+    pub fn set_l2_word(
+        &mut self,
+        host: &dyn BlockDevice,
+        off: u64,
+        idx: usize,
+        raw: u64,
+    ) -> Result<()> {
         let wpe = self.wpe();
         let slot = self.load_l2(host, off)?;
         slot.words[idx * wpe] = raw;
@@ -346,8 +366,11 @@ impl State {
                 if !self.rb.values().any(|s| !s.dirty) {
                     self.write_back(host)?;
                 }
-                if let Some((&k, _)) =
-                    self.rb.iter().filter(|(_, s)| !s.dirty).min_by_key(|(_, s)| s.used)
+                if let Some((&k, _)) = self
+                    .rb
+                    .iter()
+                    .filter(|(_, s)| !s.dirty)
+                    .min_by_key(|(_, s)| s.used)
                 {
                     self.rb.remove(&k);
                 }
@@ -376,7 +399,7 @@ impl State {
             None => Ok(0),
             Some(&e) => {
                 let off = e & meta::REFT_OFFSET_MASK;
-                if off % self.cs() != 0 {
+                if !off.is_multiple_of(self.cs()) {
                     return Err(Error::corrupt(
                         "refcount table entry not cluster aligned",
                         self.h.refcount_table_offset + bi * 8,
@@ -418,9 +441,8 @@ impl State {
     pub fn adjust_refcount(&mut self, host: &dyn BlockDevice, off: u64, delta: i64) -> Result<u64> {
         let cur = self.refcount(host, off)?;
         let new = if delta < 0 {
-            cur.checked_sub(delta.unsigned_abs()).ok_or_else(|| {
-                Error::corrupt("refcount would drop below zero", off)
-            })?
+            cur.checked_sub(delta.unsigned_abs())
+                .ok_or_else(|| Error::corrupt("refcount would drop below zero", off))?
         } else {
             cur.checked_add(delta as u64)
                 .filter(|&v| v <= refcount_max(self.h.refcount_order))
@@ -574,8 +596,19 @@ impl State {
     }
 
     /// Allocate `n` contiguous free clusters (refcount set to 1); returns the host offset.
+    ///
+    /// New refcount blocks sit at the start of the range they cover, so a run can never
+    /// span more than one block's range: `n` must stay below the entries of one block
+    /// (callers split bigger writes with [`State::max_run`]).
     pub fn alloc_clusters(&mut self, host: &dyn BlockDevice, n: u64) -> Result<u64> {
         let cs = self.cs();
+        if n >= self.rb_entries() {
+            return Err(Error::unsupported(format!(
+                "allocating {n} contiguous clusters (at most {} with this cluster size and \
+                 refcount width)",
+                self.rb_entries() - 1
+            )));
+        }
         'retry: loop {
             let mut start = self.free_hint.max(1);
             let end_idx = self.host_end / cs;
@@ -614,6 +647,13 @@ impl State {
             }
             return Ok(s * cs);
         }
+    }
+
+    /// Longest run `alloc_clusters` is asked for by writes: a run that straddles into a
+    /// range without a refcount block restarts after the new block, so short runs (1/8 of
+    /// a block's range) bound the space skipped to a few percent.
+    pub fn max_run(&self) -> u64 {
+        (self.rb_entries() / 8).clamp(1, 1024)
     }
 
     // ---------------------------------------------------------------- write-back
@@ -683,7 +723,12 @@ impl State {
     // ---------------------------------------------------------------- mapping
 
     /// Map `[off, off+len)` into segments (merged where contiguous).
-    pub fn map(&mut self, host: &dyn BlockDevice, off: u64, len: u64) -> Result<Vec<(u64, u64, Seg)>> {
+    pub fn map(
+        &mut self,
+        host: &dyn BlockDevice,
+        off: u64,
+        len: u64,
+    ) -> Result<Vec<(u64, u64, Seg)>> {
         let cs = self.cs();
         let cbits = self.cbits();
         let ext = self.h.extended_l2();
@@ -703,7 +748,11 @@ impl State {
             }
             out.push((o, n, seg));
         };
-        let unalloc = if self.has_backing { Seg::Backing } else { Seg::Zero };
+        let unalloc = if self.has_backing {
+            Seg::Backing
+        } else {
+            Seg::Zero
+        };
         let end = off + len;
         let mut pos = off;
         while pos < end {
@@ -921,7 +970,11 @@ impl Qcow2Image {
                     }
                     self.host.read_exact_at(dst, host_off)?;
                 }
-                Seg::Compressed { host_off, clen, in_off } => {
+                Seg::Compressed {
+                    host_off,
+                    clen,
+                    in_off,
+                } => {
                     let mut c = vec![0u8; cs as usize];
                     self.read_compressed(host_off, clen, &mut c)?;
                     dst.copy_from_slice(&c[in_off as usize..(in_off + n) as usize]);
@@ -941,7 +994,11 @@ impl Qcow2Image {
         for &(o, n, seg) in &segs {
             let dst = &mut buf[(o - off) as usize..(o - off + n) as usize];
             match seg {
-                Seg::Compressed { host_off, clen, in_off } => {
+                Seg::Compressed {
+                    host_off,
+                    clen,
+                    in_off,
+                } => {
                     let hlen = self.host.len();
                     if host_off >= hlen {
                         return Err(Error::corrupt(
@@ -988,14 +1045,21 @@ impl Qcow2Image {
             let in_off = pos & (cs - 1);
             let n = (cs - in_off).min(end - pos);
             let (e, _, _) = st.entry(host, gidx)?;
-            if let L2Entry::Normal { host_off, copied: true } = e {
+            if let L2Entry::Normal {
+                host_off,
+                copied: true,
+            } = e
+            {
                 // In place; extend over following in-place clusters that are host-contiguous.
                 let mut run = n;
                 let mut h_next = host_off + cs;
                 while pos + run < end {
                     let g2 = (pos + run) >> cbits;
                     match st.entry(host, g2)?.0 {
-                        L2Entry::Normal { host_off: h, copied: true } if h == h_next => {
+                        L2Entry::Normal {
+                            host_off: h,
+                            copied: true,
+                        } if h == h_next => {
                             run += cs.min(end - pos - run);
                             h_next += cs;
                         }
@@ -1017,7 +1081,7 @@ impl Qcow2Image {
                         break;
                     }
                     k += 1;
-                    if k >= 1024 {
+                    if k >= st.max_run() {
                         break;
                     }
                 }
@@ -1097,7 +1161,11 @@ impl Qcow2Image {
         let end = off + len;
         // Whole clusters; the last guest cluster counts as whole when it ends the disk.
         let first = off.div_ceil(cs);
-        let last = if end == size { end.div_ceil(cs) } else { end / cs };
+        let last = if end == size {
+            end.div_ceil(cs)
+        } else {
+            end / cs
+        };
         if first >= last {
             if !discard {
                 let z = vec![0u8; len as usize];
@@ -1127,8 +1195,10 @@ impl Qcow2Image {
         let host = &*self.host;
         let cs = st.cs();
         check_range(st.h.size, guest_off, 1)?;
-        if guest_off % cs != 0 {
-            return Err(Error::unsupported("compressed write not at a cluster boundary"));
+        if !guest_off.is_multiple_of(cs) {
+            return Err(Error::unsupported(
+                "compressed write not at a cluster boundary",
+            ));
         }
         let len = compressed.len() as u64;
         if len == 0 || len >= cs {
@@ -1147,7 +1217,7 @@ impl Qcow2Image {
         // Pack after the previous compressed cluster when it fits, like qemu.
         let mut place = None;
         let t = st.compressed_tail;
-        if t != 0 && t % cs != 0 {
+        if t != 0 && !t.is_multiple_of(cs) {
             let room = cs - t % cs;
             let cur = t - t % cs;
             if st.refcount(host, cur)? < refcount_max(st.h.refcount_order) {
@@ -1319,11 +1389,15 @@ pub(crate) fn preallocate_metadata(host: &dyn BlockDevice) -> Result<()> {
     let h = crate::read_header_raw(host)?;
     let mut st = State::load(host, h, false)?;
     let cs = st.cs();
-    let bm = if st.h.extended_l2() { u64::from(u32::MAX) } else { 0 };
+    let bm = if st.h.extended_l2() {
+        u64::from(u32::MAX)
+    } else {
+        0
+    };
     let n = st.h.size.div_ceil(cs);
     let mut g = 0;
     while g < n {
-        let k = (n - g).min(1024);
+        let k = (n - g).min(st.max_run());
         let new = st.alloc_clusters(host, k)?;
         ensure_host_len(host, new + k * cs)?;
         for i in 0..k {

@@ -191,8 +191,7 @@ pub(crate) fn read_snapshots(
         match meta::SnapshotHeader::parse_table(&buf, h.nb_snapshots, h.snapshots_offset) {
             Ok(t) => return Ok(t),
             Err(Error::Corrupt { .. })
-                if size < meta::MAX_SNAPSHOT_TABLE_BYTES
-                    && h.snapshots_offset + size < hlen =>
+                if size < meta::MAX_SNAPSHOT_TABLE_BYTES && h.snapshots_offset + size < hlen =>
             {
                 size = (size * 4)
                     .min(meta::MAX_SNAPSHOT_TABLE_BYTES)
@@ -277,13 +276,15 @@ pub(crate) fn decompress_cluster(
         }
         CompressionType::Zstd => {
             use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
-            let mut d = zstd::stream::raw::Decoder::new()
-                .map_err(|e| Error::io("zstd decoder", at, e))?;
+            let mut d =
+                zstd::stream::raw::Decoder::new().map_err(|e| Error::io("zstd decoder", at, e))?;
             let mut inb = InBuffer::around(input);
             let mut outb = OutBuffer::around(out);
             loop {
                 let before = (inb.pos(), outb.pos());
-                let r = d.run(&mut inb, &mut outb).map_err(|_| bad("invalid zstd data"))?;
+                let r = d
+                    .run(&mut inb, &mut outb)
+                    .map_err(|_| bad("invalid zstd data"))?;
                 if outb.pos() == outb.capacity() {
                     return Ok(());
                 }

@@ -319,7 +319,7 @@ impl Header {
                 limit: MAX_VIRTUAL_SIZE,
             });
         }
-        let al = |v: u64| v % cs == 0;
+        let al = |v: u64| v.is_multiple_of(cs);
         let l1_bytes = u64::from(h.l1_size) * 8;
         if l1_bytes > MAX_L1_BYTES {
             return Err(Error::Limit {
@@ -331,7 +331,10 @@ impl Header {
         let needed = l1_entries_for(h.size, cluster_bits, h.extended_l2());
         if u64::from(h.l1_size) < needed {
             return Err(Error::corrupt(
-                format!("L1 table has {} entries, the size needs {needed}", h.l1_size),
+                format!(
+                    "L1 table has {} entries, the size needs {needed}",
+                    h.l1_size
+                ),
                 36,
             ));
         }
@@ -339,7 +342,10 @@ impl Header {
             return Err(Error::corrupt("L1 table offset not cluster aligned", 40));
         }
         if h.refcount_table_offset == 0 || !al(h.refcount_table_offset) {
-            return Err(Error::corrupt("refcount table offset not cluster aligned", 48));
+            return Err(Error::corrupt(
+                "refcount table offset not cluster aligned",
+                48,
+            ));
         }
         let rt_bytes = u64::from(h.refcount_table_clusters) * cs;
         if rt_bytes > MAX_REFCOUNT_TABLE_BYTES {
@@ -360,7 +366,10 @@ impl Header {
             });
         }
         if h.nb_snapshots > 0 && (h.snapshots_offset == 0 || !al(h.snapshots_offset)) {
-            return Err(Error::corrupt("snapshot table offset not cluster aligned", 64));
+            return Err(Error::corrupt(
+                "snapshot table offset not cluster aligned",
+                64,
+            ));
         }
         for (off, v) in [
             (40u64, h.l1_table_offset),
@@ -464,13 +473,15 @@ impl Header {
                 });
             }
             let start = h.backing_file_offset;
-            let end = start + u64::from(h.backing_file_size);
+            let end = start.saturating_add(u64::from(h.backing_file_size));
             if end > cs || end > buf.len() as u64 {
-                return Err(Error::corrupt("backing file name outside the first cluster", 8));
+                return Err(Error::corrupt(
+                    "backing file name outside the first cluster",
+                    8,
+                ));
             }
-            h.backing_file = Some(
-                String::from_utf8_lossy(&buf[start as usize..end as usize]).into_owned(),
-            );
+            h.backing_file =
+                Some(String::from_utf8_lossy(&buf[start as usize..end as usize]).into_owned());
         }
         Ok(h)
     }
@@ -536,8 +547,7 @@ impl Header {
         for e in &self.other_extensions {
             push_ext(&mut b, e.kind, &e.data);
         }
-        if self.version == 3 || self.backing_format.is_some() || !self.other_extensions.is_empty()
-        {
+        if self.version == 3 || self.backing_format.is_some() || !self.other_extensions.is_empty() {
             push_ext(&mut b, EXT_END, &[]);
         }
         if let Some(name) = &self.backing_file {
@@ -591,7 +601,7 @@ pub fn l1_entry_offset(raw: u64) -> u64 {
 /// Check an L1 entry; `at` is its host offset (for the error).
 pub fn check_l1_entry(raw: u64, cluster_size: u64, at: u64) -> Result<u64> {
     let off = l1_entry_offset(raw);
-    if off % cluster_size != 0 {
+    if !off.is_multiple_of(cluster_size) {
         return Err(Error::corrupt(
             format!("L1 entry {raw:#x} points at an unaligned L2 table"),
             at,
@@ -690,10 +700,7 @@ impl SubclusterBitmap {
         let (a, z) = (self.alloc & bit != 0, self.zero & bit != 0);
         match entry {
             L2Entry::Normal { host_off, .. } => match (a, z) {
-                (true, true) => Err(Error::corrupt(
-                    "subcluster both allocated and zero",
-                    at,
-                )),
+                (true, true) => Err(Error::corrupt("subcluster both allocated and zero", at)),
                 (true, false) => Ok(SubclusterState::Data {
                     host_off: host_off + u64::from(sc) * sc_size,
                 }),
@@ -766,7 +773,11 @@ pub fn refcount_set(block: &mut [u8], index: u64, order: u32, value: u64) -> Res
     match order {
         0..=2 => {
             let Some(v) = block.get_mut(byte) else {
-                return Err(Error::OutOfRange { off: index, len: 1, size: blen });
+                return Err(Error::OutOfRange {
+                    off: index,
+                    len: 1,
+                    size: blen,
+                });
             };
             let shift = (bit_pos % 8) as u32;
             let mask = (((1u16 << bits) - 1) as u8) << shift;
@@ -775,7 +786,11 @@ pub fn refcount_set(block: &mut [u8], index: u64, order: u32, value: u64) -> Res
         _ => {
             let n = (bits / 8) as usize;
             let Some(s) = block.get_mut(byte..byte + n) else {
-                return Err(Error::OutOfRange { off: index, len: 1, size: blen });
+                return Err(Error::OutOfRange {
+                    off: index,
+                    len: 1,
+                    size: blen,
+                });
             };
             let be = value.to_be_bytes();
             s.copy_from_slice(&be[8 - n..]);
@@ -980,10 +995,16 @@ mod tests {
         b.resize(65536, 0);
         let mut enc = b.clone();
         put32(&mut enc, 32, 1);
-        assert!(matches!(Header::parse(&enc), Err(Error::Unsupported { .. })));
+        assert!(matches!(
+            Header::parse(&enc),
+            Err(Error::Unsupported { .. })
+        ));
         let mut unk = b.clone();
         put64(&mut unk, 72, 1 << 20);
-        assert!(matches!(Header::parse(&unk), Err(Error::Unsupported { .. })));
+        assert!(matches!(
+            Header::parse(&unk),
+            Err(Error::Unsupported { .. })
+        ));
         let mut cb = b.clone();
         put32(&mut cb, 20, 22);
         assert!(matches!(Header::parse(&cb), Err(Error::Corrupt { .. })));
@@ -999,7 +1020,7 @@ mod tests {
     fn refcounts_every_width() {
         for order in 0..=6u32 {
             let mut block = vec![0u8; 512];
-            let n = 512 * 8 >> order;
+            let n = (512 * 8) >> order;
             let max = refcount_max(order);
             for i in 0..n {
                 refcount_set(&mut block, i, order, (i * 7 + 3) & max).unwrap();
@@ -1024,20 +1045,29 @@ mod tests {
         match L2Entry::decode(e, 16, false, 0).unwrap() {
             L2Entry::Compressed { host_off, len } => {
                 assert_eq!(host_off, 0x12345);
-                assert!(len >= 1000 && len < 1000 + 512);
+                assert!((1000..1000 + 512).contains(&len));
             }
             other => panic!("{other:?}"),
         }
         assert_eq!(
             L2Entry::decode(OFLAG_COPIED | 0x30000, 16, false, 0).unwrap(),
-            L2Entry::Normal { host_off: 0x30000, copied: true }
+            L2Entry::Normal {
+                host_off: 0x30000,
+                copied: true
+            }
         );
         assert_eq!(
             L2Entry::decode(1, 16, false, 0).unwrap(),
-            L2Entry::Zero { host_off: 0, copied: false }
+            L2Entry::Zero {
+                host_off: 0,
+                copied: false
+            }
         );
         assert!(L2Entry::decode(0x30200, 16, false, 0).is_err());
-        assert_eq!(L2Entry::decode(0, 16, false, 0).unwrap(), L2Entry::Unallocated);
+        assert_eq!(
+            L2Entry::decode(0, 16, false, 0).unwrap(),
+            L2Entry::Unallocated
+        );
     }
 
     #[test]

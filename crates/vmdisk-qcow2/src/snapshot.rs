@@ -37,6 +37,49 @@ fn find(snaps: &[SnapshotHeader], name_or_id: &str) -> Result<usize> {
         .ok_or_else(|| Error::unsupported(format!("no snapshot named or numbered '{name_or_id}'")))
 }
 
+/// Refuse up front when adding 1 to every refcount reachable from `l1` would overflow the
+/// refcount width (so a failed snapshot leaves memory and disk untouched).
+fn check_headroom(st: &mut State, host: &dyn BlockDevice, l1: &[u64]) -> Result<()> {
+    let cs = st.cs();
+    let mut inc: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+    for (i, &e) in l1.iter().enumerate() {
+        let off = meta::check_l1_entry(e, cs, i as u64 * 8)?;
+        if off == 0 {
+            continue;
+        }
+        *inc.entry(off).or_default() += 1;
+        for (raw, at) in st.l2_words(host, off)? {
+            match L2Entry::decode(raw, st.h.cluster_bits, st.h.extended_l2(), at)? {
+                L2Entry::Normal { host_off, .. } => *inc.entry(host_off).or_default() += 1,
+                L2Entry::Zero { host_off, .. } if host_off != 0 => {
+                    *inc.entry(host_off).or_default() += 1
+                }
+                L2Entry::Compressed { host_off, len } => {
+                    let (a, b) = L2Entry::compressed_clusters(host_off, len, cs);
+                    let mut c = a;
+                    while c <= b {
+                        *inc.entry(c).or_default() += 1;
+                        c += cs;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let max = meta::refcount_max(st.h.refcount_order);
+    for (c, n) in inc {
+        let cur = st.refcount(host, c)?;
+        if cur.saturating_add(n) > max {
+            return Err(Error::Limit {
+                what: "refcount (too many snapshots for this refcount width)",
+                needed: cur.saturating_add(n),
+                limit: max,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Add `delta` to the refcount of every L2 table and data cluster reachable from `l1`.
 fn tree_adjust(st: &mut State, host: &dyn BlockDevice, l1: &[u64], delta: i64) -> Result<()> {
     let cs = st.cs();
@@ -142,10 +185,14 @@ fn replace_table(st: &mut State, host: &dyn BlockDevice, snaps: Vec<SnapshotHead
 pub fn create(img: &Qcow2Image, name: &str) -> Result<String> {
     img.exclusive(|st, host| {
         if st.h.refcount_order == 0 {
-            return Err(Error::unsupported("snapshots need refcount_bits of at least 2"));
+            return Err(Error::unsupported(
+                "snapshots need refcount_bits of at least 2",
+            ));
         }
         if st.snaps.iter().any(|s| s.name == name) {
-            return Err(Error::unsupported(format!("a snapshot named '{name}' already exists")));
+            return Err(Error::unsupported(format!(
+                "a snapshot named '{name}' already exists"
+            )));
         }
         if st.snaps.len() as u32 >= meta::MAX_SNAPSHOTS {
             return Err(Error::Limit {
@@ -155,6 +202,8 @@ pub fn create(img: &Qcow2Image, name: &str) -> Result<String> {
             });
         }
         st.write_back(host)?;
+        let active = st.l1.clone();
+        check_headroom(st, host, &active)?;
         let cs = st.cs();
         let l1: Vec<u64> = st.l1.iter().map(|e| e & !OFLAG_COPIED).collect();
         let l1_bytes = bytes(&l1);
@@ -169,7 +218,6 @@ pub fn create(img: &Qcow2Image, name: &str) -> Result<String> {
         } else {
             0
         };
-        let active = st.l1.clone();
         tree_adjust(st, host, &active, 1)?;
         st.write_back(host)?;
         fix_copied(st, host)?;
@@ -181,7 +229,9 @@ pub fn create(img: &Qcow2Image, name: &str) -> Result<String> {
             .max()
             .unwrap_or(0)
             + 1;
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         let mut snaps = st.snaps.clone();
         snaps.push(SnapshotHeader {
             l1_table_offset: l1_off,
@@ -212,8 +262,11 @@ fn read_l1(st: &State, host: &dyn BlockDevice, sn: &SnapshotHeader) -> Result<Ve
             "applying a snapshot with a larger L1 table than the active one",
         ));
     }
-    if sn.l1_table_offset % st.cs() != 0 {
-        return Err(Error::corrupt("snapshot L1 table not cluster aligned", sn.l1_table_offset));
+    if !sn.l1_table_offset.is_multiple_of(st.cs()) {
+        return Err(Error::corrupt(
+            "snapshot L1 table not cluster aligned",
+            sn.l1_table_offset,
+        ));
     }
     let mut l1 = words(&read_meta(
         host,
@@ -240,6 +293,7 @@ pub fn apply(img: &Qcow2Image, name_or_id: &str) -> Result<()> {
             .into_iter()
             .map(|e| e & !OFLAG_COPIED)
             .collect();
+        check_headroom(st, host, &new_l1)?;
         tree_adjust(st, host, &new_l1, 1)?;
         st.write_back(host)?;
         let old = std::mem::replace(&mut st.l1, new_l1);
