@@ -68,12 +68,13 @@ pub enum Error {
     /// The journal holds transactions that were never replayed.
     #[error(
         "the ext4 journal needs recovery (the VM was not shut down cleanly): boot the VM once \
-         and shut it down cleanly, or replay the journal with `vmdisk rescue`, then retry"
+         and shut it down cleanly, or replay it with `e2fsck -fy` on the partition (exported \
+         with `vmdisk serve -P PART`, or in a rescue VM), then retry; nothing was written"
     )]
     NeedsRecovery,
     /// The superblock says the filesystem is mounted, unclean or has recorded errors.
     #[error(
-        "the filesystem is {state}: shut the VM down cleanly (or run `vmdisk rescue` / e2fsck) \
+        "the filesystem is {state}: shut the VM down cleanly (or run e2fsck on the partition) \
          before editing it"
     )]
     NotClean { state: String },

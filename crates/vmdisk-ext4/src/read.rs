@@ -201,8 +201,13 @@ impl Ext4 {
         }
         dev.read_exact_at(&mut raw, SB_OFF)?;
         let sb = Superblock::parse(&raw)?;
-        let fs =
-            ext4_view::Ext4::load(Box::new(DevReader(dev))).map_err(|e| map_view_err("/", e))?;
+        let fs = match ext4_view::Ext4::load(Box::new(DevReader(dev))) {
+            Ok(fs) => fs,
+            // ext4-view replays the journal in memory when it can; when it cannot (journal
+            // features it lacks), the useful answer is that the journal needs replaying.
+            Err(_) if sb.incompat & INCOMPAT_RECOVER != 0 => return Err(Error::NeedsRecovery),
+            Err(e) => return Err(map_view_err("/", e)),
+        };
         Ok(Ext4 { fs, sb })
     }
 

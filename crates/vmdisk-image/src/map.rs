@@ -90,8 +90,9 @@ pub fn map(img: &Image) -> Result<Vec<MapEntry>> {
                 ExtentKind::Unallocated => MapEntry {
                     start: e.off,
                     length: e.len,
-                    // Nothing in the chain has it: qemu reports the bottom layer.
-                    depth: bottom,
+                    // Nothing in the chain has it: qemu reports the deepest layer that covers
+                    // the offset (the bottom, unless a backing file is shorter).
+                    depth: e.depth.min(bottom),
                     present: false,
                     zero: true,
                     data: false,

@@ -423,10 +423,13 @@ pub(crate) fn allocate(
             }
         }
         if end < start {
-            return Err(FitError::Other(Error::invalid(
-                &p.path.key(end_path),
-                format!("end sector {end} is before start sector {start}"),
-            )));
+            let rule = format!("end sector {end} is before start sector {start}");
+            // An end counted back from the end of the disk moves out as the disk grows.
+            return Err(if matches!(p.end, Position::Minus(_)) {
+                too_small(end_path, rule)
+            } else {
+                FitError::Other(Error::invalid(&p.path.key(end_path), rule))
+            });
         }
         used.push((start, end));
     }
@@ -447,6 +450,16 @@ pub fn measure(disk: &DiskSpec, opts: &PlanOptions) -> Result<u64> {
         let rest = p.size == Some(SizeSpec::Rest);
         let margin = if rest { opts.free_margin } else { 0 };
         need.push(content_min_bytes(p, src, margin)?);
+    }
+    for p in &disk.partitions {
+        if let Some(SizeSpec::Bytes(b)) = p.size {
+            if b > MAX_DISK_BYTES {
+                return Err(Error::invalid(
+                    &p.path.key("size"),
+                    format!("{b} bytes is larger than the largest supported disk ({MAX_DISK_BYTES} bytes)"),
+                ));
+            }
+        }
     }
     let fixed: u64 = disk
         .partitions

@@ -40,8 +40,9 @@
 //! the connection closed, since its payload cannot be skipped cheaply). Each connection has at
 //! most [`server::MAX_IN_FLIGHT`] requests outstanding; all request buffers together stay below
 //! [`MAX_BUFFERED_BYTES`]; at most [`MAX_IO_JOBS`] device calls run at once; negotiation must
-//! finish within [`server::HANDSHAKE_TIMEOUT`]. Connections beyond
-//! [`ServerConfig::max_connections`] are accepted and closed at once. A bad magic number ends
+//! finish within [`server::HANDSHAKE_TIMEOUT`]. Beyond [`ServerConfig::max_connections`] the
+//! server stops accepting, so further clients wait in the listen backlog until a slot frees
+//! (as with qemu-nbd `--shared`; libnbd's multi-conn clients rely on it). A bad magic number ends
 //! the connection (there is nothing left to resynchronise on); every other malformed request
 //! gets the protocol's error reply. Out-of-range requests of every kind get EINVAL (as
 //! qemu-nbd does; the protocol would also allow ENOSPC for writes) and touch nothing.
@@ -125,7 +126,7 @@ pub enum Listen {
 pub struct ServeStats {
     /// Connections served.
     pub connections: u64,
-    /// Connections refused (over the limit, or a uid not allowed).
+    /// Connections refused (a uid not on the allow-list).
     pub refused: u64,
     /// Requests received in the transmission phase.
     pub requests: u64,
@@ -319,13 +320,14 @@ pub async fn serve_listener(
                     break;
                 }
             }
-            accepted = accept(&listener) => {
+            // At the limit, stop accepting: new clients queue in the kernel's backlog.
+            accepted = accept(&listener), if conns.len() < max_conns => {
                 let Some(conn) = accepted else {
                     // EMFILE and friends: back off instead of spinning.
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 };
-                if conns.len() >= max_conns || !peer_allowed(&conn, &sh.cfg) {
+                if !peer_allowed(&conn, &sh.cfg) {
                     sh.counters.refused.fetch_add(1, Ordering::Relaxed);
                     drop(conn);
                     continue;

@@ -225,25 +225,35 @@ fn one_shot_server_exits_after_last_client() {
 }
 
 #[test]
-fn shared_limit_refuses_extra_connections() {
+fn shared_limit_queues_extra_connections() {
     let srv = TestServer::start(Arc::new(MemDisk::new(MIB)), persistent(2));
     let a = srv.connect();
     let b = srv.connect();
-    assert!(srv.connect_with(&ConnectOptions::default()).is_err());
+    // A third client waits in the backlog (like qemu-nbd --shared) instead of being dropped.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let sock = srv.sock.clone();
+    let waiter = std::thread::spawn(move || {
+        let r = vmdisk_nbd::client::Client::connect_unix(&sock, &ConnectOptions::default());
+        tx.send(r.is_ok()).unwrap();
+        r
+    });
+    assert!(
+        rx.recv_timeout(std::time::Duration::from_millis(300))
+            .is_err(),
+        "a client over the limit must wait, not be served or refused"
+    );
     a.disconnect().unwrap();
-    // A slot is free again once the server has reaped the first connection.
-    let t0 = std::time::Instant::now();
-    let c = loop {
-        if let Ok(c) = srv.connect_with(&ConnectOptions::default()) {
-            break c;
-        }
-        assert!(t0.elapsed() < common::SERVER_TIMEOUT);
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    };
+    assert_eq!(
+        rx.recv_timeout(common::SERVER_TIMEOUT),
+        Ok(true),
+        "the queued client is served once a slot frees"
+    );
+    let c = waiter.join().unwrap().unwrap();
     b.disconnect().unwrap();
     c.disconnect().unwrap();
     let stats = srv.stop();
-    assert!(stats.refused >= 1);
+    assert_eq!(stats.refused, 0);
+    assert_eq!(stats.connections, 3);
 }
 
 #[test]

@@ -81,6 +81,9 @@ pub(crate) struct State {
     free_hint: u64,
     /// Next free byte after the last compressed cluster written (0: none).
     compressed_tail: u64,
+    /// Length the host file needs (what it would be grown to exactly); the host itself may
+    /// be longer while writing, see [`State::ensure_host_len`] and [`State::trim_host`].
+    file_end: u64,
     pub has_backing: bool,
 }
 
@@ -115,12 +118,9 @@ pub(crate) fn read_meta(host: &dyn BlockDevice, off: u64, len: u64, what: &str) 
     Ok(buf)
 }
 
-fn ensure_host_len(host: &dyn BlockDevice, end: u64) -> Result<()> {
-    if host.len() < end {
-        host.resize(end)?;
-    }
-    Ok(())
-}
+/// Grow the host ahead of need by at least this much (one ftruncate per step, not per
+/// allocation); the file is trimmed back to its real end on flush and close.
+const HOST_GROW_STEP: u64 = 64 << 20;
 
 impl State {
     pub fn load(host: &dyn BlockDevice, h: Header, has_backing: bool) -> Result<State> {
@@ -155,12 +155,38 @@ impl State {
             host_end,
             free_hint: 1,
             compressed_tail: 0,
+            file_end: host.len(),
             has_backing,
         })
     }
 
     pub fn cs(&self) -> u64 {
         self.h.cluster_size()
+    }
+
+    /// Make the host at least `end` bytes long, growing it in big steps.
+    fn ensure_host_len(&mut self, host: &dyn BlockDevice, end: u64) -> Result<()> {
+        self.file_end = self.file_end.max(end);
+        let len = host.len();
+        if len < end {
+            let ahead = HOST_GROW_STEP.max(len / 8);
+            host.resize(end.max(len.saturating_add(ahead)))?;
+        }
+        Ok(())
+    }
+
+    /// Cut the host back to the length it needs (undo growing ahead).
+    pub fn trim_host(&mut self, host: &dyn BlockDevice) -> Result<()> {
+        let len = host.len();
+        if len > self.file_end {
+            host.resize(self.file_end)?;
+        }
+        Ok(())
+    }
+
+    /// The host was resized by someone else (snapshot code): take its length as needed.
+    pub fn adopt_host_len(&mut self, host: &dyn BlockDevice) {
+        self.file_end = self.file_end.max(host.len());
     }
     fn cbits(&self) -> u32 {
         self.h.cluster_bits
@@ -561,7 +587,7 @@ impl State {
             }
         }
         // Durable order: blocks (new and dirty old), table, header, then free the old table.
-        ensure_host_len(host, p + n_new * cs)?;
+        self.ensure_host_len(host, p + n_new * cs)?;
         for (at, b) in &new_blocks {
             host.write_all_at(b, *at)?;
         }
@@ -661,8 +687,17 @@ impl State {
     fn write_dirty_rbs(&mut self, host: &dyn BlockDevice) -> Result<bool> {
         let cs = self.cs();
         let mut any = false;
+        let end = self
+            .rb
+            .iter()
+            .filter(|(_, s)| s.dirty)
+            .map(|(&off, _)| off + cs)
+            .max()
+            .unwrap_or(0);
+        if end > 0 {
+            self.ensure_host_len(host, end)?;
+        }
         for (&off, s) in self.rb.iter_mut().filter(|(_, s)| s.dirty) {
-            ensure_host_len(host, off + cs)?;
             host.write_all_at(&s.data, off)?;
             s.dirty = false;
             any = true;
@@ -687,8 +722,17 @@ impl State {
             self.rt_dirty = false;
         }
         let mut any = false;
+        let end = self
+            .l2
+            .iter()
+            .filter(|(_, s)| s.dirty)
+            .map(|(&off, _)| off + cs)
+            .max()
+            .unwrap_or(0);
+        if end > 0 {
+            self.ensure_host_len(host, end)?;
+        }
         for (&off, s) in self.l2.iter_mut().filter(|(_, s)| s.dirty) {
-            ensure_host_len(host, off + cs)?;
             host.write_all_at(&bytes_from(&s.words), off)?;
             s.dirty = false;
             any = true;
@@ -748,11 +792,9 @@ impl State {
             }
             out.push((o, n, seg));
         };
-        let unalloc = if self.has_backing {
-            Seg::Backing
-        } else {
-            Seg::Zero
-        };
+        // Unallocated here: reads from the backing file (zeros without one or past its end);
+        // block_status reports it as unallocated, not as a zero cluster.
+        let unalloc = Seg::Backing;
         let end = off + len;
         let mut pos = off;
         while pos < end {
@@ -896,7 +938,11 @@ impl Qcow2Image {
         }
         let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
         let mut st = self.lock();
-        f(&mut st, &*self.host)
+        // Snapshot code sizes the host itself: give it the exact length, then adopt its.
+        st.trim_host(&*self.host)?;
+        let r = f(&mut st, &*self.host);
+        st.adopt_host_len(&*self.host);
+        r
     }
 
     pub fn info(&self) -> Qcow2Info {
@@ -1087,7 +1133,7 @@ impl Qcow2Image {
                 }
             }
             let new = st.alloc_clusters(host, k)?;
-            ensure_host_len(host, new + k * cs)?;
+            st.ensure_host_len(host, new + k * cs)?;
             if k == 1 && n < cs {
                 let mut c = vec![0u8; cs as usize];
                 let cstart = gidx << cbits;
@@ -1189,38 +1235,98 @@ impl Qcow2Image {
     /// Store one whole guest cluster already compressed by `compress_cluster`
     /// (the guest cluster must be unallocated in this image).
     pub fn write_compressed(&self, guest_off: u64, compressed: &[u8]) -> Result<()> {
+        self.write_compressed_batch(&[(guest_off, compressed)])
+    }
+
+    /// Store several whole guest clusters already compressed by `compress_cluster`, in
+    /// strictly increasing guest order (each guest cluster must be unallocated in this
+    /// image). They are packed back to back and written with one host write per
+    /// contiguous stretch.
+    pub fn write_compressed_batch(&self, items: &[(u64, &[u8])]) -> Result<()> {
         self.check_writable()?;
         let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
         let mut st = self.lock();
         let host = &*self.host;
         let cs = st.cs();
-        check_range(st.h.size, guest_off, 1)?;
-        if !guest_off.is_multiple_of(cs) {
-            return Err(Error::unsupported(
-                "compressed write not at a cluster boundary",
-            ));
+        // Validate everything before touching anything.
+        let mut prev: Option<u64> = None;
+        for &(guest_off, compressed) in items {
+            check_range(st.h.size, guest_off, 1)?;
+            if !guest_off.is_multiple_of(cs) {
+                return Err(Error::unsupported(
+                    "compressed write not at a cluster boundary",
+                ));
+            }
+            if prev.is_some_and(|p| p >= guest_off) {
+                return Err(Error::unsupported(
+                    "compressed batch not in strictly increasing guest order",
+                ));
+            }
+            prev = Some(guest_off);
+            let len = compressed.len() as u64;
+            if len == 0 || len >= cs {
+                return Err(Error::Limit {
+                    what: "compressed cluster length",
+                    needed: len,
+                    limit: cs - 1,
+                });
+            }
+            if st.entry(host, guest_off / cs)?.0 != L2Entry::Unallocated {
+                return Err(Error::unsupported(
+                    "compressed write to a cluster that is already allocated",
+                ));
+            }
         }
-        let len = compressed.len() as u64;
-        if len == 0 || len >= cs {
-            return Err(Error::Limit {
-                what: "compressed cluster length",
-                needed: len,
-                limit: cs - 1,
-            });
+        // 1. Place (allocate, count references); 2. write the data; 3. point L2 at it, so
+        // no entry can reach the disk before its data.
+        let mut places = Vec::with_capacity(items.len());
+        for &(_, compressed) in items {
+            places.push(self.place_compressed(&mut st, compressed.len() as u64)?);
         }
-        let gidx = guest_off / cs;
-        if st.entry(host, gidx)?.0 != L2Entry::Unallocated {
-            return Err(Error::unsupported(
-                "compressed write to a cluster that is already allocated",
-            ));
+        let mut i = 0;
+        let mut run = Vec::new();
+        while i < items.len() {
+            let start = places[i];
+            let mut end = start + items[i].1.len() as u64;
+            let mut j = i + 1;
+            while j < items.len() && places[j] == end {
+                end += items[j].1.len() as u64;
+                j += 1;
+            }
+            st.ensure_host_len(host, end.div_ceil(cs) * cs)?;
+            if j == i + 1 {
+                host.write_all_at(items[i].1, start)?;
+            } else {
+                run.clear();
+                for it in &items[i..j] {
+                    run.extend_from_slice(it.1);
+                }
+                host.write_all_at(&run, start)?;
+            }
+            i = j;
         }
-        // Pack after the previous compressed cluster when it fits, like qemu.
+        for (&(guest_off, compressed), &at) in items.iter().zip(&places) {
+            let raw = L2Entry::encode_compressed(at, compressed.len() as u64, st.cbits());
+            st.set_entry(host, guest_off / cs, raw)?;
+        }
+        self.maybe_write_back(&mut st)?;
+        Ok(())
+    }
+
+    /// Choose where `len` compressed bytes go (refcounts taken), packing after the previous
+    /// compressed cluster when it fits, like qemu.
+    fn place_compressed(&self, st: &mut State, len: u64) -> Result<u64> {
+        let host = &*self.host;
+        let cs = st.cs();
         let mut place = None;
         let t = st.compressed_tail;
         if t != 0 && !t.is_multiple_of(cs) {
             let room = cs - t % cs;
             let cur = t - t % cs;
-            if st.refcount(host, cur)? < refcount_max(st.h.refcount_order) {
+            // Share a host cluster between at most max/2 compressed clusters, so a snapshot
+            // (one more reference per entry) still fits narrow refcounts (2 bits hold 3).
+            // Unreachable with 16-bit counts.
+            if st.refcount(host, cur)? < refcount_max(st.h.refcount_order) / 2 {
                 if len <= room {
                     st.adjust_refcount(host, cur, 1)?;
                     place = Some(t);
@@ -1245,13 +1351,8 @@ impl Qcow2Image {
             Some(p) => p,
             None => st.alloc_clusters(host, len.div_ceil(cs))?,
         };
-        ensure_host_len(host, (at + len).div_ceil(cs) * cs)?;
-        host.write_all_at(compressed, at)?;
-        let raw = L2Entry::encode_compressed(at, len, st.cbits());
-        st.set_entry(host, gidx, raw)?;
         st.compressed_tail = at + len;
-        self.maybe_write_back(&mut st)?;
-        Ok(())
+        Ok(at)
     }
 
     fn finish(&self) -> Result<()> {
@@ -1261,6 +1362,7 @@ impl Qcow2Image {
         let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
         let mut st = self.lock();
         st.write_back(&*self.host)?;
+        st.trim_host(&*self.host)?;
         self.host.flush()?;
         if st.h.dirty() {
             st.h.incompatible_features &= !meta::INCOMPAT_DIRTY;
@@ -1318,6 +1420,7 @@ impl BlockDevice for Qcow2Image {
         let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
         let mut st = self.lock();
         st.write_back(&*self.host)?;
+        st.trim_host(&*self.host)?;
         self.host.flush()
     }
 
@@ -1351,6 +1454,7 @@ impl BlockDevice for Qcow2Image {
                         }
                     }
                     if in_b < n {
+                        // Nothing below covers it: qemu reports the depth of this image.
                         out.push(Extent::new(o + in_b, n - in_b, ExtentKind::Unallocated));
                     }
                 }
@@ -1399,7 +1503,7 @@ pub(crate) fn preallocate_metadata(host: &dyn BlockDevice) -> Result<()> {
     while g < n {
         let k = (n - g).min(st.max_run());
         let new = st.alloc_clusters(host, k)?;
-        ensure_host_len(host, new + k * cs)?;
+        st.ensure_host_len(host, new + k * cs)?;
         for i in 0..k {
             st.set_entry_bm(host, g + i, (new + i * cs) | OFLAG_COPIED, bm)?;
         }
@@ -1409,6 +1513,7 @@ pub(crate) fn preallocate_metadata(host: &dyn BlockDevice) -> Result<()> {
         g += k;
     }
     st.write_back(host)?;
+    st.trim_host(host)?;
     host.flush()
 }
 
@@ -1417,6 +1522,85 @@ mod tests {
     use super::*;
     use crate::{create, CreateOptions};
     use vmdisk_block::MemDisk;
+
+    fn new_image(size: u64) -> (Arc<MemDisk>, Qcow2Image) {
+        let host = Arc::new(MemDisk::new(0));
+        create(
+            &*host,
+            &CreateOptions {
+                size,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let img = Qcow2Image::open(host.clone(), None, false).unwrap();
+        (host, img)
+    }
+
+    #[test]
+    fn compressed_batch_matches_single_writes() {
+        let cs = 65536u64;
+        let clusters: Vec<(u64, Vec<u8>)> = (0..40u64)
+            .filter(|g| g % 7 != 3)
+            .map(|g| {
+                let data: Vec<u8> = (0..cs).map(|i| ((i % 251) as u8) ^ (g as u8)).collect();
+                let c = crate::compress_cluster(crate::CompressionType::Zlib, cs, &data)
+                    .unwrap()
+                    .unwrap();
+                (g * cs, c)
+            })
+            .collect();
+        let (h1, one) = new_image(64 << 20);
+        for (o, c) in &clusters {
+            one.write_compressed(*o, c).unwrap();
+        }
+        one.flush().unwrap();
+        let (h2, batch) = new_image(64 << 20);
+        let items: Vec<(u64, &[u8])> = clusters.iter().map(|(o, c)| (*o, &c[..])).collect();
+        batch.write_compressed_batch(&items[..10]).unwrap();
+        batch.write_compressed_batch(&items[10..]).unwrap();
+        batch.flush().unwrap();
+        assert_eq!(h1.len(), h2.len());
+        let (mut a, mut b) = (vec![0u8; 40 << 16], vec![1u8; 40 << 16]);
+        one.read_exact_at(&mut a, 0).unwrap();
+        batch.read_exact_at(&mut b, 0).unwrap();
+        assert!(a == b);
+        // Out of order or already allocated: refused, nothing written.
+        assert!(batch
+            .write_compressed_batch(&[(41 * cs, items[0].1), (41 * cs, items[1].1)])
+            .is_err());
+        assert!(batch.write_compressed_batch(&items[..1]).is_err());
+    }
+
+    #[test]
+    fn host_grows_ahead_and_is_trimmed_on_flush() {
+        let (host, img) = new_image(256 << 20);
+        let data = vec![3u8; 3 << 16];
+        img.write_all_at(&data, 1 << 20).unwrap();
+        assert!(host.len() >= 64 << 20, "grown ahead: {}", host.len());
+        img.flush().unwrap();
+        // Header, refcount table + block, L1, L2 and three data clusters.
+        assert!(host.len() <= 9 << 16, "trimmed: {}", host.len());
+        let mut back = vec![0u8; 3 << 16];
+        img.read_exact_at(&mut back, 1 << 20).unwrap();
+        assert!(back == data);
+    }
+
+    #[test]
+    fn unallocated_without_backing_is_not_zero() {
+        let (_host, img) = new_image(4 << 20);
+        img.write_all_at(&[5u8; 65536], 1 << 20).unwrap();
+        let ext = img.block_status(0, 4 << 20).unwrap();
+        let kinds: Vec<_> = ext.iter().map(|e| (e.kind, e.depth)).collect();
+        assert_eq!(
+            kinds,
+            [
+                (ExtentKind::Unallocated, 0),
+                (ExtentKind::Data, 0),
+                (ExtentKind::Unallocated, 0)
+            ]
+        );
+    }
 
     #[test]
     fn allocation_stays_compact_small_clusters() {

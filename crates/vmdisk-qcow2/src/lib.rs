@@ -222,23 +222,45 @@ pub fn compress_cluster(
             size: cluster_size,
         });
     }
+    thread_local! {
+        // One compressor per thread, reset between clusters (building one costs more than
+        // compressing a mostly-empty cluster).
+        static ZLIB: std::cell::RefCell<Option<flate2::Compress>> =
+            const { std::cell::RefCell::new(None) };
+        static ZSTD: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
     let out = match ctype {
-        CompressionType::Zlib => {
+        CompressionType::Zlib => ZLIB.with(|cell| {
+            let mut slot = cell.borrow_mut();
             // Raw deflate with a 4 KiB window (windowBits -12), as qemu writes it.
-            let mut c =
-                flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
+            let c = slot.get_or_insert_with(|| {
+                flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12)
+            });
+            c.reset();
             let mut out = Vec::with_capacity(cluster_size as usize);
             let st = c
                 .compress_vec(data, &mut out, flate2::FlushCompress::Finish)
                 .map_err(|e| Error::io("compressing a cluster", 0, e.into()))?;
-            if st != flate2::Status::StreamEnd {
-                // Did not fit in a cluster: it does not shrink.
-                return Ok(None);
-            }
-            out
-        }
-        CompressionType::Zstd => zstd::bulk::compress(data, 0)
-            .map_err(|e| Error::io("compressing a cluster (zstd)", 0, e))?,
+            // Not at the stream end: did not fit in a cluster, it does not shrink.
+            Ok::<_, Error>((st == flate2::Status::StreamEnd).then_some(out))
+        })?,
+        CompressionType::Zstd => ZSTD.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            let c = match &mut *slot {
+                Some(c) => c,
+                None => slot.insert(
+                    zstd::bulk::Compressor::new(0)
+                        .map_err(|e| Error::io("compressing a cluster (zstd)", 0, e))?,
+                ),
+            };
+            c.compress(data)
+                .map(Some)
+                .map_err(|e| Error::io("compressing a cluster (zstd)", 0, e))
+        })?,
+    };
+    let Some(out) = out else {
+        return Ok(None);
     };
     if out.len() as u64 >= cluster_size {
         return Ok(None);

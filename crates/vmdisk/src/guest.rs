@@ -281,10 +281,55 @@ fn read_password() -> Result<String> {
     Ok(pw)
 }
 
+/// Everything `passwd` decides before writing: the new shadow file and what to warn about.
+struct ShadowPlan {
+    repair: passwd::ShadowRepair,
+    nixos: passwd::NixosStatus,
+    part_name: String,
+}
+
+/// Read the guest and compute the new /etc/shadow; fails on anything that forbids the edit.
+fn plan_shadow(img: &Image, a: &PasswdArgs, hash: &Option<String>) -> Result<ShadowPlan> {
+    let (dev, chosen) = fs_device(img, a.target.partition.as_deref())?;
+    let fs = Ext4::open(dev).with_context(|| format!("reading ext4 on {}", chosen.name))?;
+    match fs.fs_info().state {
+        FsState::Clean => {}
+        FsState::NeedsRecovery => bail!("{}", vmdisk_ext4::Error::NeedsRecovery),
+        other => bail!(
+            "the filesystem is not clean ({other:?}); shut the VM down cleanly or run e2fsck \
+             on the partition first; nothing was written"
+        ),
+    }
+    if !fs.exists("/etc/shadow")? {
+        bail!(
+            "the guest has no /etc/shadow to edit (creating files is not supported yet); \
+             nothing was written"
+        );
+    }
+    let shadow = fs.read_file("/etc/shadow")?;
+    let passwd_file = read_optional(&fs, "/etc/passwd")?.unwrap_or_default();
+    let action = match (hash, a.unlock, a.restore_backup) {
+        (Some(h), _, _) => passwd::Action::SetHash(h.clone()),
+        (None, true, _) => passwd::Action::Unlock,
+        (None, _, true) => passwd::Action::RestoreBackup(
+            read_optional(&fs, "/etc/shadow-")?
+                .context("--restore-backup: the guest has no /etc/shadow- to restore from")?,
+        ),
+        _ => bail!("say what to do: --password-stdin, --hash, --unlock or --restore-backup"),
+    };
+    let today = (now_secs() / 86400).max(0) as u64;
+    let repair = passwd::repair_shadow_report(&shadow, &passwd_file, &a.user, action, today)?;
+    Ok(ShadowPlan {
+        repair,
+        nixos: passwd::nixos_status(&fs),
+        part_name: chosen.name,
+    })
+}
+
 pub fn passwd(a: PasswdArgs, quiet: bool) -> Result<u8> {
     let t = &a.target;
     // Work out the action first: nothing is opened for writing before the input is good.
-    let action_hash = if a.password_stdin {
+    let hash = if a.password_stdin {
         if a.scheme == Scheme::Yescrypt {
             bail!(
                 "yescrypt hashing is not implemented yet; use the default sha512 scheme or \
@@ -295,21 +340,30 @@ pub fn passwd(a: PasswdArgs, quiet: bool) -> Result<u8> {
     } else {
         a.hash.clone()
     };
-    if let Some(h) = &action_hash {
+    if let Some(h) = &hash {
         if !h.starts_with('$') || h.contains(':') || h.contains('\n') {
             bail!("--hash {h:?} is not a crypt(3) hash (expected $6$..., $y$..., no ':')");
         }
     }
 
-    // Decide where the write goes.
+    // A read-only dry run: a refused edit leaves no overlay, snapshot or byte behind.
     let probe = open_image(t, true)?;
     let is_qcow2 = probe.format() == Format::Qcow2;
+    plan_shadow(&probe, &a, &hash)?;
     drop(probe);
+    if a.overlay.is_none() && !is_qcow2 && !a.in_place {
+        bail!(
+            "{} is a raw image: vmdisk cannot keep an undo copy inside it. Pass -o \
+             OVERLAY.qcow2 to leave it untouched, or --in-place to edit it directly",
+            t.image.display()
+        );
+    }
+
+    // Open for writing; the plan is recomputed under the write lock.
     let (img, how) = match &a.overlay {
         Some(ov) => {
             let backing = std::fs::canonicalize(&t.image)
                 .with_context(|| format!("resolving {}", t.image.display()))?;
-
             vmdisk_image::create(
                 ov,
                 &CreateSpec {
@@ -333,50 +387,9 @@ pub fn passwd(a: PasswdArgs, quiet: bool) -> Result<u8> {
             )?;
             (img, format!("into the new overlay {}", ov.display()))
         }
-        None if !is_qcow2 && !a.in_place => bail!(
-            "{} is a raw image: vmdisk cannot keep an undo copy inside it. Pass -o OVERLAY.qcow2 \
-             to leave it untouched, or --in-place to edit it directly",
-            t.image.display()
-        ),
         None => (open_image(t, false)?, "in place".to_string()),
     };
-
-    let (dev, chosen) = fs_device(&img, t.partition.as_deref())?;
-    let fs = Ext4::open(dev.clone()).with_context(|| format!("reading ext4 on {}", chosen.name))?;
-    let info = fs.fs_info();
-    match info.state {
-        FsState::Clean => {}
-        FsState::NeedsRecovery => bail!(
-            "the filesystem's journal needs recovery (the VM was not shut down cleanly): boot \
-             the VM once and shut it down, or replay it in a rescue VM, then retry; nothing was \
-             written"
-        ),
-        other => bail!(
-            "the filesystem is not clean ({other:?}); run e2fsck on it first (e.g. in a rescue \
-             VM); nothing was written"
-        ),
-    }
-    let shadow = read_optional(&fs, "/etc/shadow")?.unwrap_or_default();
-    let passwd_file = read_optional(&fs, "/etc/passwd")?.unwrap_or_default();
-    let action = match (action_hash, a.unlock, a.restore_backup) {
-        (Some(h), _, _) => passwd::Action::SetHash(h),
-        (None, true, _) => passwd::Action::Unlock,
-        (None, _, true) => passwd::Action::RestoreBackup(
-            read_optional(&fs, "/etc/shadow-")?
-                .context("--restore-backup: the guest has no /etc/shadow- to restore from")?,
-        ),
-        _ => bail!("say what to do: --password-stdin, --hash, --unlock or --restore-backup"),
-    };
-    let today = (now_secs() / 86400).max(0) as u64;
-    let repair = passwd::repair_shadow_report(&shadow, &passwd_file, &a.user, action, today)?;
-    if !fs.exists("/etc/shadow")? {
-        bail!(
-            "the guest has no /etc/shadow to edit (creating files is not supported yet); \
-             nothing was written"
-        );
-    }
-    let nixos = passwd::nixos_status(&fs);
-    drop(fs);
+    let plan = plan_shadow(&img, &a, &hash)?;
 
     // The undo point, taken only now that everything checked out.
     let mut undo = None;
@@ -386,7 +399,8 @@ pub fn passwd(a: PasswdArgs, quiet: bool) -> Result<u8> {
         vmdisk_image::snapshot_create(&img, &name).context("taking the undo snapshot")?;
         undo = Some(name);
     }
-    vmdisk_ext4::replace_file(dev.as_ref(), "/etc/shadow", &repair.shadow)
+    let (dev, _) = fs_device(&img, t.partition.as_deref())?;
+    vmdisk_ext4::replace_file(dev.as_ref(), "/etc/shadow", &plan.repair.shadow)
         .context("writing /etc/shadow")?;
     dev.flush()?;
     drop(dev);
@@ -395,9 +409,9 @@ pub fn passwd(a: PasswdArgs, quiet: bool) -> Result<u8> {
     if !quiet {
         eprintln!(
             "vmdisk: set {}'s /etc/shadow line on {} ({how})",
-            a.user, chosen.name
+            a.user, plan.part_name
         );
-        for n in &repair.notes {
+        for n in &plan.repair.notes {
             eprintln!("note: {n}");
         }
         if let Some(name) = undo {
@@ -406,7 +420,7 @@ pub fn passwd(a: PasswdArgs, quiet: bool) -> Result<u8> {
                 t.image.display()
             );
         }
-        if let Some(w) = nixos.warning {
+        if let Some(w) = plan.nixos.warning {
             eprintln!("warning: {w}");
         }
     }

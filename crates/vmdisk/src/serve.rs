@@ -38,7 +38,8 @@ pub struct ServeArgs {
     /// Keep serving after the last client disconnects.
     #[arg(long)]
     pub persistent: bool,
-    /// Number of clients served at once.
+    /// Number of connections served at once; more wait in the listen backlog. A multi-conn
+    /// client (nbdcopy opens 4) needs that many: size N for all clients' connections.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub shared: usize,
     /// The export name clients ask for.
