@@ -18,6 +18,7 @@
 //! table (or JSON). The exit status is non-zero only when vmdisk failed or wrote a wrong image;
 //! a missed performance target is reported, not fatal.
 
+mod ext4;
 mod gen;
 mod report;
 mod run;
@@ -38,6 +39,15 @@ struct Cli {
 enum Bench {
     /// `vmdisk convert` vs `qemu-img convert`: raw->qcow2, qcow2->raw, compressed zlib and zstd.
     Convert(ConvertArgs),
+    /// `vmdisk cat` of /etc/shadow vs `qemu-img convert` + `debugfs -R cat` (8 GiB overlay).
+    Ext4 {
+        /// The vmdisk binary [default: `vmdisk` next to this program].
+        #[arg(long)]
+        vmdisk: Option<PathBuf>,
+        /// Where the disk is built [default: target/bench-data].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -77,30 +87,39 @@ struct ConvertArgs {
 fn main() -> Result<()> {
     match Cli::parse().bench {
         Bench::Convert(args) => convert(args),
+        Bench::Ext4 { vmdisk, dir } => {
+            let (exe_vmdisk, exe_dir) = locate(vmdisk, dir)?;
+            ext4::bench(&exe_vmdisk, &exe_dir)
+        }
     }
 }
 
-fn convert(args: ConvertArgs) -> Result<()> {
+/// The vmdisk binary and the data directory, defaulting to target/release and target/bench-data.
+fn locate(vmdisk: Option<PathBuf>, dir: Option<PathBuf>) -> Result<(PathBuf, PathBuf)> {
     let exe_dir = std::env::current_exe()
         .context("locating the benches binary")?
         .parent()
         .context("the benches binary has no parent directory")?
         .to_path_buf();
-    let vmdisk = args.vmdisk.unwrap_or_else(|| exe_dir.join("vmdisk"));
+    let vmdisk = vmdisk.unwrap_or_else(|| exe_dir.join("vmdisk"));
     if !vmdisk.is_file() {
         bail!(
             "vmdisk binary not found at {}; build it with `cargo build --release -p vmdisk` \
-             (or run `cargo xtask bench convert`, which builds both) or pass --vmdisk PATH",
+             (or run `cargo xtask bench ...`, which builds both) or pass --vmdisk PATH",
             vmdisk.display()
         );
     }
-    let qemu_version = run::qemu_img_version()?;
-    // target/release/benches -> target/bench-data
-    let dir = args.dir.unwrap_or_else(|| match exe_dir.parent() {
+    let dir = dir.unwrap_or_else(|| match exe_dir.parent() {
         Some(target) => target.join("bench-data"),
         None => PathBuf::from("target/bench-data"),
     });
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok((vmdisk, dir))
+}
+
+fn convert(args: ConvertArgs) -> Result<()> {
+    let (vmdisk, dir) = locate(args.vmdisk, args.dir)?;
+    let qemu_version = run::qemu_img_version()?;
     if args.runs == 0 {
         bail!("--runs must be at least 1");
     }

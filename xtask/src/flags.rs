@@ -7,7 +7,7 @@ cargo xtask <command>
 
   test [--ci] [--no-install]   install test tools (as root on Debian), fmt check, clippy, all tests
   ci                           what .ci/run runs: test --ci
-  bench convert [ARGS...]      vmdisk convert vs qemu-img convert side by side (release)
+  bench convert|ext4 [ARGS...] vmdisk vs qemu-img (+ debugfs) side by side (release)
   deps [--check]               install the Debian packages the tests need (or only check)
 ";
 

@@ -111,7 +111,7 @@ mod tests {
 
     #[test]
     fn conformance() {
-        crate::conformance::run_all(|len| MemDisk::new(len));
+        crate::conformance::run_all(MemDisk::new);
     }
 
     #[test]
