@@ -13,7 +13,7 @@ use std::fs;
 use std::io::Write as _;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -235,49 +235,7 @@ pub fn run(cmd: &mut Command) -> Run {
 
 /// [`run`] with an explicit timeout.
 pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Run {
-    let line = cmdline(cmd);
-    let cwd = cmd.get_current_dir().map(Path::to_path_buf);
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start `{line}`: {e}"));
-    let pid = child.id() as libc::pid_t;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let (out, timed_out): (Output, bool) = match rx.recv_timeout(timeout) {
-        Ok(r) => (
-            r.unwrap_or_else(|e| panic!("waiting for `{line}`: {e}")),
-            false,
-        ),
-        Err(_) => {
-            // SAFETY: kill(2) on the pid of our own child, which is not yet reaped (the
-            // waiting thread has not returned), so the pid cannot have been reused.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            let r = rx.recv().expect("waiter thread");
-            (
-                r.unwrap_or_else(|e| panic!("waiting for `{line}`: {e}")),
-                true,
-            )
-        }
-    };
-    let mut stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    if timed_out {
-        stderr.push_str(&format!(
-            "\n[test harness: HUNG, killed after {} s]",
-            timeout.as_secs()
-        ));
-    }
-    Run {
-        cmdline: line,
-        cwd,
-        status: out.status,
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr,
-    }
+    run_core(cmd, None, timeout).0
 }
 
 fn to_args<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Vec<std::ffi::OsString> {
@@ -836,6 +794,11 @@ pub fn guest_tool<S: AsRef<std::ffi::OsStr>>(tool: &str, args: &[S]) -> Run {
 /// Run `cmd` with `input` on its stdin; returns the record and stdout's exact bytes (the
 /// record's text is lossy). Killed after [`COMMAND_TIMEOUT`] like [`run`].
 pub fn run_bytes(cmd: &mut Command, input: Option<&[u8]>) -> (Run, Vec<u8>) {
+    run_core(cmd, input, COMMAND_TIMEOUT)
+}
+
+/// Spawn, feed `input`, capture, and SIGKILL after `timeout` (the record says HUNG).
+fn run_core(cmd: &mut Command, input: Option<&[u8]>, timeout: Duration) -> (Run, Vec<u8>) {
     let line = cmdline(cmd);
     let cwd = cmd.get_current_dir().map(Path::to_path_buf);
     let mut child = cmd
@@ -861,7 +824,7 @@ pub fn run_bytes(cmd: &mut Command, input: Option<&[u8]>) -> (Run, Vec<u8>) {
     std::thread::spawn(move || {
         let _ = tx.send(child.wait_with_output());
     });
-    let (out, timed_out) = match rx.recv_timeout(COMMAND_TIMEOUT) {
+    let (out, timed_out) = match rx.recv_timeout(timeout) {
         Ok(r) => (
             r.unwrap_or_else(|e| panic!("waiting for `{line}`: {e}")),
             false,
@@ -880,7 +843,7 @@ pub fn run_bytes(cmd: &mut Command, input: Option<&[u8]>) -> (Run, Vec<u8>) {
     if timed_out {
         stderr.push_str(&format!(
             "\n[test harness: HUNG, killed after {} s]",
-            COMMAND_TIMEOUT.as_secs()
+            timeout.as_secs()
         ));
     }
     let run = Run {
