@@ -406,12 +406,6 @@ pub fn convert(
         backing_format: None,
     };
     let (host, _lock) = create_locked(dst, &spec)?;
-    // Creating truncated the file to 0 bytes, which makes ext4 (auto_da_alloc) allocate and
-    // start writing back every delayed block when that open file is closed: ~0.5 s per GiB
-    // spent in close() at the end. Releasing another open file of the inode now, while
-    // nothing is dirty, clears that state (qemu-img reopens the target after creating it,
-    // with the same effect). Best effort: failing to open changes nothing.
-    drop(std::fs::File::open(dst));
     let host = Arc::new(host);
     let (target, mode) = match opts.format {
         Format::Raw => (Target::Raw(host.clone()), Mode::Sparse(ZERO_BLOCK)),

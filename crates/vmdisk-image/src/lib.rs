@@ -35,7 +35,7 @@ mod snapshot;
 pub use check::{check, CheckOutcome, Repair};
 pub use compare::{compare, compare_with_progress, Comparison, Difference};
 pub use convert::{convert, ConvertOptions, ConvertStats};
-pub use create::{create, parse_size, CreateSpec, ImageOptions, PreallocMode};
+pub use create::{create, create_overlay, parse_size, CreateSpec, ImageOptions, PreallocMode};
 pub use error::{Error, Result};
 pub use info::{
     format_size, info, snapshot_table, FormatSpecific, ImageInfo, Qcow2Specific, SnapshotEntry,

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use vmdisk_block::{BlockDevice, Slice};
 use vmdisk_ext4::{passwd, Entry, Ext4, FileKind, FsState};
-use vmdisk_image::{CreateSpec, Format, Image, ImageOptions, OpenOptions};
+use vmdisk_image::{Format, Image, OpenOptions};
 
 use crate::{part, FormatArg};
 
@@ -362,20 +362,8 @@ pub fn passwd(a: PasswdArgs, quiet: bool) -> Result<u8> {
     // Open for writing; the plan is recomputed under the write lock.
     let (img, how) = match &a.overlay {
         Some(ov) => {
-            let backing = std::fs::canonicalize(&t.image)
-                .with_context(|| format!("resolving {}", t.image.display()))?;
-            vmdisk_image::create(
-                ov,
-                &CreateSpec {
-                    format: Format::Qcow2,
-                    size: None,
-                    options: ImageOptions::default(),
-                    backing_file: Some(backing.to_string_lossy().into_owned()),
-                    // Probed and recorded by create when not given.
-                    backing_format: t.format.map(Into::into),
-                },
-            )
-            .with_context(|| format!("creating the overlay {}", ov.display()))?;
+            vmdisk_image::create_overlay(ov, &t.image, t.format.map(Into::into))
+                .with_context(|| format!("creating the overlay {}", ov.display()))?;
             let img = vmdisk_image::open(
                 ov,
                 &OpenOptions {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use vmdisk_block::BlockDevice;
-use vmdisk_image::{CreateSpec, Format, ImageOptions, OpenOptions};
+use vmdisk_image::{Format, OpenOptions};
 use vmdisk_nbd::{Listen, ServerConfig};
 
 use crate::{part, FormatArg};
@@ -78,20 +78,8 @@ pub fn run(a: ServeArgs, quiet: bool) -> Result<u8> {
             .tempdir()
             .context("creating a directory for the --snapshot overlay")?;
         let overlay = tmp.path().join("overlay.qcow2");
-        let backing = std::fs::canonicalize(&a.image)
-            .with_context(|| format!("resolving {}", a.image.display()))?;
-        vmdisk_image::create(
-            &overlay,
-            &CreateSpec {
-                format: Format::Qcow2,
-                size: None,
-                options: ImageOptions::default(),
-                backing_file: Some(backing.to_string_lossy().into_owned()),
-                // Probed and recorded by create when not given.
-                backing_format: a.format.map(Into::into),
-            },
-        )
-        .context("creating the --snapshot overlay")?;
+        vmdisk_image::create_overlay(&overlay, &a.image, a.format.map(Into::into))
+            .context("creating the --snapshot overlay")?;
         (overlay, Some(Format::Qcow2), false)
     } else {
         (a.image.clone(), a.format.map(Into::into), a.read_only)
