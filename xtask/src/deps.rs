@@ -32,8 +32,89 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("swaplabel", "util-linux"),
     // password hashes
     ("openssl", "openssl"),
+    // the VM harness: OpenSSH is the client the tests log in with
+    ("ssh", "openssh-client"),
+    ("ssh-keygen", "openssh-client"),
     ("sha256sum", "coreutils"),
 ];
+
+/// Shared libraries of Debian 12's qemu-system-x86 7.2. The harness unpacks that package into
+/// its cache rather than installing it, because installing it removes the machine's newer
+/// qemu-utils (the image oracle); its libraries install without conflicts.
+pub const QEMU_RUNTIME_LIBS: &[&str] = &[
+    "libaio1",
+    "libbpf1",
+    "libcapstone4",
+    "libfdt1",
+    "libfuse3-3",
+    "libglib2.0-0",
+    "libgmp10",
+    "libgnutls30",
+    "libibverbs1",
+    "libjpeg62-turbo",
+    "libnuma1",
+    "libpixman-1-0",
+    "libpmem1",
+    "libpng16-16",
+    "librdmacm1",
+    "libsasl2-2",
+    "libseccomp2",
+    "libslirp0",
+    "libudev1",
+    "liburing2",
+    "libvdeplug2",
+    "libzstd1",
+    "zlib1g",
+];
+
+/// What the VM harness needs beyond the test tools: a qemu-system-x86_64 (the machine's, or
+/// Debian's unpacked by the harness, which needs QEMU_RUNTIME_LIBS).
+pub fn ensure_vm(sh: &Shell, install: bool) -> Result<()> {
+    ensure(sh, install)?;
+    if have("qemu-system-x86_64") || std::env::var_os("VMDISK_QEMU_X86_64").is_some() {
+        return Ok(());
+    }
+    let missing: Vec<&str> = QEMU_RUNTIME_LIBS
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if install && have("apt-get") && is_root() {
+        eprintln!(
+            "xtask: installing qemu's runtime libraries: {}",
+            missing.join(" ")
+        );
+        cmd!(
+            sh,
+            "apt-get install -y -q --no-install-recommends {missing...}"
+        )
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .run()?;
+        return Ok(());
+    }
+    let how = if have("apt-get") {
+        format!("sudo apt-get install -y {}", missing.join(" "))
+    } else {
+        "nix develop   (the devShell has qemu)".into()
+    };
+    bail!(
+        "no qemu-system-x86_64 on PATH, and the libraries for the Debian build the harness \
+         unpacks are missing: {}\ninstall them with:\n    {how}\nor install qemu-system-x86 \
+         yourself (note: on Debian 12 that replaces a backported qemu-utils with 7.2)",
+        missing.join(" ")
+    )
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    std::process::Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("ok installed"))
+        .unwrap_or(false)
+}
 
 impl Deps {
     pub fn run(self, sh: &Shell) -> Result<()> {

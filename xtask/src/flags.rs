@@ -5,6 +5,15 @@ use anyhow::{bail, Result};
 pub const HELP: &str = "\
 cargo xtask <command>
 
+  vmtest [NAME...] [OPTIONS]   build vmdisk, build the test VMs' disks with it, boot them, report
+      --quick                  only the VMs marked quick (what CI runs)
+      --json                   print the report as JSON
+      --keep                   keep each VM's disk in its artifact folder
+      --shell                  boot one VM and open an SSH session instead of asserting
+      -j N                     VMs in parallel (default 2)
+      --run-script PATH        drive a nixpkgs-shaped run-*-vm script instead of qemu directly
+      --relock                 re-resolve testvms/assets.lock from Debian (as root on Debian)
+      --no-install             do not apt-get; print what is missing
   test [--ci] [--no-install]   install test tools (as root on Debian), fmt check, clippy, all tests
   ci                           what .ci/run runs: test --ci
   bench convert|ext4 [ARGS...] vmdisk vs qemu-img (+ debugfs) side by side (release)
@@ -12,6 +21,7 @@ cargo xtask <command>
 ";
 
 pub enum Xtask {
+    Vmtest(Vmtest),
     Test(Test),
     Bench(Bench),
     Deps(Deps),
@@ -22,6 +32,18 @@ pub struct Test {
     /// Running in CI: also fail on anything that would only warn locally.
     pub ci: bool,
     /// Do not install missing tools; fail with the command to run instead.
+    pub no_install: bool,
+}
+
+pub struct Vmtest {
+    pub filters: Vec<String>,
+    pub quick: bool,
+    pub json: bool,
+    pub keep: bool,
+    pub shell: bool,
+    pub jobs: usize,
+    pub run_script: Option<std::path::PathBuf>,
+    pub relock: bool,
     pub no_install: bool,
 }
 
@@ -61,6 +83,7 @@ impl Xtask {
                     no_install: has("--no-install"),
                 })
             }
+            "vmtest" => Xtask::Vmtest(parse_vmtest(rest)?),
             "ci" => {
                 only(&[])?;
                 Xtask::Test(Test {
@@ -87,6 +110,45 @@ impl Xtask {
             other => bail!("unknown command `{other}`\n\n{HELP}"),
         })
     }
+}
+
+fn parse_vmtest(rest: &[String]) -> Result<Vmtest> {
+    let mut v = Vmtest {
+        filters: Vec::new(),
+        quick: false,
+        json: false,
+        keep: false,
+        shell: false,
+        jobs: 2,
+        run_script: None,
+        relock: false,
+        no_install: false,
+    };
+    let mut it = rest.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => v.quick = true,
+            "--json" => v.json = true,
+            "--keep" => v.keep = true,
+            "--shell" => v.shell = true,
+            "--relock" => v.relock = true,
+            "--no-install" => v.no_install = true,
+            "-j" | "--jobs" => {
+                let n = it.next().map(|s| s.parse::<usize>());
+                match n {
+                    Some(Ok(n)) if (1..=64).contains(&n) => v.jobs = n,
+                    _ => bail!("-j needs a number of VMs to run at once (1..64)"),
+                }
+            }
+            "--run-script" => match it.next() {
+                Some(p) => v.run_script = Some(p.into()),
+                None => bail!("--run-script needs the path of a run-*-vm script"),
+            },
+            f if f.starts_with('-') => bail!("unknown flag {f} for `cargo xtask vmtest`\n\n{HELP}"),
+            name => v.filters.push(name.to_string()),
+        }
+    }
+    Ok(v)
 }
 
 #[cfg(test)]
@@ -119,6 +181,22 @@ mod tests {
             }
             _ => panic!("bench"),
         }
+    }
+
+    #[test]
+    fn parses_vmtest() {
+        match parse("vmtest x86 --quick -j 3 --json --run-script ./run-nixos-vm").unwrap() {
+            Xtask::Vmtest(v) => {
+                assert_eq!(v.filters, vec!["x86"]);
+                assert!(v.quick && v.json && !v.keep);
+                assert_eq!(v.jobs, 3);
+                assert_eq!(v.run_script.unwrap().to_str(), Some("./run-nixos-vm"));
+            }
+            _ => panic!("vmtest"),
+        }
+        assert!(parse("vmtest -j 0").is_err());
+        assert!(parse("vmtest -j").is_err());
+        assert!(parse("vmtest --bogus").is_err());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use crate::flags::Test;
 impl Test {
     pub fn run(self, sh: &Shell) -> Result<()> {
         let start = Instant::now();
-        crate::deps::ensure(sh, !self.no_install)?;
+        crate::deps::ensure_vm(sh, !self.no_install)?;
         if self.ci {
             // The oracles' versions, so a CI log says what judged the run.
             for (tool, flag) in [

@@ -9,6 +9,7 @@
 mod guest;
 mod layout;
 mod part;
+mod rescue;
 mod serve;
 
 use std::io::Write;
@@ -86,6 +87,9 @@ pub enum Command {
     Passwd(guest::PasswdArgs),
     /// Export an image (or one partition) over NBD for qemu, nbdcopy, vfkit or the kernel.
     Serve(serve::ServeArgs),
+    /// Boot a rescue VM with the image attached over NBD and run a command (or a console
+    /// shell) in it: the guest kernel's full ext4, journal replay included.
+    Rescue(rescue::RescueArgs),
     /// How big a disk built from a layout must be (JSON).
     Measure(MeasureArgs),
     /// Print a shell completion script.
@@ -396,6 +400,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::CpOut(a) => guest::cp_out(a, quiet),
         Command::Passwd(a) => guest::passwd(a, quiet),
         Command::Serve(a) => serve::run(a, quiet),
+        Command::Rescue(a) => rescue::run(a, quiet),
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "vmdisk", &mut std::io::stdout());

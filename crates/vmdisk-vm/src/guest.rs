@@ -1,0 +1,555 @@
+//! Assembling a guest from pinned Debian packages: the boot kernel, the stage-1 initramfs, the
+//! shared "store" holding stage 2 and its programs, and per run the root tree and the disk that
+//! `vmdisk create --layout` builds from it.
+//!
+//! Assets (kernel, initramfs, store) depend only on the lock file, the stage scripts and the
+//! module lists, so they are built once into the cache under a key hashed from all of those.
+//! The root disk carries the per-run secrets (pinned host key, authorized client key) and is
+//! built for every run.
+
+use std::fs;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+
+use crate::assets::{Cache, Lock, LockedPackage, GUEST_PACKAGES};
+use crate::cpio::CpioWriter;
+use crate::def::VmDef;
+use crate::{elf, kernel, Arch};
+
+/// Stage 1 (the initramfs's `/init`).
+pub const STAGE1: &str = include_str!("../../../testvms/stage-1.sh");
+/// Stage 2 (`<system>/init` in the store); `@system@` is replaced by the system's store path.
+pub const STAGE2: &str = include_str!("../../../testvms/stage-2.sh");
+
+/// Bump when the layout of built assets changes, so stale cache entries are not reused.
+const ASSET_FORMAT: u32 = 1;
+
+/// Module groups in the initramfs. Stage 1 loads `base`, then the group named by
+/// `vmdisk.store=`, then `nbd` when `vmdisk.nbd=` is set; each group lists only modules that
+/// earlier groups did not load, dependencies first.
+const MODULE_GROUPS: &[(&str, &[&str])] = &[
+    (
+        "base",
+        &[
+            "virtio_pci",
+            "virtio_blk",
+            "virtio_net",
+            // Entropy at once: dropbear otherwise waits ~1 s for the kernel's random pool.
+            "virtio_rng",
+            "ext4",
+            "overlay",
+        ],
+    ),
+    ("9p", &["9pnet_virtio", "9p"]),
+    ("virtiofs", &["virtiofs"]),
+    ("nbd", &["nbd"]),
+];
+
+/// busybox applets linked into the store's bin/ (what stage 2, SSH sessions and rescue
+/// commands use).
+const APPLETS: &[&str] = &[
+    "[",
+    "[[",
+    "awk",
+    "basename",
+    "blkid",
+    "blockdev",
+    "cat",
+    "chmod",
+    "chown",
+    "chroot",
+    "cmp",
+    "cp",
+    "cttyhack",
+    "cut",
+    "date",
+    "dd",
+    "df",
+    "diff",
+    "dirname",
+    "dmesg",
+    "du",
+    "echo",
+    "env",
+    "expr",
+    "false",
+    "fdisk",
+    "find",
+    "findfs",
+    "free",
+    "fsync",
+    "grep",
+    "gunzip",
+    "gzip",
+    "head",
+    "hexdump",
+    "hostname",
+    "id",
+    "ifconfig",
+    "insmod",
+    "ip",
+    "kill",
+    "less",
+    "ln",
+    "losetup",
+    "ls",
+    "lsmod",
+    "md5sum",
+    "mkdir",
+    "mkfifo",
+    "mknod",
+    "mktemp",
+    "more",
+    "mount",
+    "mv",
+    "nc",
+    "od",
+    "passwd",
+    "pidof",
+    "poweroff",
+    "printf",
+    "ps",
+    "pwd",
+    "readlink",
+    "realpath",
+    "reboot",
+    "rm",
+    "rmdir",
+    "sed",
+    "seq",
+    "setsid",
+    "sh",
+    "sha256sum",
+    "sha512sum",
+    "sleep",
+    "sort",
+    "stat",
+    "stty",
+    "su",
+    "sync",
+    "tail",
+    "tar",
+    "tee",
+    "test",
+    "touch",
+    "tr",
+    "true",
+    "truncate",
+    "umount",
+    "uname",
+    "uniq",
+    "usleep",
+    "vi",
+    "wc",
+    "which",
+    "xargs",
+    "xxd",
+    "yes",
+];
+
+/// Dynamically linked programs copied into the store with their library closure
+/// (path inside the package tree -> path inside the system).
+const PROGRAMS: &[(&str, &str)] = &[
+    ("usr/sbin/dropbear", "sbin/dropbear"),
+    ("sbin/nbd-client", "sbin/nbd-client"),
+];
+
+/// Built, cached guest assets for one architecture.
+#[derive(Clone, Debug)]
+pub struct GuestAssets {
+    pub arch: Arch,
+    /// Kernel image qemu boots directly (x86_64: the uncompressed vmlinux, PVH entry).
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// Host directory shared as `nix-store`.
+    pub store: PathBuf,
+    /// Store path of the system inside the guest, e.g. `/nix/store/<hash>-vmdisk-system`.
+    pub system: String,
+    pub kernel_release: String,
+}
+
+impl GuestAssets {
+    /// `init=` for the kernel command line.
+    pub fn init(&self) -> String {
+        format!("{}/init", self.system)
+    }
+}
+
+fn kernel_package(lock: &Lock, arch: Arch) -> Result<&LockedPackage> {
+    lock.packages
+        .iter()
+        .find(|p| p.name.starts_with("linux-image-") && p.arch == arch.debian())
+        .with_context(|| {
+            format!(
+                "the asset lock has no linux-image-* package for {} ({}); run `cargo xtask vmtest --relock`",
+                arch,
+                arch.debian()
+            )
+        })
+}
+
+fn packages(lock: &Lock, arch: Arch) -> Result<Vec<&LockedPackage>> {
+    let mut v = vec![kernel_package(lock, arch)?];
+    for name in GUEST_PACKAGES {
+        v.push(lock.get(name, arch.debian())?);
+    }
+    Ok(v)
+}
+
+/// The cache key of the assets: everything that goes into them.
+fn asset_key(arch: Arch, pkgs: &[&LockedPackage]) -> String {
+    let mut h = Sha256::new();
+    h.update(format!("vmdisk-guest-assets v{ASSET_FORMAT} {arch}\n"));
+    for p in pkgs {
+        h.update(format!(
+            "{} {} {} {}\n",
+            p.name, p.version, p.arch, p.sha256
+        ));
+    }
+    h.update(STAGE1);
+    h.update(STAGE2);
+    for (g, mods) in MODULE_GROUPS {
+        h.update(format!("{g}:{}\n", mods.join(",")));
+    }
+    h.update(APPLETS.join(","));
+    for (a, b) in PROGRAMS {
+        h.update(format!("{a}>{b}\n"));
+    }
+    hex(&h.finalize())[..32].to_string()
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Build (or reuse from the cache) the kernel, initramfs and store for `arch`.
+pub fn prepare_assets(cache: &Cache, lock: &Lock, arch: Arch) -> Result<GuestAssets> {
+    let pkgs = packages(lock, arch)?;
+    let key = asset_key(arch, &pkgs);
+    let dir = cache.root().join("guest").join(format!("{arch}-{key}"));
+    let system = format!("/nix/store/{key}-vmdisk-system");
+    let manifest = dir.join("kernel-release");
+    if !manifest.is_file() {
+        build_assets(cache, &pkgs, arch, &dir, &key)
+            .with_context(|| format!("building the {arch} guest assets"))?;
+    }
+    let kernel_release = fs::read_to_string(&manifest)?.trim().to_string();
+    Ok(GuestAssets {
+        arch,
+        kernel: dir.join("kernel"),
+        initrd: dir.join("initrd.img"),
+        store: dir.join("store"),
+        system,
+        kernel_release,
+    })
+}
+
+fn build_assets(
+    cache: &Cache,
+    pkgs: &[&LockedPackage],
+    arch: Arch,
+    dir: &Path,
+    key: &str,
+) -> Result<()> {
+    let parent = dir.parent().expect("guest dir has a parent");
+    fs::create_dir_all(parent)?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".building-")
+        .tempdir_in(parent)?;
+    let out = tmp.path();
+
+    // Kernel.
+    let kpkg = cache.unpacked(pkgs[0])?;
+    let release = kernel::kernel_release(&kpkg)?;
+    let vmlinuz = fs::read(kpkg.join(format!("boot/vmlinuz-{release}")))
+        .with_context(|| format!("reading boot/vmlinuz-{release} of {}", pkgs[0].name))?;
+    let image = kernel::boot_image(arch, &vmlinuz)?;
+    fs::write(out.join("kernel"), image)?;
+
+    // Initramfs: busybox, modules in load order, stage 1.
+    let busybox = fs::read(
+        cache
+            .unpacked(find(pkgs, "busybox-static")?)?
+            .join("bin/busybox"),
+    )
+    .context("reading busybox from busybox-static")?;
+    let modroot = kernel::modules_dir(&kpkg)?;
+    let mut initrd = Vec::new();
+    {
+        let mut w = CpioWriter::new(&mut initrd);
+        for d in [
+            "bin",
+            "dev",
+            "proc",
+            "sys",
+            "mnt-root",
+            "lib",
+            "lib/modules",
+        ] {
+            w.dir(d, 0o755)?;
+        }
+        w.file("bin/busybox", 0o755, &busybox)?;
+        w.file("init", 0o755, STAGE1.as_bytes())?;
+        let mut loaded: Vec<PathBuf> = Vec::new();
+        for (group, wanted) in MODULE_GROUPS {
+            let order = kernel::load_order(&modroot, wanted)
+                .with_context(|| format!("module group {group}"))?;
+            let mut list = String::new();
+            for m in order {
+                if loaded.contains(&m) {
+                    continue;
+                }
+                let name = m
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .context("module file name")?
+                    .to_string();
+                let bytes = fs::read(modroot.join(&m)).or_else(|_| fs::read(&m))?;
+                w.file(&format!("lib/modules/{name}"), 0o644, &bytes)?;
+                list.push_str(&name);
+                list.push('\n');
+                loaded.push(m);
+            }
+            w.file(
+                &format!("lib/modules/load-order.{group}"),
+                0o644,
+                list.as_bytes(),
+            )?;
+        }
+        w.finish()?;
+    }
+    fs::write(out.join("initrd.img"), initrd)?;
+
+    // Store: <key>-vmdisk-system with stage 2, busybox + applets, programs + libraries.
+    let sys = out.join("store").join(format!("{key}-vmdisk-system"));
+    let system_path = format!("/nix/store/{key}-vmdisk-system");
+    fs::create_dir_all(sys.join("bin"))?;
+    fs::create_dir_all(sys.join("sbin"))?;
+    fs::write(sys.join("bin/busybox"), &busybox)?;
+    fs::set_permissions(sys.join("bin/busybox"), fs::Permissions::from_mode(0o755))?;
+    for a in APPLETS {
+        symlink("busybox", sys.join("bin").join(a))?;
+    }
+    let init = sys.join("init");
+    fs::write(&init, STAGE2.replace("@system@", &system_path))?;
+    fs::set_permissions(&init, fs::Permissions::from_mode(0o755))?;
+
+    let sysroot = cache.sysroot_of(&pkgs[1..])?;
+    let programs: Vec<PathBuf> = PROGRAMS.iter().map(|(src, _)| PathBuf::from(src)).collect();
+    for (src, dst) in PROGRAMS {
+        copy_file(&sysroot.join(src), &sys.join(dst))?;
+    }
+    for rel in elf::library_closure(&sysroot, arch, &programs)? {
+        copy_entry(&sysroot, &rel, &sys)?;
+    }
+    fs::write(out.join("kernel-release"), format!("{release}\n"))?;
+
+    let staged = tmp.keep();
+    match fs::rename(&staged, dir) {
+        Ok(()) => Ok(()),
+        // Someone else finished the same key first: theirs is identical.
+        Err(_) if dir.join("kernel-release").is_file() => {
+            let _ = fs::remove_dir_all(&staged);
+            Ok(())
+        }
+        Err(e) => {
+            let _ = fs::remove_dir_all(&staged);
+            Err(e).with_context(|| format!("moving built assets to {}", dir.display()))
+        }
+    }
+}
+
+fn find<'a>(pkgs: &[&'a LockedPackage], name: &str) -> Result<&'a LockedPackage> {
+    pkgs.iter()
+        .copied()
+        .find(|p| p.name == name)
+        .with_context(|| format!("package {name} is not in the asset set"))
+}
+
+fn copy_file(src: &Path, dst: &Path) -> Result<()> {
+    if let Some(p) = dst.parent() {
+        fs::create_dir_all(p)?;
+    }
+    fs::copy(src, dst).with_context(|| format!("copying {}", src.display()))?;
+    Ok(())
+}
+
+/// Copy `rel` (a file or a symlink, as found in `from`) to the same relative path under `to`.
+fn copy_entry(from: &Path, rel: &Path, to: &Path) -> Result<()> {
+    let src = from.join(rel);
+    let dst = to.join(rel);
+    if dst.symlink_metadata().is_ok() {
+        return Ok(());
+    }
+    if let Some(p) = dst.parent() {
+        fs::create_dir_all(p)?;
+    }
+    let md = src
+        .symlink_metadata()
+        .with_context(|| format!("{}", src.display()))?;
+    if md.file_type().is_symlink() {
+        symlink(fs::read_link(&src)?, &dst)?;
+    } else {
+        fs::copy(&src, &dst).with_context(|| format!("copying {}", src.display()))?;
+    }
+    Ok(())
+}
+
+/// The per-run secrets and settings that go onto the root disk.
+#[derive(Clone, Debug)]
+pub struct RootConfig {
+    /// Dropbear-format private host key.
+    pub host_key_dropbear: Vec<u8>,
+    /// `authorized_keys` content for root.
+    pub authorized_keys: String,
+    /// The whole `/etc/shadow`.
+    pub shadow: Vec<u8>,
+    pub hostname: String,
+}
+
+/// The default shadow file: root has no password (key login only).
+pub const DEFAULT_SHADOW: &str = "root:*:19000:0:99999:7:::\n";
+
+/// Write the root filesystem tree into `dir` (which must be empty or absent).
+pub fn write_root_tree(dir: &Path, assets: &GuestAssets, cfg: &RootConfig) -> Result<()> {
+    let w = |rel: &str, data: &[u8], mode: u32| -> Result<()> {
+        let p = dir.join(rel);
+        if let Some(parent) = p.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        fs::write(&p, data)?;
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode))?;
+        Ok(())
+    };
+    for d in [
+        "nix/store",
+        "nix/.ro-store",
+        "nix/.rw-store",
+        "proc",
+        "sys",
+        "dev",
+        "run",
+        "tmp",
+        "mnt",
+        "var",
+        "etc/dropbear",
+        "root/.ssh",
+    ] {
+        fs::create_dir_all(dir.join(d))?;
+    }
+    fs::set_permissions(dir.join("root"), fs::Permissions::from_mode(0o700))?;
+    fs::set_permissions(dir.join("root/.ssh"), fs::Permissions::from_mode(0o700))?;
+    fs::set_permissions(dir.join("tmp"), fs::Permissions::from_mode(0o1777))?;
+    w("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n", 0o644)?;
+    w("etc/group", b"root:x:0:\n", 0o644)?;
+    w("etc/shadow", &cfg.shadow, 0o600)?;
+    w("etc/shells", b"/bin/sh\n", 0o644)?;
+    w(
+        "etc/hostname",
+        format!("{}\n", cfg.hostname).as_bytes(),
+        0o644,
+    )?;
+    w(
+        "etc/dropbear/dropbear_ed25519_host_key",
+        &cfg.host_key_dropbear,
+        0o600,
+    )?;
+    w(
+        "root/.ssh/authorized_keys",
+        cfg.authorized_keys.as_bytes(),
+        0o600,
+    )?;
+    // As on NixOS, the root disk holds no programs: everything links into the store.
+    for l in ["bin", "sbin", "lib", "lib64", "usr"] {
+        symlink(format!("{}/{l}", assets.system), dir.join(l))?;
+    }
+    Ok(())
+}
+
+/// Build the VM's disk with `vmdisk create --layout ... --copy-in root=TREE`.
+pub fn build_disk(
+    vmdisk: &Path,
+    def: &VmDef,
+    root_tree: &Path,
+    disk: &Path,
+    seed: u64,
+) -> Result<()> {
+    let mut cmd = Command::new(vmdisk);
+    cmd.arg("create")
+        .arg("-q")
+        .arg("-f")
+        .arg(&def.disk_format)
+        .arg("--layout")
+        .arg(&def.layout)
+        .arg("--copy-in")
+        .arg(format!("/={}", root_tree.display()))
+        .arg("--seed")
+        .arg(seed.to_string());
+    for (part, dir) in &def.copy_in {
+        cmd.arg("--copy-in")
+            .arg(format!("{part}={}", dir.display()));
+    }
+    cmd.arg(disk);
+    if let Some(size) = &def.disk_size {
+        cmd.arg(size);
+    }
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {}", vmdisk.display()))?;
+    if !out.status.success() {
+        bail!(
+            "`vmdisk create --layout {}` failed: {}",
+            def.layout.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stage_scripts_use_markers_the_harness_knows() {
+        for m in [
+            "@@vmdisk stage1 start",
+            "@@vmdisk stage1 modules-loaded",
+            "@@vmdisk stage1 root-found",
+            "@@vmdisk stage1 root-mounted",
+            "@@vmdisk stage1 store-mounted",
+            "@@vmdisk stage1 overlay-mounted",
+            "@@vmdisk stage1 switch",
+            "@@vmdisk FAIL stage1",
+        ] {
+            assert!(STAGE1.contains(m), "stage-1.sh lacks {m}");
+        }
+        for m in [
+            "@@vmdisk stage2 start",
+            "@@vmdisk stage2 sshd-started",
+            "@@vmdisk stage2 ready",
+            "@@vmdisk stage2 nbd-attached",
+        ] {
+            assert!(STAGE2.contains(m), "stage-2.sh lacks {m}");
+        }
+        assert!(STAGE2.starts_with("#!@system@/bin/sh\n"));
+    }
+
+    #[test]
+    fn applets_cover_what_the_stage_scripts_call() {
+        for cmd in [
+            "sh", "mount", "ip", "hostname", "chown", "chmod", "sleep", "poweroff", "sync",
+            "blockdev", "setsid", "cttyhack", "grep", "ls", "cat", "mkdir",
+        ] {
+            assert!(APPLETS.contains(&cmd), "{cmd} is not linked into the store");
+        }
+        let mut sorted = APPLETS.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), APPLETS.len());
+    }
+}

@@ -1,0 +1,234 @@
+//! `vmdisk rescue IMAGE [-- COMMAND]`: boot the harness's rescue VM with IMAGE exported by our
+//! NBD server and attached in the guest with nbd-client, so the guest kernel's full ext4 (journal
+//! replay included) does what the offline editor refuses.
+//!
+//! The image is opened here, under qemu's write lock, and served on a loopback port the guest
+//! reaches as 10.0.2.2 (qemu user networking). With COMMAND, it runs over SSH in the guest
+//! (busybox sh -c; the image is /dev/nbd0, partitions /dev/nbd0p1...) and its exit code becomes
+//! ours; then the guest syncs and detaches before the VM stops and the server flushes.
+//! Without COMMAND, a shell opens on the VM's serial console.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use vmdisk_block::BlockDevice;
+use vmdisk_image::OpenOptions;
+use vmdisk_nbd::{Listen, Listener, ServerConfig};
+use vmdisk_vm::assets::{Cache, Lock};
+use vmdisk_vm::def::VmDef;
+use vmdisk_vm::run::{Faults, Harness, PrepareOptions, Timings};
+use vmdisk_vm::vm::Timeouts;
+use vmdisk_vm::Arch;
+
+use crate::FormatArg;
+
+#[derive(Debug, Args)]
+pub struct RescueArgs {
+    /// The image to rescue (raw or qcow2; a backing chain is followed).
+    pub image: PathBuf,
+    /// Format of IMAGE (probed when not given).
+    #[arg(short = 'f', value_enum)]
+    pub format: Option<FormatArg>,
+    /// Attach the image read-only (the guest sees a read-only /dev/nbd0).
+    #[arg(long)]
+    pub read_only: bool,
+    /// Keep the rescue VM's artifact folder (console log, qemu command line) and print it.
+    #[arg(long)]
+    pub keep: bool,
+    /// Command to run in the rescue VM with busybox `sh -c` (e.g. `mount /dev/nbd0p2 /mnt &&
+    /// ...`); without one, a shell opens on the VM's console.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+pub fn run(a: RescueArgs, quiet: bool) -> Result<u8> {
+    let arch = Arch::host().context("vmdisk rescue runs on x86_64 and aarch64 hosts")?;
+    let img = vmdisk_image::open(
+        &a.image,
+        &OpenOptions {
+            format: a.format.map(Into::into),
+            read_only: a.read_only,
+            force_share: false,
+            no_backing: false,
+        },
+    )
+    .with_context(|| format!("opening {} for the rescue VM", a.image.display()))?;
+    let dev: Arc<dyn BlockDevice> = img.dev();
+
+    // The NBD server on a loopback port, in its own runtime thread until we say stop.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let cfg = ServerConfig {
+        export_name: "rescue".into(),
+        read_only: a.read_only,
+        persistent: true,
+        max_connections: 2,
+        allow_uids: None,
+        description: Some(format!("vmdisk rescue of {}", a.image.display())),
+        allow_remote: false,
+    };
+    let addr: SocketAddr = "127.0.0.1:0".parse()?;
+    let listener = rt.block_on(async { Listener::bind(&Listen::Tcp(addr), &cfg) })?;
+    let port = listener
+        .local_addr()
+        .context("the NBD listener has no address")?
+        .port();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = rt.spawn(vmdisk_nbd::serve_listener(dev, listener, cfg, async move {
+        let _ = stop_rx.await;
+    }));
+
+    let outcome = boot_and_work(&a, arch, port, quiet);
+
+    let _ = stop_tx.send(());
+    let served = rt.block_on(server);
+    img.close()?;
+    match served {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => eprintln!("vmdisk: rescue: NBD server: {e}"),
+        Err(e) => eprintln!("vmdisk: rescue: NBD server task: {e}"),
+    }
+    outcome
+}
+
+fn boot_and_work(a: &RescueArgs, arch: Arch, port: u16, quiet: bool) -> Result<u8> {
+    let work = tempfile::Builder::new()
+        .prefix("vmdisk-rescue-")
+        .tempdir()?;
+    let harness = Harness {
+        vmdisk: std::env::current_exe().context("finding the vmdisk binary")?,
+        cache: Cache::new(Cache::default_root()?),
+        lock: Lock::builtin()?,
+        artifacts_root: work.path().to_path_buf(),
+        keep: false,
+        timeouts: Timeouts::from_env(),
+        accel: None,
+        tmp_root: None,
+    };
+    let def = VmDef::rescue(arch, &work.path().join("rescue-layout.json"))?;
+    if !quiet {
+        eprintln!(
+            "vmdisk: rescue: preparing the rescue VM (first use downloads pinned Debian packages into {})",
+            harness.cache.root().display()
+        );
+    }
+    let p = harness.prepare(&def, &PrepareOptions::default())?;
+    let mut append = format!("vmdisk.nbd=10.0.2.2:{port}:rescue");
+    let interactive = a.command.is_empty();
+    if interactive {
+        append.push_str(" vmdisk.console_shell=1");
+    }
+    let mut t = Timings::default();
+    let result = (|| -> Result<u8> {
+        let mut b = harness
+            .boot(&p, &Faults::default(), &append, &mut t)
+            .context("booting the rescue VM")?;
+        match b.vm.wait_marker(
+            "NBD attach",
+            "@@vmdisk stage2 nbd-attached",
+            harness.timeouts.ssh_command,
+        ) {
+            Ok(l) => {
+                if !quiet {
+                    eprintln!(
+                        "vmdisk: rescue: {} is /dev/nbd0 in the VM ({})",
+                        a.image.display(),
+                        l.text
+                            .trim_start_matches("@@vmdisk stage2 nbd-attached /dev/nbd0 ")
+                    );
+                }
+            }
+            Err(e) => bail!("the rescue VM could not attach the image: {e}"),
+        }
+        if interactive {
+            return console_shell(&mut b.vm);
+        }
+        let script = a.command.join(" ");
+        let status = b
+            .ssh
+            .base_command()
+            .arg(format!("cd /root && {script}"))
+            .stdin(std::process::Stdio::inherit())
+            .status()
+            .context("running the command over SSH")?;
+        // Flush the guest's caches to the NBD device and detach before stopping the VM.
+        let out = b.ssh.run(
+            "sync && nbd-client -d /dev/nbd0",
+            None,
+            harness.timeouts.ssh_command,
+        )?;
+        if out.status != Some(0) {
+            bail!(
+                "the rescue VM could not flush and detach the image: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        b.vm.stop();
+        Ok(status.code().map_or(1, |c| c.clamp(0, 255) as u8))
+    })();
+    if result.is_err() || a.keep {
+        let kept = work.keep();
+        eprintln!(
+            "vmdisk: rescue: console log and qemu command line in {}",
+            kept.display()
+        );
+    }
+    result
+}
+
+/// Bridge the terminal to the VM's serial console until the guest powers off (the shell's
+/// `exit` makes stage 2 sync, detach the image and power off).
+fn console_shell(vm: &mut vmdisk_vm::vm::TestVm) -> Result<u8> {
+    // stdin is read on a detached thread (a blocking read cannot be cancelled); keystrokes
+    // reach the console through a channel.
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1024];
+        let mut stdin = std::io::stdin();
+        while let Ok(n) = stdin.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let console = &vm.console;
+    let mut out = std::io::stdout();
+    let mut shown = console.line_count();
+    let mut shown_pending = String::new();
+    loop {
+        while let Ok(keys) = rx.try_recv() {
+            console.write(&keys)?;
+        }
+        let lines = console.lines();
+        for l in lines.iter().skip(shown) {
+            // A prompt shown earlier as pending is now the start of this line.
+            let text = l
+                .text
+                .strip_prefix(shown_pending.as_str())
+                .unwrap_or(&l.text);
+            writeln!(out, "{text}")?;
+            shown_pending.clear();
+        }
+        shown = shown.max(lines.len());
+        let pending = console.pending();
+        if pending != shown_pending {
+            let new = pending
+                .strip_prefix(shown_pending.as_str())
+                .unwrap_or(&pending);
+            write!(out, "{new}")?;
+            shown_pending = pending;
+        }
+        out.flush()?;
+        if console.closed() {
+            return Ok(0);
+        }
+        let _ = console.wait_for_from("console output", shown, Duration::from_millis(50), |_| true);
+    }
+}

@@ -1,0 +1,311 @@
+//! The VM harness against real qemu and a real kernel: the quick suite CI runs.
+//!
+//! Every test boots guests whose disks `vmdisk create --layout` built, and checks both the
+//! harness's verdict and that it leaves nothing behind: each test points the harness's socket
+//! directories at a folder of its own and, at the end, asserts that folder is empty and that no
+//! qemu process mentions the test's artifact folder.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tests::{s, vmdisk_bin, vmdisk_bytes, workspace_root};
+use vmdisk_vm::assets::{Cache, Lock};
+use vmdisk_vm::def::VmDef;
+use vmdisk_vm::run::{Faults, Harness, PrepareOptions, Prepared, VmResult};
+use vmdisk_vm::ssh::Ssh;
+use vmdisk_vm::vm::Timeouts;
+
+const PASSWORD: &str = "rescued-by-vmdisk";
+
+/// A harness writing into `dir` (artifacts in dir/artifacts, sockets in dir/tmp).
+fn harness(dir: &Path) -> Harness {
+    let lock =
+        Lock::parse(&fs::read_to_string(workspace_root().join("testvms/assets.lock")).unwrap())
+            .unwrap();
+    fs::create_dir_all(dir.join("tmp")).unwrap();
+    Harness {
+        vmdisk: vmdisk_bin().to_path_buf(),
+        cache: Cache::new(Cache::default_root().unwrap()),
+        lock,
+        artifacts_root: dir.join("artifacts"),
+        keep: false,
+        timeouts: Timeouts::from_env(),
+        accel: None,
+        tmp_root: Some(dir.join("tmp")),
+    }
+}
+
+fn def(name: &str) -> VmDef {
+    VmDef::load(&workspace_root().join(format!("testvms/{name}.toml"))).unwrap()
+}
+
+/// No socket dir left, no qemu process still pointing into this test's folder.
+fn assert_no_leftovers(dir: &Path) {
+    let left: Vec<PathBuf> = fs::read_dir(dir.join("tmp"))
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    assert!(left.is_empty(), "temp dirs left behind: {left:?}");
+    let needle = dir.to_string_lossy().to_string();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let name = e.file_name();
+        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(cmd) = fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        assert!(
+            !(cmd.contains("qemu-system") && cmd.contains(&needle)),
+            "a qemu process outlived its test: pid {:?}: {cmd}",
+            name
+        );
+    }
+}
+
+fn describe(r: &VmResult) -> String {
+    format!(
+        "{}\nartifacts: {}\nserial log:\n{}",
+        vmdisk_vm::report::table(std::slice::from_ref(r)),
+        r.artifacts.display(),
+        fs::read_to_string(r.artifacts.join("serial.log")).unwrap_or_default()
+    )
+}
+
+#[test]
+fn x86_64_guest_boots_mounts_root_and_store_and_answers_ssh() {
+    let tmp = tempfile::tempdir().unwrap();
+    let h = harness(tmp.path());
+    let r = h.run(&def("x86_64"), &Faults::default());
+    assert!(r.passed, "{}", describe(&r));
+    for name in ["stage1", "ssh", "uname", "root", "store", "store-overlay"] {
+        assert!(
+            r.checks.iter().any(|c| c.name == name && c.ok),
+            "check {name} missing or failed:\n{}",
+            describe(&r)
+        );
+    }
+    let t = &r.timings;
+    let (stage1, banner, ssh) = (t.stage1_s.unwrap(), t.banner_s.unwrap(), t.ssh_s.unwrap());
+    assert!(0.0 < stage1 && stage1 <= banner && banner <= ssh, "{t:?}");
+    // The artifact folder has what a failure report would point at.
+    for f in ["qemu-cmdline.txt", "serial.log", "qmp.log", "result.json"] {
+        assert!(r.artifacts.join(f).is_file(), "artifact {f} missing");
+    }
+    let result: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(r.artifacts.join("result.json")).unwrap())
+            .unwrap();
+    assert_eq!(result["passed"], true);
+    // The disk is not kept without --keep.
+    assert!(!r.artifacts.join("disk.qcow2").exists());
+    assert_no_leftovers(tmp.path());
+}
+
+/// Run `def` with `faults`; it must fail with diagnosis `id` before any generic timeout.
+fn expect_diagnosis(def: &VmDef, faults: &Faults, id: &str) -> VmResult {
+    let tmp = tempfile::tempdir().unwrap();
+    let h = harness(tmp.path());
+    let t0 = std::time::Instant::now();
+    let r = h.run(def, faults);
+    let took = t0.elapsed();
+    assert!(!r.passed, "a faulty VM passed:\n{}", describe(&r));
+    let d = r
+        .diagnosis
+        .clone()
+        .unwrap_or_else(|| panic!("no diagnosis for {id}:\n{}", describe(&r)));
+    assert_eq!(d.id, id, "wrong diagnosis:\n{}", describe(&r));
+    assert!(
+        took < h.timeouts.stage1,
+        "{id} took {took:?}: it waited for a timeout instead of recognising the failure"
+    );
+    assert_no_leftovers(tmp.path());
+    r
+}
+
+#[test]
+fn vm_without_the_9p_share_fails_in_stage1_naming_nix_store() {
+    let r = expect_diagnosis(
+        &def("x86_64"),
+        &Faults {
+            omit_store_share: true,
+            ..Default::default()
+        },
+        "store-share-missing",
+    );
+    let d = r.diagnosis.unwrap();
+    assert!(d.cause.contains("nix-store"), "{}", d.cause);
+    assert!(d.evidence.contains("9pnet_virtio: no channels available"));
+    assert!(r
+        .checks
+        .iter()
+        .any(|c| !c.ok && c.name.contains("store-mounted")));
+}
+
+#[test]
+fn wrong_pinned_host_key_is_diagnosed() {
+    expect_diagnosis(
+        &def("x86_64"),
+        &Faults {
+            pin_wrong_host_key: true,
+            ..Default::default()
+        },
+        "host-key-changed",
+    );
+}
+
+#[test]
+fn group_readable_client_key_is_diagnosed() {
+    expect_diagnosis(
+        &def("x86_64"),
+        &Faults {
+            client_key_mode: Some(0o640),
+            ..Default::default()
+        },
+        "unprotected-key",
+    );
+}
+
+#[test]
+fn disk_without_nixos_label_is_diagnosed() {
+    let mut d = def("x86_64");
+    d.layout = workspace_root().join("testvms/layouts/no-nixos-label.json");
+    let r = expect_diagnosis(&d, &Faults::default(), "no-root-device");
+    assert!(r.diagnosis.unwrap().cause.contains("LABEL=nixos"));
+}
+
+/// A shadow file no login can use: garbage where root's line should be.
+const BROKEN_SHADOW: &[u8] = b"root:$6$truncated\x00\xff\nnot a shadow line at all\n";
+
+fn password_login(p: &Prepared, h: &Harness) {
+    let mut t = Default::default();
+    let b = h
+        .boot(p, &Faults::default(), "", &mut t)
+        .unwrap_or_else(|e| panic!("the repaired disk did not boot: {e:#}"));
+    let ssh = Ssh {
+        user: "root".into(),
+        ..b.ssh.clone()
+    };
+    let out = ssh
+        .password_command(PASSWORD)
+        .unwrap()
+        .arg("echo logged-in-as-$(id -u)")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("logged-in-as-0"),
+        "password login failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        fs::read_to_string(p.dir.join("serial.log")).unwrap_or_default()
+    );
+    // And a wrong password is refused (the check above could not pass by accident).
+    let out = ssh
+        .password_command("wrong")
+        .unwrap()
+        .arg("true")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a wrong password was accepted");
+}
+
+#[test]
+fn broken_shadow_repaired_offline_with_vmdisk_passwd_then_password_login_works() {
+    let tmp = tempfile::tempdir().unwrap();
+    let h = harness(tmp.path());
+    let p = h
+        .prepare(
+            &def("x86_64"),
+            &PrepareOptions {
+                shadow: Some(BROKEN_SHADOW.to_vec()),
+                tag: Some("passwd".into()),
+            },
+        )
+        .unwrap();
+    let (r, _) = vmdisk_bytes(
+        &["passwd", s(&p.disk), "root", "--password-stdin"],
+        Some(format!("{PASSWORD}\n").as_bytes()),
+    );
+    r.ok();
+    password_login(&p, &h);
+    assert_no_leftovers(tmp.path());
+}
+
+#[test]
+fn broken_shadow_repaired_through_vmdisk_rescue_then_password_login_works() {
+    let tmp = tempfile::tempdir().unwrap();
+    let h = harness(tmp.path());
+    let p = h
+        .prepare(
+            &def("x86_64"),
+            &PrepareOptions {
+                shadow: Some(BROKEN_SHADOW.to_vec()),
+                tag: Some("rescue".into()),
+            },
+        )
+        .unwrap();
+    // The hash comes from the host's openssl; the guest only writes the line.
+    let hash = std::process::Command::new(tests::require_tool("openssl"))
+        .args(["passwd", "-6", PASSWORD])
+        .output()
+        .unwrap();
+    let hash = String::from_utf8(hash.stdout).unwrap().trim().to_string();
+    assert!(hash.starts_with("$6$"), "openssl passwd -6 gave {hash:?}");
+    // Partition 3 of esp-swap-root is the ext4 root; the guest kernel mounts it (journal
+    // replay and all), the command rewrites /etc/shadow, unmounts, and rescue detaches.
+    let script = format!(
+        "mount /dev/nbd0p3 /mnt && printf '%s\\n' 'root:{hash}:19000:0:99999:7:::' > /mnt/etc/shadow \
+         && chmod 600 /mnt/etc/shadow && umount /mnt && echo rescue-done"
+    );
+    let out = tests::run_with_timeout(
+        std::process::Command::new(vmdisk_bin())
+            .env("TMPDIR", tmp.path().join("tmp"))
+            .args(["rescue", s(&p.disk), "--", &script]),
+        Duration::from_secs(300),
+    );
+    assert!(
+        out.success() && out.stdout.contains("rescue-done"),
+        "vmdisk rescue failed:\n{out}"
+    );
+    // The edit is on the disk, as the kernel wrote it: e2fsck-clean ext4 with the new line.
+    let shadow = tests::vmdisk(&["cat", s(&p.disk), "/etc/shadow"]).ok();
+    assert!(shadow.stdout.contains(&hash), "{shadow}");
+    password_login(&p, &h);
+    assert_no_leftovers(tmp.path());
+}
+
+#[test]
+fn nixpkgs_shaped_run_script_boots_and_passes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let h = harness(tmp.path());
+    let p = h
+        .prepare(
+            &def("x86_64"),
+            &PrepareOptions {
+                tag: Some("script".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let bin = h.qemu(p.def.arch).unwrap();
+    let script = p.dir.join("run-nixos-vm");
+    vmdisk_vm::run::write_nixpkgs_script(&p, &bin, &script).unwrap();
+    let text = fs::read_to_string(&script).unwrap();
+    for shape in [
+        "\"$QEMU_NET_OPTS\"",
+        "$QEMU_OPTS",
+        "NIX_DISK_IMAGE",
+        "mount_tag=nix-store",
+        "exec ",
+    ] {
+        assert!(
+            text.contains(shape),
+            "script lacks the nixpkgs shape {shape:?}"
+        );
+    }
+    let r = h.run_script(&p, &script);
+    assert!(r.passed, "{}", describe(&r));
+    let cmdline = fs::read_to_string(r.artifacts.join("qemu-cmdline.txt")).unwrap();
+    assert!(cmdline.contains("QEMU_NET_OPTS=") && cmdline.contains("hostfwd=tcp:127.0.0.1:"));
+    assert_no_leftovers(tmp.path());
+}

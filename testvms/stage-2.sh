@@ -1,0 +1,75 @@
+#!@system@/bin/sh
+# Stage 2 of a vmdisk test VM, run from the store (@system@/init) after stage 1's switch_root:
+# network, SSH (dropbear with the host key the harness generated and pinned), and for the rescue
+# VM the NBD export of the image being rescued. Marker lines as in stage 1:
+#   @@vmdisk stage2 <step> <details>      and on failure   @@vmdisk FAIL stage2 <step>: <why>
+# Parameters: vmdisk.nbd=HOST:PORT[:EXPORT] (attach /dev/nbd0)  vmdisk.console_shell=1
+export PATH=@system@/bin:@system@/sbin
+export HOME=/root
+echo "@@vmdisk stage2 start"
+
+fail() {
+    echo "@@vmdisk FAIL stage2 $1: $2"
+    sync
+    poweroff -f
+}
+
+mkdir -p /dev/pts /run /tmp
+mount -t devpts -o mode=0620,ptmxmode=0666 devpts /dev/pts
+mount -t tmpfs -o mode=0755 tmpfs /run
+mount -t tmpfs -o mode=1777 tmpfs /tmp
+hostname "$(cat /etc/hostname 2>/dev/null || echo vmdisk-guest)"
+
+nbd= console_shell=
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        vmdisk.nbd=*) nbd="${arg#vmdisk.nbd=}" ;;
+        vmdisk.console_shell=*) console_shell="${arg#vmdisk.console_shell=}" ;;
+    esac
+done
+
+# qemu's user network: static addresses are instant where DHCP would cost a round of timeouts.
+ip link set lo up
+ip link set eth0 up || fail network "no eth0 (virtio-net missing?)"
+ip addr add 10.0.2.15/24 dev eth0
+ip route add default via 10.0.2.2
+echo "@@vmdisk stage2 network-up eth0 10.0.2.15"
+
+# The disk may have been built by a non-root user: SSH wants root's files to be root's.
+[ -d /root ] && chown -R 0:0 /root && chmod 700 /root
+[ -d /root/.ssh ] && chmod 700 /root/.ssh
+[ -f /root/.ssh/authorized_keys ] && chmod 600 /root/.ssh/authorized_keys
+key=/etc/dropbear/dropbear_ed25519_host_key
+[ -f "$key" ] || fail sshd "no host key $key on the root disk"
+dropbear -E -p 22 -r "$key" -P /run/dropbear.pid 2>/dev/console || fail sshd "dropbear did not start"
+echo "@@vmdisk stage2 sshd-started port 22"
+
+if [ -n "$nbd" ]; then
+    host="${nbd%%:*}"; rest="${nbd#*:}"; port="${rest%%:*}"; name=
+    [ "$rest" != "$port" ] && name="${rest#*:}"
+    if [ -n "$name" ]; then
+        nbd-client "$host" "$port" /dev/nbd0 -N "$name" -b 4096 || fail nbd "nbd-client $host $port failed"
+    else
+        nbd-client "$host" "$port" /dev/nbd0 -b 4096 || fail nbd "nbd-client $host $port failed"
+    fi
+    blockdev --rereadpt /dev/nbd0 2>/dev/null
+    echo "@@vmdisk stage2 nbd-attached /dev/nbd0 $(ls /sys/block/nbd0 | grep -c '^nbd0p') partitions"
+fi
+
+echo "@@vmdisk stage2 ready"
+
+if [ "$console_shell" = 1 ]; then
+    echo "vmdisk rescue shell: the image is /dev/nbd0 (partitions /dev/nbd0p1 ...)."
+    echo "Type 'exit' to flush, detach and power off."
+    setsid cttyhack sh -l
+    sync
+    [ -n "$nbd" ] && nbd-client -d /dev/nbd0
+    echo "@@vmdisk stage2 poweroff"
+    poweroff -f
+fi
+
+# PID 1 stays; orphans are reaped by `wait`.
+while :; do
+    sleep 3600 &
+    wait
+done
