@@ -48,10 +48,11 @@ if [ -n "$nbd" ]; then
     host="${nbd%%:*}"; rest="${nbd#*:}"; port="${rest%%:*}"; name=
     [ "$rest" != "$port" ] && name="${rest#*:}"
     if [ -n "$name" ]; then
-        nbd-client "$host" "$port" /dev/nbd0 -N "$name" -b 4096 || fail nbd "nbd-client $host $port failed"
+        nbd-client "$host" "$port" /dev/nbd0 -N "$name" -b 512 || fail nbd "nbd-client $host $port failed"
     else
-        nbd-client "$host" "$port" /dev/nbd0 -b 4096 || fail nbd "nbd-client $host $port failed"
+        nbd-client "$host" "$port" /dev/nbd0 -b 512 || fail nbd "nbd-client $host $port failed"
     fi
+    # 512-byte blocks: a GPT written for 512-byte sectors is not found with 4 KiB ones.
     blockdev --rereadpt /dev/nbd0 2>/dev/null
     echo "@@vmdisk stage2 nbd-attached /dev/nbd0 $(ls /sys/block/nbd0 | grep -c '^nbd0p') partitions"
 fi

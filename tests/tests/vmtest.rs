@@ -67,9 +67,11 @@ fn assert_no_leftovers(dir: &Path) {
 
 fn describe(r: &VmResult) -> String {
     format!(
-        "{}\nartifacts: {}\nserial log:\n{}",
+        "{}\nartifacts: {}\nqemu command line: {}\nqemu stderr:\n{}\nserial log:\n{}",
         vmdisk_vm::report::table(std::slice::from_ref(r)),
         r.artifacts.display(),
+        fs::read_to_string(r.artifacts.join("qemu-cmdline.txt")).unwrap_or_default(),
+        fs::read_to_string(r.artifacts.join("qemu-stderr.log")).unwrap_or_default(),
         fs::read_to_string(r.artifacts.join("serial.log")).unwrap_or_default()
     )
 }
@@ -267,7 +269,7 @@ fn broken_shadow_repaired_through_vmdisk_rescue_then_password_login_works() {
         out.success() && out.stdout.contains("rescue-done"),
         "vmdisk rescue failed:\n{out}"
     );
-    // The edit is on the disk, as the kernel wrote it: e2fsck-clean ext4 with the new line.
+    // The edit is on the disk as the guest kernel wrote it, readable offline.
     let shadow = tests::vmdisk(&["cat", s(&p.disk), "/etc/shadow"]).ok();
     assert!(shadow.stdout.contains(&hash), "{shadow}");
     password_login(&p, &h);

@@ -226,6 +226,7 @@ impl Harness {
                 Ok((s, dirs))
             },
             self.timeouts,
+            Some(&self.cache.root().join("accel-probe")),
         )
     }
 

@@ -336,10 +336,14 @@ pub fn process_alive(pid: u32) -> bool {
 /// Decide the accelerator once per process: KVM only when /dev/kvm opens and a probe boot of
 /// `kernel` + `initrd` prints the probe marker in time (on some machines /dev/kvm exists but
 /// hangs), else TCG. `VMDISK_ACCEL=tcg|kvm` forces a choice.
+///
+/// The verdict is remembered for a day in `verdict_file` (keyed by the qemu binary), so
+/// separate processes (`vmdisk rescue` after a test run) do not each pay for the probe.
 pub fn choose_accel(
     bin: &QemuBinary,
     probe: impl FnOnce() -> Result<(QemuSpec, VmDirs)>,
     timeouts: Timeouts,
+    verdict_file: Option<&Path>,
 ) -> Accel {
     static CHOSEN: OnceLock<Accel> = OnceLock::new();
     *CHOSEN.get_or_init(|| {
@@ -350,6 +354,27 @@ pub fn choose_accel(
         }
         if !qemu::kvm_available() {
             return Accel::Tcg;
+        }
+        let key = format!(
+            "{} {}",
+            bin.path.display(),
+            bin.version.as_deref().unwrap_or("?")
+        );
+        if let Some(f) = verdict_file {
+            let fresh = fs::metadata(f)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age < Duration::from_secs(24 * 3600));
+            if fresh {
+                if let Ok(text) = fs::read_to_string(f) {
+                    match text.split_once('\n') {
+                        Some(("kvm", k)) if k.trim() == key => return Accel::Kvm,
+                        Some(("tcg", k)) if k.trim() == key => return Accel::Tcg,
+                        _ => {}
+                    }
+                }
+            }
         }
         let run = || -> Result<bool> {
             let (spec, dirs) = probe()?;
@@ -367,11 +392,16 @@ pub fn choose_accel(
                 .wait_marker("KVM probe", "@@vmdisk probe ok", timeouts.kvm_probe)
                 .is_ok())
         };
-        if run().unwrap_or(false) {
+        let accel = if run().unwrap_or(false) {
             Accel::Kvm
         } else {
             Accel::Tcg
+        };
+        if let Some(f) = verdict_file {
+            let word = if accel == Accel::Kvm { "kvm" } else { "tcg" };
+            let _ = fs::write(f, format!("{word}\n{key}\n"));
         }
+        accel
     })
 }
 
