@@ -105,6 +105,40 @@ fn x86_64_guest_boots_mounts_root_and_store_and_answers_ssh() {
     assert_no_leftovers(tmp.path());
 }
 
+#[test]
+fn aarch64_guest_compiles_natively_and_the_host_checks_the_elf() {
+    let tmp = tempfile::tempdir().unwrap();
+    let h = harness(tmp.path());
+    let r = h.run(&def("aarch64"), &Faults::default());
+    assert!(r.passed, "{}", describe(&r));
+    let c = r.checks.iter().find(|c| c.name == "cross-build").unwrap();
+    assert!(c.ok && c.detail.contains("AArch64 ELF"), "{c:?}");
+    assert!(
+        r.checks
+            .iter()
+            .any(|c| c.name == "uname" && c.detail.contains("= aarch64")),
+        "{}",
+        describe(&r)
+    );
+    assert!(r.timings.ssh_s.is_some());
+    assert_no_leftovers(tmp.path());
+}
+
+#[test]
+fn virtiofs_guest_mounts_the_store_over_virtiofs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let h = harness(tmp.path());
+    let r = h.run(&def("virtiofs"), &Faults::default());
+    assert!(r.passed, "{}", describe(&r));
+    let c = r.checks.iter().find(|c| c.name == "store").unwrap();
+    assert!(
+        c.detail
+            .starts_with("/nix/.ro-store is virtiofs from nix-store"),
+        "{c:?}"
+    );
+    assert_no_leftovers(tmp.path());
+}
+
 /// Run `def` with `faults`; it must fail with diagnosis `id` before any generic timeout.
 fn expect_diagnosis(def: &VmDef, faults: &Faults, id: &str) -> VmResult {
     let tmp = tempfile::tempdir().unwrap();
@@ -175,6 +209,29 @@ fn disk_without_nixos_label_is_diagnosed() {
     d.layout = workspace_root().join("testvms/layouts/no-nixos-label.json");
     let r = expect_diagnosis(&d, &Faults::default(), "no-root-device");
     assert!(r.diagnosis.unwrap().cause.contains("LABEL=nixos"));
+}
+
+#[test]
+fn disk_held_by_another_writer_is_diagnosed_as_locked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let h = harness(tmp.path());
+    let p = h
+        .prepare(
+            &def("x86_64"),
+            &PrepareOptions {
+                tag: Some("locked".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    // Hold qemu's write lock on the disk, as a running VM or `vmdisk serve` would.
+    let held = vmdisk_image::open(&p.disk, &vmdisk_image::OpenOptions::default()).unwrap();
+    let r = h.run_prepared(&p, &Faults::default(), "");
+    drop(held);
+    assert!(!r.passed, "{}", describe(&r));
+    let d = r.diagnosis.clone().unwrap_or_else(|| panic!("{}", describe(&r)));
+    assert_eq!(d.id, "image-locked", "{}", describe(&r));
+    assert_no_leftovers(tmp.path());
 }
 
 /// A shadow file no login can use: garbage where root's line should be.

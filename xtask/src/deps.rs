@@ -71,6 +71,7 @@ pub const QEMU_RUNTIME_LIBS: &[&str] = &[
 /// Debian's unpacked by the harness, which needs QEMU_RUNTIME_LIBS).
 pub fn ensure_vm(sh: &Shell, install: bool) -> Result<()> {
     ensure(sh, install)?;
+    ensure_virtiofsd(sh, install)?;
     if have("qemu-system-x86_64") || std::env::var_os("VMDISK_QEMU_X86_64").is_some() {
         return Ok(());
     }
@@ -106,6 +107,56 @@ pub fn ensure_vm(sh: &Shell, install: bool) -> Result<()> {
          yourself (note: on Debian 12 that replaces a backported qemu-utils with 7.2)",
         missing.join(" ")
     )
+}
+
+/// virtiofsd, the host side of virtiofs shares: not packaged in Debian 12, so built from the
+/// `virtiofsd` crate into target/tools/bin (where the harness looks for it).
+pub const VIRTIOFSD_VERSION: &str = "1.14.0";
+const VIRTIOFSD_BUILD_DEPS: &[&str] = &["libseccomp-dev", "libcap-ng-dev", "pkg-config"];
+
+pub fn ensure_virtiofsd(sh: &Shell, install: bool) -> Result<()> {
+    if have("virtiofsd") || std::env::var_os("VMDISK_VIRTIOFSD").is_some() {
+        return Ok(());
+    }
+    let root = crate::project_root().join("target/tools");
+    if root.join("bin/virtiofsd").is_file() {
+        return Ok(());
+    }
+    let missing: Vec<&str> = VIRTIOFSD_BUILD_DEPS
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if !missing.is_empty() {
+        if install && have("apt-get") && is_root() {
+            eprintln!(
+                "xtask: installing virtiofsd's build dependencies: {}",
+                missing.join(" ")
+            );
+            cmd!(
+                sh,
+                "apt-get install -y -q --no-install-recommends {missing...}"
+            )
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .run()?;
+        } else if have("apt-get") {
+            bail!(
+                "building virtiofsd needs: {}\ninstall them with:\n    sudo apt-get install -y {}",
+                missing.join(" "),
+                missing.join(" ")
+            );
+        }
+    }
+    eprintln!(
+        "xtask: building virtiofsd {VIRTIOFSD_VERSION} into {}",
+        root.display()
+    );
+    cmd!(
+        sh,
+        "cargo install virtiofsd --version {VIRTIOFSD_VERSION} --locked --root {root}"
+    )
+    .run()?;
+    Ok(())
 }
 
 fn dpkg_installed(pkg: &str) -> bool {

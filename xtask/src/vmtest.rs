@@ -18,7 +18,11 @@ impl Vmtest {
         if self.relock {
             let path = root.join("testvms/assets.lock");
             let cache = Cache::new(Cache::default_root()?);
-            let lock = vmdisk_vm::assets::write_lock(&path, &cache, &[vmdisk_vm::Arch::X86_64])?;
+            let lock = vmdisk_vm::assets::write_lock(
+                &path,
+                &cache,
+                &[vmdisk_vm::Arch::X86_64, vmdisk_vm::Arch::Aarch64],
+            )?;
             eprintln!(
                 "xtask: wrote {} ({} packages)",
                 path.display(),

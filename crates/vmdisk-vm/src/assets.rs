@@ -736,6 +736,10 @@ pub const GUEST_PACKAGES: &[&str] = &[
     "libffi8",
 ];
 
+/// A native C toolchain in the guest, for the cross-architecture build assertion: tcc, and the
+/// C library's headers and start files it links against.
+pub const TOOLCHAIN_PACKAGES: &[&str] = &["tcc", "libc6-dev", "linux-libc-dev"];
+
 /// The Debian package with qemu for `guest` guests.
 pub fn qemu_package(guest: Arch) -> &'static str {
     match guest {
@@ -773,6 +777,7 @@ pub fn default_requests(guest: Arch, host: Arch) -> Result<Vec<Request>> {
     reqs.extend(
         GUEST_PACKAGES
             .iter()
+            .chain(TOOLCHAIN_PACKAGES)
             .map(|n| Request::new(n, g, Role::Guest)),
     );
     reqs.push(Request::new(qemu_package(guest), host.debian(), Role::Host));

@@ -47,6 +47,9 @@ pub struct Asserts {
     pub ssh: bool,
     /// `uname -m` over SSH is the definition's arch.
     pub uname: bool,
+    /// The host sends a C source, the guest compiles it natively (tcc) and runs it, the host
+    /// checks the ELF's machine (and runs it through binfmt_misc when registered).
+    pub cross_build: bool,
 }
 
 impl Default for Asserts {
@@ -55,6 +58,7 @@ impl Default for Asserts {
             stage1: true,
             ssh: true,
             uname: true,
+            cross_build: false,
         }
     }
 }

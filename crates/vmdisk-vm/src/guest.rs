@@ -15,7 +15,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
-use crate::assets::{Cache, Lock, LockedPackage, GUEST_PACKAGES};
+use crate::assets::{Cache, Lock, LockedPackage, GUEST_PACKAGES, TOOLCHAIN_PACKAGES};
 use crate::cpio::CpioWriter;
 use crate::def::VmDef;
 use crate::{elf, kernel, Arch};
@@ -194,7 +194,7 @@ fn kernel_package(lock: &Lock, arch: Arch) -> Result<&LockedPackage> {
 
 fn packages(lock: &Lock, arch: Arch) -> Result<Vec<&LockedPackage>> {
     let mut v = vec![kernel_package(lock, arch)?];
-    for name in GUEST_PACKAGES {
+    for name in GUEST_PACKAGES.iter().chain(TOOLCHAIN_PACKAGES) {
         v.push(lock.get(name, arch.debian())?);
     }
     Ok(v)
@@ -219,6 +219,7 @@ fn asset_key(arch: Arch, pkgs: &[&LockedPackage]) -> String {
     for (a, b) in PROGRAMS {
         h.update(format!("{a}>{b}\n"));
     }
+    h.update("toolchain: libc6 + TOOLCHAIN_PACKAGES, whole\n");
     hex(&h.finalize())[..32].to_string()
 }
 
@@ -346,6 +347,13 @@ fn build_assets(
     for rel in elf::library_closure(&sysroot, arch, &programs)? {
         copy_entry(&sysroot, &rel, &sys)?;
     }
+    // The native toolchain (tcc + the C library's headers, start files and libraries) goes in
+    // whole: tcc finds them at Debian's paths, which the root disk links into the store.
+    for name in ["libc6"].iter().chain(TOOLCHAIN_PACKAGES) {
+        let root = cache.unpacked(find(pkgs, name)?)?;
+        copy_tree(&root, Path::new(""), &sys)
+            .with_context(|| format!("copying {name} into the store"))?;
+    }
     fs::write(out.join("kernel-release"), format!("{release}\n"))?;
 
     let staged = tmp.keep();
@@ -395,6 +403,27 @@ fn copy_entry(from: &Path, rel: &Path, to: &Path) -> Result<()> {
         symlink(fs::read_link(&src)?, &dst)?;
     } else {
         fs::copy(&src, &dst).with_context(|| format!("copying {}", src.display()))?;
+    }
+    Ok(())
+}
+
+/// Copy `from/rel` recursively into `to/rel` (files, dirs, symlinks), skipping documentation
+/// and entries already present.
+fn copy_tree(from: &Path, rel: &Path, to: &Path) -> Result<()> {
+    let src = from.join(rel);
+    for e in fs::read_dir(&src).with_context(|| format!("{}", src.display()))? {
+        let e = e?;
+        let r = rel.join(e.file_name());
+        if r.starts_with("usr/share") || r.starts_with("etc") {
+            continue;
+        }
+        let ft = e.file_type()?;
+        if ft.is_dir() {
+            fs::create_dir_all(to.join(&r))?;
+            copy_tree(from, &r, to)?;
+        } else {
+            copy_entry(from, &r, to)?;
+        }
     }
     Ok(())
 }

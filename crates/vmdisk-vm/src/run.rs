@@ -660,7 +660,122 @@ fn assert_over_ssh(
         }
     }
     let text = String::from_utf8_lossy(&out.stdout).to_string();
-    Ok(check_guest_state(p, &text))
+    let mut checks = check_guest_state(p, &text);
+    if p.def.assert.cross_build {
+        checks.push(cross_build(p, b));
+    }
+    Ok(checks)
+}
+
+/// The program the cross-architecture build assertion compiles in the guest.
+const HELLO_C: &str =
+    "#include <stdio.h>\nint main(void) { printf(\"hello from %s\\n\", \"vmdisk\"); return 0; }\n";
+const HELLO_OUT: &str = "hello from vmdisk";
+
+/// Host sends C source, guest compiles it natively with tcc and runs it, host checks the
+/// returned ELF's machine and, when a binfmt_misc handler for it is registered, runs it too.
+fn cross_build(p: &Prepared, b: &Booted) -> Check {
+    let fail = |detail: String| Check {
+        name: "cross-build".into(),
+        ok: false,
+        detail,
+    };
+    let t = b.vm.timeouts.ssh_command;
+    let built = match b.ssh.run(
+        "cat > /tmp/hello.c && tcc -o /tmp/hello /tmp/hello.c && /tmp/hello",
+        Some(HELLO_C.as_bytes()),
+        t,
+    ) {
+        Ok(o) => o,
+        Err(e) => return fail(format!("ssh: {e:#}")),
+    };
+    let said = String::from_utf8_lossy(&built.stdout).trim().to_string();
+    if built.status != Some(0) || said != HELLO_OUT {
+        return fail(format!(
+            "guest build/run failed (exit {:?}): {said} {}",
+            built.status,
+            String::from_utf8_lossy(&built.stderr).trim()
+        ));
+    }
+    let elf_bytes = match b.ssh.run("cat /tmp/hello", None, t) {
+        Ok(o) if o.status == Some(0) => o.stdout,
+        Ok(o) => return fail(format!("fetching the binary: exit {:?}", o.status)),
+        Err(e) => return fail(format!("fetching the binary: {e:#}")),
+    };
+    let info = match crate::elf::inspect(&elf_bytes) {
+        Ok(i) => i,
+        Err(e) => return fail(format!("the guest's binary is not an ELF: {e:#}")),
+    };
+    let want = crate::elf::arch_machine(p.def.arch);
+    if info.machine != want {
+        return fail(format!(
+            "the guest built a {} ELF, expected {}",
+            crate::elf::machine_name(info.machine),
+            crate::elf::machine_name(want)
+        ));
+    }
+    let host_run = host_run(p, &elf_bytes);
+    Check {
+        name: "cross-build".into(),
+        ok: host_run.as_ref().is_none_or(|r| r.is_ok()),
+        detail: format!(
+            "guest tcc built a {} ELF ({} bytes) that printed {HELLO_OUT:?}; on the host: {}",
+            crate::elf::machine_name(info.machine),
+            elf_bytes.len(),
+            match &host_run {
+                None => format!(
+                    "not tried (no binfmt_misc handler for {} is registered here)",
+                    p.def.arch
+                ),
+                Some(Ok(how)) => format!("ran it through {how}"),
+                Some(Err(e)) => format!("running it failed: {e}"),
+            }
+        ),
+    }
+}
+
+/// Run the guest-built binary on the host when that is possible: natively for the host's own
+/// architecture, else through a registered, enabled binfmt_misc handler. None = not tried.
+fn host_run(p: &Prepared, elf_bytes: &[u8]) -> Option<std::result::Result<String, String>> {
+    let how = if Arch::host() == Some(p.def.arch) {
+        "the host CPU (same architecture)".to_string()
+    } else {
+        binfmt_handler(p.def.arch)?
+    };
+    let path = p.dir.join("hello-from-guest");
+    let run = || -> std::result::Result<String, String> {
+        use std::os::unix::fs::PermissionsExt;
+        fs::write(&path, elf_bytes).map_err(|e| e.to_string())?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+        let out = std::process::Command::new(&path)
+            .output()
+            .map_err(|e| e.to_string())?;
+        let said = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if said == HELLO_OUT {
+            Ok(how.clone())
+        } else {
+            Err(format!("it printed {said:?} ({})", out.status))
+        }
+    };
+    Some(run())
+}
+
+/// The interpreter of an enabled binfmt_misc entry for `arch`'s ELF machine, if any.
+fn binfmt_handler(arch: Arch) -> Option<String> {
+    let dir = Path::new("/proc/sys/fs/binfmt_misc");
+    let name = format!("qemu-{}", arch.uname());
+    for e in fs::read_dir(dir).ok()?.flatten() {
+        let text = fs::read_to_string(e.path()).unwrap_or_default();
+        if !text.starts_with("enabled") {
+            continue;
+        }
+        if let Some(interp) = text.lines().find_map(|l| l.strip_prefix("interpreter ")) {
+            if interp.contains(&name) {
+                return Some(format!("binfmt_misc ({interp})"));
+            }
+        }
+    }
+    None
 }
 
 /// Pure checks over the probe output (testable without a VM).

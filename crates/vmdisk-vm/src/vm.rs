@@ -108,6 +108,8 @@ impl VmDirs {
 pub struct TestVm {
     pub name: String,
     child: Option<Child>,
+    /// Host-side helpers started for this VM (virtiofsd), stopped after qemu.
+    helpers: Vec<Child>,
     pub console: Console,
     qmp: Option<Qmp>,
     pub started: Instant,
@@ -145,18 +147,38 @@ impl TestVm {
             .join(" ");
         let mut cmd = bin.command();
         cmd.args(&args);
-        TestVm::spawn(name, cmd, &line, dirs, timeouts)
+        let helpers = start_virtiofsd(spec, &dirs, timeouts)?;
+        TestVm::spawn_with(name, cmd, &line, dirs, timeouts, helpers)
     }
 
     /// Start `cmd` (qemu itself, or a script that execs qemu with our serial and QMP sockets
     /// from `dirs`) and attach the console and QMP. `cmdline` is recorded in the artifacts.
     pub fn spawn(
         name: &str,
-        mut cmd: Command,
+        cmd: Command,
         cmdline: &str,
         dirs: VmDirs,
         timeouts: Timeouts,
     ) -> Result<TestVm> {
+        TestVm::spawn_with(name, cmd, cmdline, dirs, timeouts, Vec::new())
+    }
+
+    /// [`TestVm::spawn`] with helper processes already started for this VM (stopped with it,
+    /// also when qemu fails to start).
+    pub fn spawn_with(
+        name: &str,
+        mut cmd: Command,
+        cmdline: &str,
+        dirs: VmDirs,
+        timeouts: Timeouts,
+        mut helpers: Vec<Child>,
+    ) -> Result<TestVm> {
+        let kill_helpers = |hs: &mut Vec<Child>| {
+            for mut h in hs.drain(..) {
+                let _ = h.kill();
+                let _ = h.wait();
+            }
+        };
         fs::write(
             dirs.artifacts.join("qemu-cmdline.txt"),
             format!("{cmdline}\n"),
@@ -164,12 +186,18 @@ impl TestVm {
         let stderr = fs::File::create(dirs.artifacts.join("qemu-stderr.log"))?;
         let stdout = stderr.try_clone()?;
         let started = Instant::now();
-        let mut child = cmd
+        let mut child = match cmd
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
             .spawn()
-            .with_context(|| format!("starting {cmdline}"))?;
+        {
+            Ok(c) => c,
+            Err(e) => {
+                kill_helpers(&mut helpers);
+                return Err(e).with_context(|| format!("starting {cmdline}"));
+            }
+        };
         let pid = child.id();
         let mut alive = || process_alive(pid);
         let console = match Console::connect(
@@ -191,6 +219,7 @@ impl TestVm {
         let mut vm = TestVm {
             name: name.to_string(),
             child: Some(child),
+            helpers,
             console,
             qmp: None,
             started,
@@ -248,9 +277,27 @@ impl TestVm {
         self.started.elapsed()
     }
 
+    /// Hand a host-side helper process (virtiofsd) to the VM: it is stopped with qemu.
+    pub fn adopt(&mut self, helper: Child) {
+        self.helpers.push(helper);
+    }
+
     /// Stop qemu: QMP `quit` (instant for a guest whose disks were synced), then SIGKILL after
-    /// the shutdown deadline. Idempotent.
+    /// the shutdown deadline; then the helpers. Idempotent.
     pub fn stop(&mut self) {
+        self.stop_qemu();
+        for mut h in self.helpers.drain(..) {
+            // virtiofsd exits by itself when qemu disconnects; give it a moment, then kill.
+            let deadline = Instant::now() + Duration::from_millis(500);
+            while matches!(h.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = h.kill();
+            let _ = h.wait();
+        }
+    }
+
+    fn stop_qemu(&mut self) {
         let Some(mut child) = self.child.take() else {
             return;
         };
@@ -295,6 +342,97 @@ impl TestVm {
 impl Drop for TestVm {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Find virtiofsd: `$VMDISK_VIRTIOFSD`, PATH, the distributions' libexec paths, or
+/// `target/tools/bin/virtiofsd` (where `cargo xtask` installs it) above this executable.
+pub fn find_virtiofsd() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("VMDISK_VIRTIOFSD").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let mut tried = Vec::new();
+    if let Some(path) = std::env::var_os("PATH") {
+        for d in std::env::split_paths(&path) {
+            tried.push(d.join("virtiofsd"));
+        }
+    }
+    tried.push("/usr/libexec/virtiofsd".into());
+    tried.push("/usr/lib/qemu/virtiofsd".into());
+    if let Ok(exe) = std::env::current_exe() {
+        for a in exe.ancestors().skip(1) {
+            tried.push(a.join("tools/bin/virtiofsd"));
+            tried.push(a.join("target/tools/bin/virtiofsd"));
+        }
+    }
+    tried.into_iter().find(|p| p.is_file()).context(
+        "no virtiofsd (the host side of a virtiofs share). Debian 12 has no package: \
+         `cargo xtask deps` builds the virtiofsd crate into target/tools/bin (needs \
+         libseccomp-dev and libcap-ng-dev), or set VMDISK_VIRTIOFSD=/path/to/virtiofsd",
+    )
+}
+
+/// Start one virtiofsd per virtiofs share of `spec` and wait for its socket.
+fn start_virtiofsd(spec: &QemuSpec, dirs: &VmDirs, timeouts: Timeouts) -> Result<Vec<Child>> {
+    use crate::qemu::ShareKind;
+    let mut started: Vec<Child> = Vec::new();
+    let result = (|| -> Result<()> {
+        for share in &spec.shares {
+            let ShareKind::Virtiofs { socket } = &share.kind else {
+                continue;
+            };
+            let bin = find_virtiofsd()?;
+            let log =
+                fs::File::create(dirs.artifacts.join(format!("virtiofsd-{}.log", share.tag)))?;
+            let mut cmd = Command::new(&bin);
+            cmd.arg(format!("--socket-path={}", socket.display()))
+                .arg(format!("--shared-dir={}", share.path.display()))
+                // The store is shared read-only, and no sandbox keeps it working unprivileged.
+                .arg("--sandbox=none")
+                .arg("--cache=auto");
+            if share.read_only {
+                cmd.arg("--readonly");
+            }
+            let child = cmd
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .with_context(|| format!("starting {}", bin.display()))?;
+            started.push(child);
+            let deadline = Instant::now() + timeouts.qemu_start;
+            while !socket.exists() {
+                let c = started.last_mut().expect("just pushed");
+                if let Ok(Some(st)) = c.try_wait() {
+                    bail!(
+                        "virtiofsd for `{}` exited ({st}) before creating its socket; see {}",
+                        share.tag,
+                        dirs.artifacts
+                            .join(format!("virtiofsd-{}.log", share.tag))
+                            .display()
+                    );
+                }
+                if Instant::now() >= deadline {
+                    bail!(
+                        "virtiofsd for `{}` did not create {} in time",
+                        share.tag,
+                        socket.display()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => Ok(started),
+        Err(e) => {
+            for mut c in started {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            Err(e)
+        }
     }
 }
 
