@@ -229,7 +229,10 @@ fn disk_held_by_another_writer_is_diagnosed_as_locked() {
     let r = h.run_prepared(&p, &Faults::default(), "");
     drop(held);
     assert!(!r.passed, "{}", describe(&r));
-    let d = r.diagnosis.clone().unwrap_or_else(|| panic!("{}", describe(&r)));
+    let d = r
+        .diagnosis
+        .clone()
+        .unwrap_or_else(|| panic!("{}", describe(&r)));
     assert_eq!(d.id, "image-locked", "{}", describe(&r));
     assert_no_leftovers(tmp.path());
 }
@@ -330,6 +333,114 @@ fn broken_shadow_repaired_through_vmdisk_rescue_then_password_login_works() {
     let shadow = tests::vmdisk(&["cat", s(&p.disk), "/etc/shadow"]).ok();
     assert!(shadow.stdout.contains(&hash), "{shadow}");
     password_login(&p, &h);
+    assert_no_leftovers(tmp.path());
+}
+
+/// The Linux kernel as an NBD client of `vmdisk serve`: Debian's nbd-client in a TCG guest
+/// reaches the host server as 10.0.2.2, the kernel mounts the ext4 partition, writes a file,
+/// unmounts and disconnects; on the host the filesystem is e2fsck-clean and holds the file.
+#[test]
+fn guest_kernel_nbd_client_writes_through_vmdisk_serve() {
+    let tmp = tempfile::tempdir().unwrap();
+    let h = harness(tmp.path());
+    let data = h
+        .prepare(
+            &def("x86_64"),
+            &PrepareOptions {
+                tag: Some("nbd-data".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let rescue = VmDef::rescue(vmdisk_vm::Arch::X86_64, &tmp.path().join("rescue.json")).unwrap();
+    let client = h
+        .prepare(
+            &rescue,
+            &PrepareOptions {
+                tag: Some("nbd-client".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let port = vmdisk_vm::qemu::free_local_port().unwrap();
+    let mut serve = std::process::Command::new(vmdisk_bin())
+        .args(["serve", "--persistent", "--export-name", "data", "--tcp"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg(&data.disk)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "vmdisk serve did not listen"
+        );
+        assert!(
+            serve.try_wait().unwrap().is_none(),
+            "vmdisk serve exited early"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut t = Default::default();
+    let booted = h
+        .boot(
+            &client,
+            &Faults::default(),
+            &format!("vmdisk.nbd=10.0.2.2:{port}:data"),
+            &mut t,
+        )
+        .unwrap_or_else(|e| panic!("the NBD client VM did not boot: {e:#}"));
+    booted
+        .vm
+        .wait_marker(
+            "nbd attach",
+            "@@vmdisk stage2 nbd-attached",
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "nbd-client did not attach: {e}\n{}",
+                booted.vm.console.text()
+            )
+        });
+    let out = booted
+        .ssh
+        .run(
+            "mount /dev/nbd0p3 /mnt && echo written-by-the-guest-kernel > /mnt/from-guest.txt \
+             && umount /mnt && nbd-client -d /dev/nbd0 && echo detached",
+            None,
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("detached"),
+        "guest side failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        booted.vm.console.text()
+    );
+    drop(booted);
+    // SAFETY: plain kill(2) of our own child.
+    unsafe { libc::kill(serve.id() as i32, libc::SIGTERM) };
+    let st = serve.wait().unwrap();
+    assert!(st.success(), "vmdisk serve after SIGTERM: {st}");
+
+    let parts = tests::inspect_partitions(&data.disk);
+    let root = parts
+        .iter()
+        .find(|p| p["name"] == "disk-main-root")
+        .unwrap();
+    let (off, len) = (
+        root["offset"].as_u64().unwrap(),
+        root["size"].as_u64().unwrap(),
+    );
+    let raw = tmp.path().join("data.raw");
+    tests::qemu_img(&["convert", "-O", "raw", s(&data.disk), s(&raw)]).ok();
+    let part = tmp.path().join("root.raw");
+    tests::extract_range(&raw, &part, off, len);
+    tests::assert_e2fsck_clean(&part, "root after the guest kernel wrote through NBD");
+    let file = tests::vmdisk(&["cat", s(&data.disk), "/from-guest.txt"]).ok();
+    assert_eq!(file.stdout, "written-by-the-guest-kernel\n");
     assert_no_leftovers(tmp.path());
 }
 

@@ -12,6 +12,7 @@ cargo xtask <command>
       --shell                  boot one VM and open an SSH session instead of asserting
       -j N                     VMs in parallel (default 2)
       --run-script PATH        drive a nixpkgs-shaped run-*-vm script instead of qemu directly
+      --backend vfkit          print the vfkit launcher (macOS) for the VM instead of booting it
       --relock                 re-resolve testvms/assets.lock from Debian (as root on Debian)
       --no-install             do not apt-get; print what is missing
   test [--ci] [--no-install]   install test tools (as root on Debian), fmt check, clippy, all tests
@@ -45,6 +46,7 @@ pub struct Vmtest {
     pub run_script: Option<std::path::PathBuf>,
     pub relock: bool,
     pub no_install: bool,
+    pub vfkit: bool,
 }
 
 pub struct Bench {
@@ -123,6 +125,7 @@ fn parse_vmtest(rest: &[String]) -> Result<Vmtest> {
         run_script: None,
         relock: false,
         no_install: false,
+        vfkit: false,
     };
     let mut it = rest.iter();
     while let Some(a) = it.next() {
@@ -133,6 +136,11 @@ fn parse_vmtest(rest: &[String]) -> Result<Vmtest> {
             "--shell" => v.shell = true,
             "--relock" => v.relock = true,
             "--no-install" => v.no_install = true,
+            "--backend" => match it.next().map(String::as_str) {
+                Some("qemu") => v.vfkit = false,
+                Some("vfkit") => v.vfkit = true,
+                _ => bail!("--backend takes qemu or vfkit"),
+            },
             "-j" | "--jobs" => {
                 let n = it.next().map(|s| s.parse::<usize>());
                 match n {

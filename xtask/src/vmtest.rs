@@ -77,6 +77,10 @@ impl Vmtest {
             return shell(&harness, &defs[0]);
         }
 
+        if self.vfkit {
+            return print_vfkit(&harness, &defs);
+        }
+
         if let Some(script) = &self.run_script {
             let d = defs.remove(0);
             let p = harness.prepare(&d, &PrepareOptions::default())?;
@@ -127,6 +131,37 @@ fn finish(results: &[VmResult], json: bool) -> Result<()> {
     let failed = results.iter().filter(|r| !r.passed).count();
     if failed > 0 {
         bail!("{failed} of {} test VM(s) failed", results.len());
+    }
+    Ok(())
+}
+
+/// vfkit runs only on macOS: build each VM's assets and raw disk here and print the launcher
+/// script that boots it there (`sh run-vfkit.sh`). The preflight refuses a 9p or qcow2 guest
+/// with the fix.
+fn print_vfkit(harness: &Harness, defs: &[VmDef]) -> Result<()> {
+    use vmdisk_vm::vfkit::{self, VfkitDisk, VfkitInputs, VfkitSsh};
+    let host = vmdisk_vm::Arch::host().context("unsupported host architecture")?;
+    for d in defs {
+        vfkit::preflight(d).with_context(|| format!("test VM {}", d.name))?;
+        let p = harness.prepare(d, &PrepareOptions::default())?;
+        let spec = vfkit::from_def(
+            d,
+            VfkitInputs {
+                kernel: p.assets.kernel.clone(),
+                initrd: p.assets.initrd.clone(),
+                append: format!(
+                    "quiet panic=-1 init={} vmdisk.root={} vmdisk.store={}",
+                    p.assets.init(),
+                    d.root,
+                    d.store.param()
+                ),
+                disk: VfkitDisk::Raw(p.disk.clone()),
+                store: p.assets.store.clone(),
+                run_dir: p.dir.join("vfkit"),
+                ssh: VfkitSsh::Nat,
+            },
+        )?;
+        println!("{}", vfkit::script(&spec, host)?);
     }
     Ok(())
 }

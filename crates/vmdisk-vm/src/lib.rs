@@ -24,6 +24,7 @@ pub mod qmp;
 pub mod report;
 pub mod run;
 pub mod ssh;
+pub mod vfkit;
 pub mod vm;
 
 use std::fmt;
