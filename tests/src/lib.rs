@@ -33,6 +33,7 @@ const TOOL_PACKAGES: &[(&str, &str)] = &[
     ("qemu-io", "qemu-utils"),
     ("qemu-nbd", "qemu-utils"),
     ("sha256sum", "coreutils"),
+    ("nix-instantiate", "nix-bin"),
 ];
 
 fn find_in_path(tool: &str) -> Option<PathBuf> {

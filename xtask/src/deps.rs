@@ -35,6 +35,8 @@ pub const TOOLS: &[(&str, &str)] = &[
     // the VM harness: OpenSSH is the client the tests log in with
     ("ssh", "openssh-client"),
     ("ssh-keygen", "openssh-client"),
+    // the flake checks: tests/tests/flake.rs parses flake.nix and evaluates its pure parts
+    ("nix-instantiate", "nix-bin"),
     ("sha256sum", "coreutils"),
 ];
 

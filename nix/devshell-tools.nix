@@ -1,0 +1,44 @@
+# The nixpkgs attributes of the devShell's tools (and of the `vmtest` app's PATH), by platform.
+# Names, not packages, so this file is pure: tests/tests/flake.rs evaluates it without nixpkgs
+# and checks that every attribute of flake.nix's command table is here.
+{ isLinux, isDarwin }:
+[
+  # Rust
+  "cargo"
+  "rustc"
+  "rustfmt"
+  "clippy"
+  "pkg-config"
+  # the image oracles and the VM harness's emulator
+  "qemu"
+  # ext2/3/4, FAT, GPT
+  "e2fsprogs"
+  "dosfstools"
+  "mtools"
+  "gptfdisk"
+  # SSH into test VMs, password hashes, checksums
+  "openssh"
+  "openssl"
+  "coreutils"
+  # nix-instantiate for tests/tests/flake.rs
+  "nix"
+]
+++ (
+  if isLinux then
+    [
+      "util-linux" # blkid, sfdisk, swaplabel, mount
+      "libnbd" # nbdinfo, nbdcopy (Linux only in nixpkgs)
+      "nbd" # nbd-client for the rescue VM's tests
+      "virtiofsd" # the store share of virtiofs test VMs
+    ]
+  else
+    [ ]
+)
+++ (
+  if isDarwin then
+    [
+      "vfkit" # the hypervisor of virtiofs test VMs on macOS
+    ]
+  else
+    [ ]
+)
