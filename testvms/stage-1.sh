@@ -13,6 +13,12 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+# Under vfkit the console is hvc0 (virtio-console), a module in Debian's kernel: until it is
+# loaded /dev/console has no device, so load it first and reopen the console.
+case " $(cat /proc/cmdline) " in *" vmdisk.backend=vfkit "*)
+    for m in $(cat /lib/modules/load-order.vfkit); do insmod "/lib/modules/$m"; done
+    exec </dev/console >/dev/console 2>&1 ;;
+esac
 echo "@@vmdisk stage1 start"
 # An accelerator probe boot (the harness checks that KVM really runs a guest) ends here.
 case " $(cat /proc/cmdline) " in *" vmdisk.probe=1 "*) echo "@@vmdisk probe ok"; poweroff -f ;; esac
@@ -43,6 +49,7 @@ n=0
 for g in $groups; do
     [ -f "/lib/modules/load-order.$g" ] || fail modules "no module group $g in the initramfs"
     for m in $(cat "/lib/modules/load-order.$g"); do
+        [ -d "/sys/module/${m%.ko}" ] && continue
         insmod "/lib/modules/$m" || fail modules "insmod $m failed"
         n=$((n + 1))
     done

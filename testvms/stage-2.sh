@@ -4,6 +4,7 @@
 # VM the NBD export of the image being rescued. Marker lines as in stage 1:
 #   @@vmdisk stage2 <step> <details>      and on failure   @@vmdisk FAIL stage2 <step>: <why>
 # Parameters: vmdisk.nbd=HOST:PORT[:EXPORT] (attach /dev/nbd0)  vmdisk.console_shell=1
+#   vmdisk.net=static|dhcp
 export PATH=@system@/bin:@system@/sbin
 export HOME=/root
 echo "@@vmdisk stage2 start"
@@ -20,20 +21,27 @@ mount -t tmpfs -o mode=0755 tmpfs /run
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 hostname "$(cat /etc/hostname 2>/dev/null || echo vmdisk-guest)"
 
-nbd= console_shell=
+nbd= console_shell= net=static
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
+        vmdisk.net=*) net="${arg#vmdisk.net=}" ;;
         vmdisk.nbd=*) nbd="${arg#vmdisk.nbd=}" ;;
         vmdisk.console_shell=*) console_shell="${arg#vmdisk.console_shell=}" ;;
     esac
 done
 
-# qemu's user network: static addresses are instant where DHCP would cost a round of timeouts.
 ip link set lo up
 ip link set eth0 up || fail network "no eth0 (virtio-net missing?)"
-ip addr add 10.0.2.15/24 dev eth0
-ip route add default via 10.0.2.2
-echo "@@vmdisk stage2 network-up eth0 10.0.2.15"
+if [ "$net" = dhcp ]; then
+    # vfkit's NAT (and any network that is not qemu's user net) hands out addresses by DHCP.
+    udhcpc -i eth0 -q -n -t 20 -T 1 -s @system@/udhcpc.script >/dev/null \
+        || fail network "no DHCP lease on eth0"
+else
+    # qemu's user network: a static address is instant where DHCP costs a round trip.
+    ip addr add 10.0.2.15/24 dev eth0
+    ip route add default via 10.0.2.2
+fi
+echo "@@vmdisk stage2 network-up eth0 $(ip -4 -o addr show dev eth0 | awk '{print $4}')"
 
 # The disk may have been built by a non-root user: SSH wants root's files to be root's.
 [ -d /root ] && chown -R 0:0 /root && chmod 700 /root

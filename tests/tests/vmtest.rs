@@ -139,6 +139,30 @@ fn virtiofs_guest_mounts_the_store_over_virtiofs() {
     assert_no_leftovers(tmp.path());
 }
 
+/// The network stage 2 uses under vfkit (DHCP, no fixed qemu address), proved under qemu.
+#[test]
+fn dhcp_network_as_under_vfkit_reaches_ssh() {
+    let tmp = tempfile::tempdir().unwrap();
+    let h = harness(tmp.path());
+    let p = h
+        .prepare(
+            &def("x86_64"),
+            &PrepareOptions {
+                tag: Some("dhcp".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let r = h.run_prepared(&p, &Faults::default(), "vmdisk.net=dhcp");
+    assert!(r.passed, "{}", describe(&r));
+    let log = fs::read_to_string(r.artifacts.join("serial.log")).unwrap();
+    assert!(
+        log.contains("@@vmdisk stage2 network-up eth0 10.0.2.15/24"),
+        "the DHCP lease from qemu's user net is not on eth0:\n{log}"
+    );
+    assert_no_leftovers(tmp.path());
+}
+
 /// Run `def` with `faults`; it must fail with diagnosis `id` before any generic timeout.
 fn expect_diagnosis(def: &VmDef, faults: &Faults, id: &str) -> VmResult {
     let tmp = tempfile::tempdir().unwrap();

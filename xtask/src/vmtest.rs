@@ -150,7 +150,8 @@ fn print_vfkit(harness: &Harness, defs: &[VmDef]) -> Result<()> {
                 kernel: p.assets.kernel.clone(),
                 initrd: p.assets.initrd.clone(),
                 append: format!(
-                    "quiet panic=-1 init={} vmdisk.root={} vmdisk.store={}",
+                    "quiet panic=-1 init={} vmdisk.root={} vmdisk.store={} vmdisk.backend=vfkit \
+                     vmdisk.net=dhcp",
                     p.assets.init(),
                     d.root,
                     d.store.param()

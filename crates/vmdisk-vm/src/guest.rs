@@ -25,6 +25,18 @@ pub const STAGE1: &str = include_str!("../../../testvms/stage-1.sh");
 /// Stage 2 (`<system>/init` in the store); `@system@` is replaced by the system's store path.
 pub const STAGE2: &str = include_str!("../../../testvms/stage-2.sh");
 
+/// busybox udhcpc's event script (`vmdisk.net=dhcp`): apply the lease with `ip`.
+const UDHCPC_SCRIPT: &str = "#!/bin/sh\n\
+case \"$1\" in\n\
+  deconfig) ip addr flush dev \"$interface\" ;;\n\
+  bound|renew)\n\
+    ip addr flush dev \"$interface\"\n\
+    ip addr add \"$ip/${mask:-24}\" dev \"$interface\"\n\
+    [ -n \"$router\" ] && ip route replace default via \"${router%% *}\" dev \"$interface\"\n\
+    ;;\n\
+esac\n\
+exit 0\n";
+
 /// Bump when the layout of built assets changes, so stale cache entries are not reused.
 const ASSET_FORMAT: u32 = 1;
 
@@ -47,6 +59,8 @@ const MODULE_GROUPS: &[(&str, &[&str])] = &[
     ("9p", &["9pnet_virtio", "9p"]),
     ("virtiofs", &["virtiofs"]),
     ("nbd", &["nbd"]),
+    // Loaded first under vfkit (`vmdisk.backend=vfkit`): the hvc0 console and vsock.
+    ("vfkit", &["virtio_console", "vmw_vsock_virtio_transport"]),
 ];
 
 /// busybox applets linked into the store's bin/ (what stage 2, SSH sessions and rescue
@@ -139,6 +153,7 @@ const APPLETS: &[&str] = &[
     "tr",
     "true",
     "truncate",
+    "udhcpc",
     "umount",
     "uname",
     "uniq",
@@ -216,6 +231,7 @@ fn asset_key(arch: Arch, pkgs: &[&LockedPackage]) -> String {
         h.update(format!("{g}:{}\n", mods.join(",")));
     }
     h.update(APPLETS.join(","));
+    h.update(UDHCPC_SCRIPT);
     for (a, b) in PROGRAMS {
         h.update(format!("{a}>{b}\n"));
     }
@@ -301,19 +317,24 @@ fn build_assets(
                 .with_context(|| format!("module group {group}"))?;
             let mut list = String::new();
             for m in order {
-                if loaded.contains(&m) {
+                // The vfkit group loads before base, so it lists its whole closure.
+                if loaded.contains(&m) && *group != "vfkit" {
                     continue;
                 }
+                // Named as the kernel names the module (`_`, not `-`), so stage 1 can see in
+                // /sys/module whether it is loaded already.
                 let name = m
                     .file_name()
                     .and_then(|n| n.to_str())
                     .context("module file name")?
-                    .to_string();
-                let bytes = fs::read(modroot.join(&m)).or_else(|_| fs::read(&m))?;
-                w.file(&format!("lib/modules/{name}"), 0o644, &bytes)?;
+                    .replace('-', "_");
+                if !loaded.contains(&m) {
+                    let bytes = fs::read(modroot.join(&m)).or_else(|_| fs::read(&m))?;
+                    w.file(&format!("lib/modules/{name}"), 0o644, &bytes)?;
+                    loaded.push(m);
+                }
                 list.push_str(&name);
                 list.push('\n');
-                loaded.push(m);
             }
             w.file(
                 &format!("lib/modules/load-order.{group}"),
@@ -335,6 +356,9 @@ fn build_assets(
     for a in APPLETS {
         symlink("busybox", sys.join("bin").join(a))?;
     }
+    let udhcpc = sys.join("udhcpc.script");
+    fs::write(&udhcpc, UDHCPC_SCRIPT)?;
+    fs::set_permissions(&udhcpc, fs::Permissions::from_mode(0o755))?;
     let init = sys.join("init");
     fs::write(&init, STAGE2.replace("@system@", &system_path))?;
     fs::set_permissions(&init, fs::Permissions::from_mode(0o755))?;
