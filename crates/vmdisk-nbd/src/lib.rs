@@ -7,6 +7,12 @@
 //! [`ServerConfig::allow_remote`]), serves until the shutdown future resolves (or, one-shot,
 //! until the last client leaves) and flushes the device before returning.
 //!
+//! With [`ServerConfig::tls`] set, TLS is mandatory (the protocol's FORCEDTLS mode, on Unix
+//! sockets and TCP alike): before `NBD_OPT_STARTTLS` every option but ABORT is answered with
+//! NBD_REP_ERR_TLS_REQD and a plaintext NBD_OPT_EXPORT_NAME closes the connection; after the
+//! ACK the TLS handshake runs on the same socket and negotiation continues inside it.
+//! [`tls::server_config`] builds the rustls configuration from PEM files.
+//!
 //! # Wire layouts (all integers big-endian)
 //!
 //! ```text
@@ -23,6 +29,8 @@
 //!   LIST/SET_META_CONTEXT data: name_len u32 | name | nq u32 | (len u32 | query) * nq
 //!     replies: REP_META_CONTEXT(id u32 | "base:allocation") then REP_ACK
 //!   EXPORT_NAME (legacy): S: size u64 | tflags u16 | 124 zero bytes unless NO_ZEROES
+//!   STARTTLS (no data): S: REP_ACK, then a TLS handshake; everything after is TLS records
+//!     (with TLS configured, any other option first gets ERR_TLS_REQD)
 //!   errors: bit 31 set (UNSUP, INVALID, UNKNOWN, TOO_BIG, ...) with a message as data
 //! Transmission
 //!   C: 0x25609513 u32 | flags u16 | type u16 | cookie u64 | offset u64 | length u32
@@ -40,9 +48,10 @@
 //! the connection closed, since its payload cannot be skipped cheaply). Each connection has at
 //! most [`server::MAX_IN_FLIGHT`] requests outstanding; all request buffers together stay below
 //! [`MAX_BUFFERED_BYTES`]; at most [`MAX_IO_JOBS`] device calls run at once; negotiation must
-//! finish within [`server::HANDSHAKE_TIMEOUT`]. Beyond [`ServerConfig::max_connections`] the
-//! server stops accepting, so further clients wait in the listen backlog until a slot frees
-//! (as with qemu-nbd `--shared`; libnbd's multi-conn clients rely on it). A bad magic number ends
+//! finish (TLS handshake included) within [`server::HANDSHAKE_TIMEOUT`]. Beyond
+//! [`ServerConfig::max_connections`] the server stops accepting, so further clients wait in the
+//! listen backlog until a slot frees (as with qemu-nbd `--shared`; libnbd's multi-conn clients
+//! rely on it). A bad magic number ends
 //! the connection (there is nothing left to resynchronise on); every other malformed request
 //! gets the protocol's error reply. Out-of-range requests of every kind get EINVAL (as
 //! qemu-nbd does; the protocol would also allow ENOSPC for writes) and touch nothing.
@@ -52,7 +61,9 @@
 //! [`Error`] separates what a caller must tell apart: binding the listener, a refused remote
 //! address, the runtime, and the final flush of the device. Device errors inside a request are
 //! mapped to NBD errno values (`OutOfRange` => EINVAL, `ReadOnly` => EPERM, ENOSPC, else EIO)
-//! and never end the server. The client has its own [`client::Error`].
+//! and never end the server; neither does a failed TLS handshake (counted in
+//! [`ServeStats::tls_failures`]). Building the TLS configuration has its own
+//! [`tls::TlsError`], the client its own [`client::Error`].
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -70,6 +81,10 @@ use vmdisk_block::BlockDevice;
 pub mod client;
 pub mod proto;
 pub mod server;
+pub mod tls;
+
+/// The TLS library the server's configuration type comes from ([`ServerConfig::tls`]).
+pub use rustls;
 
 /// Longest READ or WRITE the server accepts (advertised as the maximum block size).
 pub const MAX_REQUEST_LEN: usize = 32 << 20;
@@ -98,6 +113,9 @@ pub struct ServerConfig {
     pub description: Option<String>,
     /// Allow TCP addresses other than loopback.
     pub allow_remote: bool,
+    /// Require TLS with this configuration (see [`tls::server_config`]). There is no
+    /// plaintext fallback: a client must send NBD_OPT_STARTTLS before anything else.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for ServerConfig {
@@ -110,6 +128,7 @@ impl Default for ServerConfig {
             allow_uids: None,
             description: None,
             allow_remote: false,
+            tls: None,
         }
     }
 }
@@ -126,8 +145,12 @@ pub enum Listen {
 pub struct ServeStats {
     /// Connections served.
     pub connections: u64,
-    /// Connections refused (a uid not on the allow-list).
+    /// Connections refused: a uid not on the allow-list, or (TLS required) a client that
+    /// asked for the export with NBD_OPT_EXPORT_NAME before starting TLS.
     pub refused: u64,
+    /// TLS handshakes that failed (certificate not trusted, no client certificate when one is
+    /// required, not TLS at all after the STARTTLS ACK).
+    pub tls_failures: u64,
     /// Requests received in the transmission phase.
     pub requests: u64,
     /// Requests answered with an error.
@@ -361,6 +384,7 @@ pub async fn serve_listener(
     let stats = ServeStats {
         connections: c.connections.load(Ordering::Relaxed),
         refused: c.refused.load(Ordering::Relaxed),
+        tls_failures: c.tls_failures.load(Ordering::Relaxed),
         requests: c.requests.load(Ordering::Relaxed),
         request_errors: c.request_errors.load(Ordering::Relaxed),
         protocol_errors: c.protocol_errors.load(Ordering::Relaxed),

@@ -1,10 +1,11 @@
 //! One connection: fixed-newstyle negotiation, then the transmission phase.
 //!
 //! The connection is generic over any async byte stream so tests can drive it over
-//! `tokio::io::duplex` as well as sockets. Device calls run on tokio's blocking pool
-//! (`spawn_blocking`), bounded by the server-wide `io_slots` semaphore; request buffers are
-//! paid for from the server-wide `mem_budget` semaphore (bytes) before they are allocated,
-//! and each connection has at most [`MAX_IN_FLIGHT`] requests outstanding.
+//! `tokio::io::duplex` as well as sockets, and so the same code runs over a plaintext socket
+//! or, after NBD_OPT_STARTTLS, over the TLS stream wrapped around it. Device calls run on
+//! tokio's blocking pool (`spawn_blocking`), bounded by the server-wide `io_slots` semaphore;
+//! request buffers are paid for from the server-wide `mem_budget` semaphore (bytes) before
+//! they are allocated, and each connection has at most [`MAX_IN_FLIGHT`] requests outstanding.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -13,6 +14,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{watch, Mutex, Semaphore};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
 use vmdisk_block::{BlockDevice, ExtentKind};
 
 use crate::proto::*;
@@ -40,6 +43,7 @@ pub const PREFERRED_BLOCK_SIZE: u32 = 4096;
 pub(crate) struct Counters {
     pub connections: AtomicU64,
     pub refused: AtomicU64,
+    pub tls_failures: AtomicU64,
     pub requests: AtomicU64,
     pub request_errors: AtomicU64,
     pub protocol_errors: AtomicU64,
@@ -100,6 +104,33 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     }
 }
 
+/// How negotiation ended.
+enum Established<S> {
+    /// Enter transmission on the plaintext stream (no TLS configured).
+    Plain(S, Negotiated),
+    /// Enter transmission inside TLS.
+    Tls(Box<TlsStream<S>>, Negotiated),
+    /// The connection is over (already shut down where that was polite).
+    Closed,
+}
+
+/// What one round of option haggling decided.
+enum Next {
+    Transmit(Negotiated),
+    /// The client's NBD_OPT_STARTTLS was acknowledged: the TLS handshake comes next.
+    StartTls,
+    Close,
+}
+
+/// Negotiation state that survives the switch to TLS.
+struct Haggle {
+    no_zeroes: bool,
+    /// Options the client may still send (over both phases together).
+    options_left: usize,
+    /// TLS is running on this connection.
+    tls_active: bool,
+}
+
 /// Serve one client until it disconnects, misbehaves beyond repair, or the server stops.
 pub(crate) async fn handle_connection<S>(
     sh: Arc<Shared>,
@@ -108,19 +139,67 @@ pub(crate) async fn handle_connection<S>(
 ) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let (mut rd, mut wr) = tokio::io::split(stream);
-    let neg = tokio::select! {
-        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, negotiate(&sh, &mut rd, &mut wr)) => r,
+    let est = tokio::select! {
+        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, establish(&sh, stream)) => r,
         _ = stopped(&mut stop) => return,
     };
-    match neg {
-        Ok(Ok(Some(neg))) => transmission(sh, rd, wr, neg, stop).await,
-        Ok(Ok(None)) => {
-            let _ = wr.shutdown().await;
+    match est {
+        Ok(Ok(Established::Plain(s, neg))) => {
+            let (rd, wr) = tokio::io::split(s);
+            transmission(sh, rd, wr, neg, stop).await
         }
+        Ok(Ok(Established::Tls(s, neg))) => {
+            let (rd, wr) = tokio::io::split(*s);
+            transmission(sh, rd, wr, neg, stop).await
+        }
+        Ok(Ok(Established::Closed)) => {}
         // IO error (truncated handshake, peer gone) or timeout: just close.
         Ok(Err(_)) | Err(_) => {
             sh.counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Greeting, option haggling and, when the server requires it, the switch to TLS.
+async fn establish<S>(sh: &Shared, mut io: S) -> io::Result<Established<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let Some(no_zeroes) = greet(sh, &mut io).await? else {
+        return Ok(Established::Closed);
+    };
+    let mut hg = Haggle {
+        no_zeroes,
+        options_left: MAX_OPTIONS,
+        tls_active: false,
+    };
+    match haggle(sh, &mut io, &mut hg).await? {
+        Next::Transmit(neg) => return Ok(Established::Plain(io, neg)),
+        Next::Close => {
+            let _ = io.shutdown().await;
+            return Ok(Established::Closed);
+        }
+        Next::StartTls => {}
+    }
+    // haggle() acknowledges STARTTLS only when a configuration exists.
+    let Some(cfg) = sh.cfg.tls.clone() else {
+        return Ok(Established::Closed);
+    };
+    let mut tls = match TlsAcceptor::from(cfg).accept(io).await {
+        Ok(t) => t,
+        Err(_) => {
+            // Untrusted or missing client certificate, or not TLS at all. The ACK is out,
+            // so the protocol leaves nothing to do but close.
+            sh.counters.tls_failures.fetch_add(1, Ordering::Relaxed);
+            return Ok(Established::Closed);
+        }
+    };
+    hg.tls_active = true;
+    match haggle(sh, &mut tls, &mut hg).await? {
+        Next::Transmit(neg) => Ok(Established::Tls(Box::new(tls), neg)),
+        Next::Close | Next::StartTls => {
+            let _ = tls.shutdown().await;
+            Ok(Established::Closed)
         }
     }
 }
@@ -135,129 +214,163 @@ async fn opt_reply<W: AsyncWrite + Unpin>(
         .await
 }
 
-/// Fixed-newstyle negotiation. `Ok(Some)` enters transmission, `Ok(None)` closes.
-async fn negotiate<R, W>(sh: &Shared, rd: &mut R, wr: &mut W) -> io::Result<Option<Negotiated>>
+/// Send the greeting and read the client flags: `Some(no_zeroes)`, or `None` to close.
+async fn greet<S>(sh: &Shared, io: &mut S) -> io::Result<Option<bool>>
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
-    wr.write_all(&encode_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
+    io.write_all(&encode_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
         .await?;
-    wr.flush().await?;
-    let cflags = rd.read_u32().await?;
+    io.flush().await?;
+    let cflags = io.read_u32().await?;
     if cflags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
         // The protocol says to close on client flags we do not know.
         sh.counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
         return Ok(None);
     }
-    let no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
+    Ok(Some(cflags & FLAG_C_NO_ZEROES != 0))
+}
+
+/// Fixed-newstyle option haggling on `io` (plaintext, or inside TLS once `hg.tls_active`).
+/// Everything negotiated before STARTTLS is forgotten: TLS starts a fresh negotiation.
+async fn haggle<S>(sh: &Shared, io: &mut S, hg: &mut Haggle) -> io::Result<Next>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let export = sh.cfg.export_name.as_str();
+    // FORCEDTLS: with a configuration, nothing but STARTTLS and ABORT is served in plaintext.
+    let tls_pending = sh.cfg.tls.is_some() && !hg.tls_active;
     let mut st = Negotiated::default();
-    for _ in 0..MAX_OPTIONS {
-        wr.flush().await?;
+    while hg.options_left > 0 {
+        hg.options_left -= 1;
+        io.flush().await?;
         let mut hb = [0u8; OPTION_HEADER_LEN];
-        rd.read_exact(&mut hb).await?;
+        io.read_exact(&mut hb).await?;
         let Some(h) = decode_option_header(&hb) else {
             sh.counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
-            return Ok(None);
+            return Ok(Next::Close);
         };
         if h.len as usize > MAX_OPTION_LEN {
             sh.counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
-            opt_reply(wr, h.option, REP_ERR_TOO_BIG, b"option data too long").await?;
-            wr.flush().await?;
-            return Ok(None);
+            opt_reply(io, h.option, REP_ERR_TOO_BIG, b"option data too long").await?;
+            io.flush().await?;
+            return Ok(Next::Close);
         }
         let mut data = vec![0u8; h.len as usize];
-        rd.read_exact(&mut data).await?;
+        io.read_exact(&mut data).await?;
+        if tls_pending {
+            match h.option {
+                OPT_STARTTLS if !data.is_empty() => {
+                    opt_reply(io, h.option, REP_ERR_INVALID, b"STARTTLS takes no data").await?;
+                    continue;
+                }
+                OPT_STARTTLS => {
+                    opt_reply(io, h.option, REP_ACK, &[]).await?;
+                    io.flush().await?;
+                    return Ok(Next::StartTls);
+                }
+                OPT_EXPORT_NAME => {
+                    // It cannot be answered with an error: the protocol says close.
+                    sh.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Next::Close);
+                }
+                OPT_ABORT => {}
+                _ => {
+                    let m = b"TLS is required: send NBD_OPT_STARTTLS first";
+                    opt_reply(io, h.option, REP_ERR_TLS_REQD, m).await?;
+                    continue;
+                }
+            }
+        }
         match h.option {
             OPT_EXPORT_NAME => {
                 if data != export.as_bytes() {
                     // No error reply exists for this option: the protocol says close.
-                    return Ok(None);
+                    return Ok(Next::Close);
                 }
-                wr.write_all(&sh.size.to_be_bytes()).await?;
-                wr.write_all(&sh.tflags(false).to_be_bytes()).await?;
-                if !no_zeroes {
-                    wr.write_all(&[0u8; 124]).await?;
+                io.write_all(&sh.size.to_be_bytes()).await?;
+                io.write_all(&sh.tflags(false).to_be_bytes()).await?;
+                if !hg.no_zeroes {
+                    io.write_all(&[0u8; 124]).await?;
                 }
-                wr.flush().await?;
+                io.flush().await?;
                 // Structured replies stay off: EXPORT_NAME clients did not ask via GO.
-                return Ok(Some(st));
+                return Ok(Next::Transmit(st));
             }
             OPT_ABORT => {
-                let _ = opt_reply(wr, h.option, REP_ACK, &[]).await;
-                let _ = wr.flush().await;
-                return Ok(None);
+                let _ = opt_reply(io, h.option, REP_ACK, &[]).await;
+                let _ = io.flush().await;
+                return Ok(Next::Close);
             }
             OPT_LIST => {
                 if !data.is_empty() {
-                    opt_reply(wr, h.option, REP_ERR_INVALID, b"LIST takes no data").await?;
+                    opt_reply(io, h.option, REP_ERR_INVALID, b"LIST takes no data").await?;
                     continue;
                 }
                 let desc = sh.cfg.description.as_deref().unwrap_or("");
-                opt_reply(wr, h.option, REP_SERVER, &encode_rep_server(export, desc)).await?;
-                opt_reply(wr, h.option, REP_ACK, &[]).await?;
+                opt_reply(io, h.option, REP_SERVER, &encode_rep_server(export, desc)).await?;
+                opt_reply(io, h.option, REP_ACK, &[]).await?;
             }
             OPT_INFO | OPT_GO => {
                 let req = match decode_info_request(&data) {
                     Ok(r) => r,
                     Err(BadOption(why)) => {
                         sh.counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
-                        opt_reply(wr, h.option, REP_ERR_INVALID, why.as_bytes()).await?;
+                        opt_reply(io, h.option, REP_ERR_INVALID, why.as_bytes()).await?;
                         continue;
                     }
                 };
                 if req.name != export {
-                    opt_reply(wr, h.option, REP_ERR_UNKNOWN, b"no such export").await?;
+                    opt_reply(io, h.option, REP_ERR_UNKNOWN, b"no such export").await?;
                     continue;
                 }
                 let info = encode_info_export(sh.size, sh.tflags(st.structured));
-                opt_reply(wr, h.option, REP_INFO, &info).await?;
+                opt_reply(io, h.option, REP_INFO, &info).await?;
                 if req.infos.contains(&INFO_NAME) {
                     let d = encode_info_string(INFO_NAME, export);
-                    opt_reply(wr, h.option, REP_INFO, &d).await?;
+                    opt_reply(io, h.option, REP_INFO, &d).await?;
                 }
                 if let Some(desc) = sh.cfg.description.as_deref() {
                     if req.infos.contains(&INFO_DESCRIPTION) {
                         let d = encode_info_string(INFO_DESCRIPTION, desc);
-                        opt_reply(wr, h.option, REP_INFO, &d).await?;
+                        opt_reply(io, h.option, REP_INFO, &d).await?;
                     }
                 }
                 let bs = encode_info_block_size(1, PREFERRED_BLOCK_SIZE, MAX_REQUEST_LEN as u32);
-                opt_reply(wr, h.option, REP_INFO, &bs).await?;
-                opt_reply(wr, h.option, REP_ACK, &[]).await?;
+                opt_reply(io, h.option, REP_INFO, &bs).await?;
+                opt_reply(io, h.option, REP_ACK, &[]).await?;
                 if h.option == OPT_GO {
-                    wr.flush().await?;
-                    return Ok(Some(st));
+                    io.flush().await?;
+                    return Ok(Next::Transmit(st));
                 }
             }
             OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
-                    opt_reply(wr, h.option, REP_ERR_INVALID, b"takes no data").await?;
+                    opt_reply(io, h.option, REP_ERR_INVALID, b"takes no data").await?;
                 } else if st.structured {
-                    opt_reply(wr, h.option, REP_ERR_INVALID, b"already negotiated").await?;
+                    opt_reply(io, h.option, REP_ERR_INVALID, b"already negotiated").await?;
                 } else {
                     st.structured = true;
-                    opt_reply(wr, h.option, REP_ACK, &[]).await?;
+                    opt_reply(io, h.option, REP_ACK, &[]).await?;
                 }
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
                 let set = h.option == OPT_SET_META_CONTEXT;
                 if !st.structured {
                     let m = b"negotiate structured replies first";
-                    opt_reply(wr, h.option, REP_ERR_INVALID, m).await?;
+                    opt_reply(io, h.option, REP_ERR_INVALID, m).await?;
                     continue;
                 }
                 let req = match decode_meta_context_request(&data) {
                     Ok(r) => r,
                     Err(BadOption(why)) => {
                         sh.counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
-                        opt_reply(wr, h.option, REP_ERR_INVALID, why.as_bytes()).await?;
+                        opt_reply(io, h.option, REP_ERR_INVALID, why.as_bytes()).await?;
                         continue;
                     }
                 };
                 if req.name != export {
-                    opt_reply(wr, h.option, REP_ERR_UNKNOWN, b"no such export").await?;
+                    opt_reply(io, h.option, REP_ERR_UNKNOWN, b"no such export").await?;
                     continue;
                 }
                 let wanted = (!set && req.queries.is_empty())
@@ -271,20 +384,23 @@ where
                 if wanted {
                     let id = if set { META_BASE_ALLOCATION_ID } else { 0 };
                     let d = encode_rep_meta_context(id, META_BASE_ALLOCATION);
-                    opt_reply(wr, h.option, REP_META_CONTEXT, &d).await?;
+                    opt_reply(io, h.option, REP_META_CONTEXT, &d).await?;
                 }
-                opt_reply(wr, h.option, REP_ACK, &[]).await?;
+                opt_reply(io, h.option, REP_ACK, &[]).await?;
+            }
+            OPT_STARTTLS if hg.tls_active => {
+                opt_reply(io, h.option, REP_ERR_INVALID, b"TLS is already running").await?;
             }
             OPT_STARTTLS => {
-                opt_reply(wr, h.option, REP_ERR_UNSUP, b"TLS is not supported").await?;
+                opt_reply(io, h.option, REP_ERR_UNSUP, b"TLS is not configured").await?;
             }
             _ => {
-                opt_reply(wr, h.option, REP_ERR_UNSUP, b"unknown option").await?;
+                opt_reply(io, h.option, REP_ERR_UNSUP, b"unknown option").await?;
             }
         }
     }
     sh.counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
-    Ok(None)
+    Ok(Next::Close)
 }
 
 /// The result of one request, before it is encoded.

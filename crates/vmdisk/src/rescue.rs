@@ -73,6 +73,7 @@ pub fn run(a: RescueArgs, quiet: bool) -> Result<u8> {
         allow_uids: None,
         description: Some(format!("vmdisk rescue of {}", a.image.display())),
         allow_remote: false,
+        tls: None,
     };
     let addr: SocketAddr = "127.0.0.1:0".parse()?;
     let listener = rt.block_on(async { Listener::bind(&Listen::Tcp(addr), &cfg) })?;

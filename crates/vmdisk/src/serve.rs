@@ -1,4 +1,4 @@
-//! `vmdisk serve`: export an image (or one partition of it) over NBD.
+//! `vmdisk serve`: export an image (or one partition of it) over NBD, optionally TLS-only.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use vmdisk_block::BlockDevice;
 use vmdisk_image::{Format, OpenOptions};
+use vmdisk_nbd::tls::TlsFiles;
 use vmdisk_nbd::{Listen, ServerConfig};
 
 use crate::{part, FormatArg};
@@ -23,9 +24,26 @@ pub struct ServeArgs {
     /// Listen on TCP instead (loopback unless --insecure-remote).
     #[arg(long, value_name = "HOST:PORT")]
     pub tcp: Option<SocketAddr>,
-    /// Allow a TCP address other than loopback, without TLS.
+    /// Allow a TCP address other than loopback. Without --tls-cert anyone on that network can
+    /// read and write the disk.
     #[arg(long, requires = "tcp")]
     pub insecure_remote: bool,
+    /// Require TLS, with this PEM certificate chain (the server's certificate first). Clients
+    /// must use nbds:// or nbds+unix:// (libnbd: tls-certificates=DIR, DIR holding the CA as
+    /// ca-cert.pem); plaintext clients are refused. Needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1, not encrypted).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Also require a client certificate signed by a CA in this PEM file (libnbd clients put
+    /// theirs in DIR as client-cert.pem and client-key.pem).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Not supported: rustls has no external PSK (TLS-PSK, libnbd tls-psk-file=), so this
+    /// always fails; use a certificate (--tls-cert/--tls-key).
+    #[arg(long, value_name = "FILE")]
+    pub tls_psk: Option<PathBuf>,
     /// Export read-only: clients' writes fail with EPERM.
     #[arg(short = 'r', long = "read-only")]
     pub read_only: bool,
@@ -69,7 +87,28 @@ fn default_socket(image: &std::path::Path) -> PathBuf {
     dir.join(format!("{name}.sock"))
 }
 
+/// The TLS configuration the flags ask for (checked before the image is opened).
+fn tls_config(a: &ServeArgs) -> Result<Option<Arc<vmdisk_nbd::rustls::ServerConfig>>> {
+    if a.tls_psk.is_some() {
+        bail!(
+            "--tls-psk is not supported: rustls has no external PSK; use a certificate \
+             (--tls-cert FILE --tls-key FILE)"
+        );
+    }
+    let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) else {
+        return Ok(None);
+    };
+    let files = TlsFiles {
+        cert_chain: cert.clone(),
+        key: key.clone(),
+        client_ca: a.tls_client_ca.clone(),
+    };
+    let cfg = vmdisk_nbd::tls::server_config(&files).context("setting up TLS")?;
+    Ok(Some(cfg))
+}
+
 pub fn run(a: ServeArgs, quiet: bool) -> Result<u8> {
+    let tls = tls_config(&a)?;
     // --snapshot: a private overlay in a temp dir, backed by the image (opened read-only).
     let tmp;
     let (path, format, read_only) = if a.snapshot {
@@ -104,9 +143,16 @@ pub fn run(a: ServeArgs, quiet: bool) -> Result<u8> {
     let listen = match (a.tcp, &a.socket) {
         (Some(addr), _) => {
             if !addr.ip().is_loopback() && !a.insecure_remote {
+                if tls.is_some() {
+                    bail!(
+                        "{addr} is not a loopback address: pass --insecure-remote to export \
+                         the disk beyond this host (clients will still need TLS)"
+                    );
+                }
                 bail!(
                     "{addr} is not a loopback address: anyone on that network could read and \
-                     write the disk. Bind 127.0.0.1, or pass --insecure-remote if you mean it"
+                     write the disk. Bind 127.0.0.1, or pass --insecure-remote if you mean it \
+                     (with --tls-cert/--tls-key to require TLS)"
                 );
             }
             Listen::Tcp(addr)
@@ -122,9 +168,10 @@ pub fn run(a: ServeArgs, quiet: bool) -> Result<u8> {
         }
     };
     if !quiet {
+        let s = if tls.is_some() { "s" } else { "" };
         let uri = match &listen {
-            Listen::Unix(p) => format!("nbd+unix:///{}?socket={}", a.export_name, p.display()),
-            Listen::Tcp(addr) => format!("nbd://{addr}/{}", a.export_name),
+            Listen::Unix(p) => format!("nbd{s}+unix:///{}?socket={}", a.export_name, p.display()),
+            Listen::Tcp(addr) => format!("nbd{s}://{addr}/{}", a.export_name),
         };
         eprintln!(
             "vmdisk: serving {} ({} bytes{}{}) at {uri}",
@@ -143,6 +190,14 @@ pub fn run(a: ServeArgs, quiet: bool) -> Result<u8> {
                 "; exits after the last client"
             }
         );
+        if tls.is_some() {
+            let who = if a.tls_client_ca.is_some() {
+                " and a client certificate"
+            } else {
+                ""
+            };
+            eprintln!("vmdisk: TLS is required{who}; plaintext clients are refused");
+        }
     }
     let cfg = ServerConfig {
         export_name: a.export_name.clone(),
@@ -152,6 +207,7 @@ pub fn run(a: ServeArgs, quiet: bool) -> Result<u8> {
         allow_uids: (!a.allow_uid.is_empty()).then(|| a.allow_uid.clone()),
         description: Some(format!("vmdisk export of {}", a.image.display())),
         allow_remote: a.insecure_remote,
+        tls,
     };
     let stats = vmdisk_nbd::serve_blocking(dev, listen, cfg)?;
     img.close()?;
@@ -160,6 +216,12 @@ pub fn run(a: ServeArgs, quiet: bool) -> Result<u8> {
             "vmdisk: served {} connection(s), {} requests, {} bytes read, {} bytes written",
             stats.connections, stats.requests, stats.bytes_read, stats.bytes_written
         );
+        if stats.tls_failures > 0 {
+            eprintln!(
+                "vmdisk: {} TLS handshake(s) failed (untrusted or missing certificates?)",
+                stats.tls_failures
+            );
+        }
     }
     Ok(0)
 }
