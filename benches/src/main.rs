@@ -5,6 +5,8 @@
 //! target/release/benches convert [--size 8G] [--data 1.5G] [--runs 3] [--dir DIR]
 //!                                [--vmdisk PATH] [--quick] [--json] [--qemu-parallel]
 //!                                [--case SUBSTR]...
+//! target/release/benches layout  [--runs 3] [--quick] [--json]   (see layout.rs)
+//! target/release/benches nbd     [--runs 3] [--quick] [--json] [--reads N]   (see nbd.rs)
 //! ```
 //!
 //! This program does not build vmdisk: it runs the binary next to itself
@@ -20,6 +22,8 @@
 
 mod ext4;
 mod gen;
+mod layout;
+mod nbd;
 mod report;
 mod run;
 
@@ -48,6 +52,63 @@ enum Bench {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// `vmdisk create --layout --copy-in` vs truncate + sgdisk + mkfs + dd + qemu-img convert.
+    Layout(LayoutArgs),
+    /// `vmdisk serve` vs `qemu-nbd`: nbdcopy full/sparse/dense reads, random 4 KiB reads.
+    Nbd(NbdArgs),
+}
+
+#[derive(Args)]
+struct LayoutArgs {
+    /// Timed runs per side (best and median are reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Seed of the copy-in tree.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Where the tree is cached and outputs written [default: target/bench-data].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// The vmdisk binary [default: `vmdisk` next to this program].
+    #[arg(long)]
+    vmdisk: Option<PathBuf>,
+    /// Smoke run: 1 GiB disk (ESP 64M, swap 64M), 20 MiB of content.
+    #[arg(long)]
+    quick: bool,
+    /// Print the results as JSON instead of Markdown.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct NbdArgs {
+    /// Timed runs per server and line (best and median are reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Virtual size of the generated image [default: 2G; --quick 256M].
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+    /// Bytes of data in the generated image [default: 1G; --quick 128M].
+    #[arg(long, value_parser = parse_size)]
+    data: Option<u64>,
+    /// Random 4 KiB reads per run [default: 20000; --quick 2000].
+    #[arg(long)]
+    reads: Option<u64>,
+    /// Seed of the image generator and the random offsets.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Where the image is cached and sockets live [default: target/bench-data].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// The vmdisk binary [default: `vmdisk` next to this program].
+    #[arg(long)]
+    vmdisk: Option<PathBuf>,
+    /// Smoke run: smaller image and fewer random reads.
+    #[arg(long)]
+    quick: bool,
+    /// Print the results as JSON instead of Markdown.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -91,7 +152,51 @@ fn main() -> Result<()> {
             let (exe_vmdisk, exe_dir) = locate(vmdisk, dir)?;
             ext4::bench(&exe_vmdisk, &exe_dir)
         }
+        Bench::Layout(a) => {
+            let (vmdisk, dir) = locate(a.vmdisk, a.dir)?;
+            let report = layout::bench(&layout::Options {
+                vmdisk: &vmdisk,
+                dir: &dir,
+                runs: a.runs,
+                quick: a.quick,
+                seed: a.seed,
+            })?;
+            print_report(&report, a.json, report.markdown(), report.failed())
+        }
+        Bench::Nbd(a) => {
+            let (vmdisk, dir) = locate(a.vmdisk, a.dir)?;
+            let report = nbd::bench(&nbd::Options {
+                vmdisk: &vmdisk,
+                dir: &dir,
+                runs: a.runs,
+                quick: a.quick,
+                seed: a.seed,
+                reads: a.reads,
+                size: a.size,
+                data: a.data,
+            })?;
+            print_report(&report, a.json, report.markdown(), report.failed())
+        }
     }
+}
+
+/// Print JSON or Markdown; exit non-zero when vmdisk failed or was wrong.
+fn print_report(
+    report: &impl serde::Serialize,
+    json: bool,
+    md: String,
+    failed: bool,
+) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        print!("{md}");
+    }
+    if failed {
+        eprintln!("\n!!!! vmdisk FAILED (error, wrong output, or unclean exit): see the report");
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 /// The vmdisk binary and the data directory, defaulting to target/release and target/bench-data.

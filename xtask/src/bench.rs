@@ -8,8 +8,8 @@ use crate::flags::Bench;
 impl Bench {
     pub fn run(self, sh: &Shell) -> Result<()> {
         match self.what.as_str() {
-            "convert" | "ext4" => {}
-            other => bail!("unknown benchmark `{other}`; available: convert, ext4"),
+            "convert" | "ext4" | "layout" | "nbd" => {}
+            other => bail!("unknown benchmark `{other}`; available: convert, ext4, layout, nbd"),
         }
         crate::deps::ensure(sh, true)?;
         cmd!(sh, "cargo build --release -p vmdisk -p benches").run()?;
