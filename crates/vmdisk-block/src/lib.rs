@@ -20,6 +20,7 @@
 
 mod device;
 mod error;
+mod iobuf;
 pub mod lock;
 mod mem;
 mod raw;
@@ -30,6 +31,7 @@ pub mod conformance;
 
 pub use device::{check_range, is_zero, merge_extents, BlockDevice, Extent, ExtentKind};
 pub use error::{Error, Result};
+pub use iobuf::{IoBuf, IOBUF_ALIGN};
 pub use mem::MemDisk;
 pub use raw::RawFile;
 pub use slice::Slice;

