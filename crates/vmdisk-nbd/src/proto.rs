@@ -458,6 +458,26 @@ pub fn encode_offset_data_start(
     b
 }
 
+/// A whole NBD_REPLY_TYPE_OFFSET_HOLE chunk: `hole_len` (non-zero) bytes from `off` read as
+/// zeros.
+pub fn encode_offset_hole_chunk(
+    cookie: u64,
+    flags: u16,
+    off: u64,
+    hole_len: u32,
+) -> [u8; CHUNK_HEADER_LEN + 12] {
+    let mut b = [0u8; CHUNK_HEADER_LEN + 12];
+    b[..CHUNK_HEADER_LEN].copy_from_slice(&encode_chunk_header(&ChunkHeader {
+        flags,
+        kind: REPLY_TYPE_OFFSET_HOLE,
+        cookie,
+        len: 12,
+    }));
+    b[CHUNK_HEADER_LEN..CHUNK_HEADER_LEN + 8].copy_from_slice(&off.to_be_bytes());
+    b[CHUNK_HEADER_LEN + 8..].copy_from_slice(&hole_len.to_be_bytes());
+    b
+}
+
 /// A whole NBD_REPLY_TYPE_BLOCK_STATUS chunk: context id then (length, flags) descriptors.
 pub fn encode_block_status_chunk(
     cookie: u64,
@@ -654,6 +674,18 @@ mod tests {
         assert_eq!(get_u64(&d, 20), Some(1 << 40));
         assert_eq!(get_u16(&d, 6), Some(REPLY_TYPE_OFFSET_DATA));
         assert_eq!(decode_reply_start(&[0u8; 16]), None);
+        let h = encode_offset_hole_chunk(6, 0, 1 << 20, 65536);
+        assert_eq!(
+            decode_reply_start(h[..16].try_into().unwrap()),
+            Some(ReplyHeader::Chunk {
+                flags: 0,
+                kind: REPLY_TYPE_OFFSET_HOLE,
+                cookie: 6
+            })
+        );
+        assert_eq!(get_u32(&h, 16), Some(12));
+        assert_eq!(get_u64(&h, 20), Some(1 << 20));
+        assert_eq!(get_u32(&h, 28), Some(65536));
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! One connection: fixed-newstyle negotiation, then the transmission phase.
+//! One connection: fixed-newstyle negotiation, then the transmission phase (`transmit.rs`).
 //!
 //! The connection is generic over any async byte stream so tests can drive it over
 //! `tokio::io::duplex` as well as sockets, and so the same code runs over a plaintext socket
@@ -8,17 +8,18 @@
 //! they are allocated, and each connection has at most [`MAX_IN_FLIGHT`] requests outstanding.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{watch, Mutex, Semaphore};
+use tokio::sync::{watch, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
-use vmdisk_block::{BlockDevice, ExtentKind};
+use vmdisk_block::BlockDevice;
 
 use crate::proto::*;
+use crate::transmit::transmission;
 use crate::{ServerConfig, MAX_REQUEST_LEN};
 
 /// Requests one connection may have in flight; the reader stops reading when it is reached.
@@ -87,9 +88,9 @@ impl Shared {
 
 /// What negotiation settled.
 #[derive(Debug, Clone, Copy, Default)]
-struct Negotiated {
-    structured: bool,
-    base_allocation: bool,
+pub(crate) struct Negotiated {
+    pub structured: bool,
+    pub base_allocation: bool,
 }
 
 /// Resolve when `stop` turns true (never, if the sender is gone without saying so).
@@ -131,11 +132,92 @@ struct Haggle {
     tls_active: bool,
 }
 
+/// An accepted client, detached from the accepting runtime.
+pub(crate) enum ClientStream {
+    Unix(std::os::unix::net::UnixStream),
+    Tcp(std::net::TcpStream),
+}
+
+/// Serve one client on a thread of its own, running its own current-thread runtime; resolves
+/// when the client is done (or `abort` fired).
+///
+/// A connection's protocol work then never waits behind another's on a shared worker, no
+/// multi-threaded scheduler stands between a request and its device call, and a connection
+/// with nothing else to do may call the device inline (see `transmit.rs`) without holding up
+/// any other client. When no runtime can be built (out of file descriptors: each costs two),
+/// the client is served on the caller's runtime instead, every device call on the blocking
+/// pool.
+pub(crate) async fn serve_client(
+    sh: Arc<Shared>,
+    stream: ClientStream,
+    stop: watch::Receiver<bool>,
+    abort: watch::Receiver<bool>,
+) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(MAX_IN_FLIGHT)
+        .build();
+    let Ok(rt) = rt else {
+        return serve_stream(sh, stream, stop, abort, false).await;
+    };
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name("nbd-conn".into())
+        .spawn(move || {
+            // Dropped when the thread ends, however it ends: that resolves `done_rx`.
+            let _done = done_tx;
+            let sh2 = sh.clone();
+            let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                rt.block_on(serve_stream(sh2, stream, stop, abort, true))
+            }));
+            if served.is_err() {
+                sh.counters.panics.fetch_add(1, Ordering::Relaxed);
+            }
+            // Device calls of an aborted connection may still be running: do not wait.
+            rt.shutdown_background();
+        });
+    // Without a thread the client is dropped, like one refused by a full accept queue.
+    if spawned.is_ok() {
+        let _ = done_rx.await;
+    }
+}
+
+/// Register `stream` with the current runtime and serve it until done or aborted.
+async fn serve_stream(
+    sh: Arc<Shared>,
+    stream: ClientStream,
+    stop: watch::Receiver<bool>,
+    mut abort: watch::Receiver<bool>,
+    own_thread: bool,
+) {
+    let conn = async move {
+        match stream {
+            ClientStream::Unix(s) => {
+                if let Ok(s) = tokio::net::UnixStream::from_std(s) {
+                    handle_connection(sh, s, stop, own_thread).await
+                }
+            }
+            ClientStream::Tcp(s) => {
+                if let Ok(s) = tokio::net::TcpStream::from_std(s) {
+                    handle_connection(sh, s, stop, own_thread).await
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = conn => {}
+        _ = stopped(&mut abort) => {}
+    }
+}
+
 /// Serve one client until it disconnects, misbehaves beyond repair, or the server stops.
+/// `own_thread`: nothing else runs on this thread, so an idle connection may call the device
+/// inline.
 pub(crate) async fn handle_connection<S>(
     sh: Arc<Shared>,
     stream: S,
     mut stop: watch::Receiver<bool>,
+    own_thread: bool,
 ) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -144,14 +226,8 @@ pub(crate) async fn handle_connection<S>(
         _ = stopped(&mut stop) => return,
     };
     match est {
-        Ok(Ok(Established::Plain(s, neg))) => {
-            let (rd, wr) = tokio::io::split(s);
-            transmission(sh, rd, wr, neg, stop).await
-        }
-        Ok(Ok(Established::Tls(s, neg))) => {
-            let (rd, wr) = tokio::io::split(*s);
-            transmission(sh, rd, wr, neg, stop).await
-        }
+        Ok(Ok(Established::Plain(s, neg))) => transmission(sh, s, neg, stop, own_thread).await,
+        Ok(Ok(Established::Tls(s, neg))) => transmission(sh, *s, neg, stop, own_thread).await,
         Ok(Ok(Established::Closed)) => {}
         // IO error (truncated handshake, peer gone) or timeout: just close.
         Ok(Err(_)) | Err(_) => {
@@ -401,396 +477,4 @@ where
     }
     sh.counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
     Ok(Next::Close)
-}
-
-/// The result of one request, before it is encoded.
-enum Outcome {
-    Done,
-    Data(Vec<u8>),
-    Status(Vec<(u32, u32)>),
-    Fail(u32, String),
-}
-
-/// Per-connection state the request tasks share.
-struct Conn<W> {
-    wr: Mutex<W>,
-    structured: bool,
-    wrote: AtomicBool,
-    /// Set when writing a reply failed: the reader stops.
-    broken: AtomicBool,
-}
-
-impl<W: AsyncWrite + Unpin> Conn<W> {
-    /// Send the whole reply for `cookie` in one go (replies may interleave between requests,
-    /// never within one).
-    async fn reply(&self, cookie: u64, off: u64, out: Outcome) {
-        let mut wr = self.wr.lock().await;
-        let r = self.encode_and_send(&mut *wr, cookie, off, out).await;
-        let r = match r {
-            Ok(()) => wr.flush().await,
-            Err(e) => Err(e),
-        };
-        if r.is_err() {
-            self.broken.store(true, Ordering::Release);
-        }
-    }
-
-    async fn encode_and_send(
-        &self,
-        wr: &mut W,
-        cookie: u64,
-        off: u64,
-        out: Outcome,
-    ) -> io::Result<()> {
-        if !self.structured {
-            return match out {
-                Outcome::Done | Outcome::Status(_) => {
-                    wr.write_all(&encode_simple_reply(0, cookie)).await
-                }
-                Outcome::Data(d) => {
-                    wr.write_all(&encode_simple_reply(0, cookie)).await?;
-                    wr.write_all(&d).await
-                }
-                Outcome::Fail(e, _) => wr.write_all(&encode_simple_reply(e, cookie)).await,
-            };
-        }
-        match out {
-            Outcome::Data(d) if !d.is_empty() => {
-                // `d.len()` is at most MAX_REQUEST_LEN, far below u32::MAX.
-                let start = encode_offset_data_start(cookie, REPLY_FLAG_DONE, off, d.len() as u32);
-                wr.write_all(&start).await?;
-                wr.write_all(&d).await
-            }
-            Outcome::Done | Outcome::Data(_) => {
-                let h = ChunkHeader {
-                    flags: REPLY_FLAG_DONE,
-                    kind: REPLY_TYPE_NONE,
-                    cookie,
-                    len: 0,
-                };
-                wr.write_all(&encode_chunk_header(&h)).await
-            }
-            Outcome::Status(descs) => {
-                let b = encode_block_status_chunk(
-                    cookie,
-                    REPLY_FLAG_DONE,
-                    META_BASE_ALLOCATION_ID,
-                    &descs,
-                );
-                wr.write_all(&b).await
-            }
-            Outcome::Fail(e, msg) => wr.write_all(&encode_error_chunk(cookie, e, &msg)).await,
-        }
-    }
-}
-
-/// Map a device error onto the protocol's errno values.
-pub(crate) fn errno_of(e: &vmdisk_block::Error) -> u32 {
-    use vmdisk_block::Error as E;
-    match e {
-        E::OutOfRange { .. } => EINVAL,
-        E::ReadOnly => EPERM,
-        E::Unsupported { .. } => ENOTSUP,
-        E::Limit { .. } => ENOMEM,
-        E::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => ENOSPC,
-        _ => EIO,
-    }
-}
-
-/// Flags each command accepts (FUA on every command: clients are known to set it).
-fn allowed_flags(cmd: u16, neg: &Negotiated) -> u16 {
-    match cmd {
-        CMD_READ if neg.structured => CMD_FLAG_FUA | CMD_FLAG_DF,
-        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
-        CMD_BLOCK_STATUS => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
-        _ => CMD_FLAG_FUA,
-    }
-}
-
-/// Check a request that has no payload to read (or whose payload will be drained), returning
-/// the error reply it deserves.
-fn validate(sh: &Shared, neg: &Negotiated, r: &Request) -> Option<(u32, &'static str)> {
-    let writes = matches!(r.cmd, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
-    let known = matches!(
-        r.cmd,
-        CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS
-    );
-    if !known {
-        return Some((EINVAL, "unknown command"));
-    }
-    if r.flags & !allowed_flags(r.cmd, neg) != 0 {
-        return Some((EINVAL, "flag not valid for this command"));
-    }
-    if writes && sh.read_only {
-        return Some((EPERM, "the export is read-only"));
-    }
-    if matches!(r.cmd, CMD_READ | CMD_WRITE) && r.len as usize > MAX_REQUEST_LEN {
-        return Some((EINVAL, "request longer than the maximum block size"));
-    }
-    if r.cmd == CMD_BLOCK_STATUS {
-        if !neg.structured || !neg.base_allocation {
-            return Some((EINVAL, "no metadata context was negotiated"));
-        }
-        if r.len == 0 {
-            return Some((EINVAL, "zero-length block status"));
-        }
-    }
-    if r.cmd != CMD_FLUSH && r.off.checked_add(r.len as u64).is_none_or(|e| e > sh.size) {
-        return Some((EINVAL, "request beyond the end of the export"));
-    }
-    None
-}
-
-/// Read and throw away `len` payload bytes with a small buffer (bounded memory).
-async fn drain<R: AsyncRead + Unpin>(rd: &mut R, mut len: u64) -> io::Result<()> {
-    let mut buf = [0u8; 8192];
-    while len > 0 {
-        let n = (len as usize).min(buf.len());
-        rd.read_exact(&mut buf[..n]).await?;
-        len -= n as u64;
-    }
-    Ok(())
-}
-
-/// Run `f` on the blocking pool under an io slot, turning a panic into EIO.
-async fn run_blocking<F>(sh: &Arc<Shared>, f: F) -> Outcome
-where
-    F: FnOnce(&dyn BlockDevice) -> Outcome + Send + 'static,
-{
-    let Ok(_slot) = sh.io_slots.clone().acquire_owned().await else {
-        return Outcome::Fail(ESHUTDOWN, "server is shutting down".into());
-    };
-    let dev = sh.dev.clone();
-    match tokio::task::spawn_blocking(move || f(&*dev)).await {
-        Ok(o) => o,
-        Err(e) => {
-            if e.is_panic() {
-                sh.counters.panics.fetch_add(1, Ordering::Relaxed);
-            }
-            Outcome::Fail(EIO, "internal error".into())
-        }
-    }
-}
-
-fn fail(e: vmdisk_block::Error) -> Outcome {
-    Outcome::Fail(errno_of(&e), e.to_string())
-}
-
-/// base:allocation flags of one extent kind.
-fn state_flags(kind: ExtentKind) -> u32 {
-    match kind {
-        ExtentKind::Data => 0,
-        ExtentKind::Zero | ExtentKind::Unallocated => STATE_HOLE | STATE_ZERO,
-    }
-}
-
-fn block_status(dev: &dyn BlockDevice, off: u64, len: u64, req_one: bool) -> Outcome {
-    let len = len.min(MAX_BLOCK_STATUS_LEN);
-    let extents = match dev.block_status(off, len) {
-        Ok(e) => e,
-        Err(e) => return fail(e),
-    };
-    let mut descs: Vec<(u32, u32)> = Vec::new();
-    let mut covered = 0u64;
-    for e in extents {
-        // Clip to the request: extents must lie within it, and each length fits a u32
-        // because `len` is at most MAX_BLOCK_STATUS_LEN (< 4 GiB).
-        let start = e.off.max(off + covered);
-        let end = e.end().min(off + len);
-        if end <= start {
-            continue;
-        }
-        let l = (end - start) as u32;
-        let f = state_flags(e.kind);
-        covered += l as u64;
-        match descs.last_mut() {
-            Some(last) if last.1 == f => last.0 += l,
-            _ => {
-                if descs.len() == MAX_BLOCK_STATUS_DESCRIPTORS {
-                    break;
-                }
-                descs.push((l, f));
-            }
-        }
-    }
-    if descs.is_empty() {
-        return Outcome::Fail(EIO, "device reported no extents".into());
-    }
-    if req_one {
-        descs.truncate(1);
-    }
-    Outcome::Status(descs)
-}
-
-async fn transmission<R, W>(
-    sh: Arc<Shared>,
-    mut rd: R,
-    wr: W,
-    neg: Negotiated,
-    mut stop: watch::Receiver<bool>,
-) where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
-    let conn = Arc::new(Conn {
-        wr: Mutex::new(wr),
-        structured: neg.structured,
-        wrote: AtomicBool::new(false),
-        broken: AtomicBool::new(false),
-    });
-    let inflight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    loop {
-        if conn.broken.load(Ordering::Acquire) {
-            break;
-        }
-        let Ok(permit) = inflight.clone().acquire_owned().await else {
-            break;
-        };
-        let mut hb = [0u8; REQUEST_LEN];
-        let got = tokio::select! {
-            r = rd.read_exact(&mut hb) => r,
-            _ = stopped(&mut stop) => break,
-        };
-        if got.is_err() {
-            // Truncated request or the peer went away.
-            break;
-        }
-        let Some(req) = decode_request(&hb) else {
-            // A bad magic cannot be answered (there is no cookie to trust) or resynchronised.
-            sh.counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
-            break;
-        };
-        sh.counters.requests.fetch_add(1, Ordering::Relaxed);
-        if req.cmd == CMD_DISC {
-            break;
-        }
-        if let Some((errno, why)) = validate(&sh, &neg, &req) {
-            sh.counters.request_errors.fetch_add(1, Ordering::Relaxed);
-            if req.cmd == CMD_WRITE {
-                if req.len as usize > MAX_REQUEST_LEN {
-                    // Too big to drain politely: answer, then close.
-                    conn.reply(req.cookie, req.off, Outcome::Fail(errno, why.into()))
-                        .await;
-                    break;
-                }
-                if drain(&mut rd, req.len as u64).await.is_err() {
-                    break;
-                }
-            }
-            conn.reply(req.cookie, req.off, Outcome::Fail(errno, why.into()))
-                .await;
-            continue;
-        }
-        // Pay for the buffer before allocating it.
-        let need = if matches!(req.cmd, CMD_READ | CMD_WRITE) {
-            req.len
-        } else {
-            0
-        };
-        let Ok(mem) = sh.mem_budget.clone().acquire_many_owned(need).await else {
-            break;
-        };
-        let mut payload = Vec::new();
-        if req.cmd == CMD_WRITE {
-            payload = vec![0u8; req.len as usize];
-            if rd.read_exact(&mut payload).await.is_err() {
-                break;
-            }
-        }
-        let sh2 = sh.clone();
-        let conn2 = conn.clone();
-        tokio::spawn(async move {
-            let fua = req.flags & CMD_FLAG_FUA != 0;
-            let (off, len) = (req.off, req.len);
-            let out = match req.cmd {
-                CMD_READ => {
-                    run_blocking(&sh2, move |d| {
-                        let mut buf = vec![0u8; len as usize];
-                        match d.read_exact_at(&mut buf, off) {
-                            Ok(()) => Outcome::Data(buf),
-                            Err(e) => fail(e),
-                        }
-                    })
-                    .await
-                }
-                CMD_WRITE => {
-                    conn2.wrote.store(true, Ordering::Relaxed);
-                    run_blocking(&sh2, move |d| {
-                        match d.write_all_at(&payload, off).and_then(|_| {
-                            if fua {
-                                d.flush()
-                            } else {
-                                Ok(())
-                            }
-                        }) {
-                            Ok(()) => Outcome::Done,
-                            Err(e) => fail(e),
-                        }
-                    })
-                    .await
-                }
-                CMD_FLUSH => {
-                    run_blocking(&sh2, |d| match d.flush() {
-                        Ok(()) => Outcome::Done,
-                        Err(e) => fail(e),
-                    })
-                    .await
-                }
-                CMD_TRIM | CMD_WRITE_ZEROES => {
-                    conn2.wrote.store(true, Ordering::Relaxed);
-                    let trim = req.cmd == CMD_TRIM;
-                    let may_unmap = req.flags & CMD_FLAG_NO_HOLE == 0;
-                    run_blocking(&sh2, move |d| {
-                        let r = if len == 0 {
-                            Ok(())
-                        } else if trim {
-                            d.discard(off, len as u64)
-                        } else {
-                            d.write_zeroes(off, len as u64, may_unmap)
-                        };
-                        match r.and_then(|_| if fua { d.flush() } else { Ok(()) }) {
-                            Ok(()) => Outcome::Done,
-                            Err(e) => fail(e),
-                        }
-                    })
-                    .await
-                }
-                CMD_BLOCK_STATUS => {
-                    let one = req.flags & CMD_FLAG_REQ_ONE != 0;
-                    run_blocking(&sh2, move |d| block_status(d, off, len as u64, one)).await
-                }
-                // validate() only lets the commands above through.
-                _ => Outcome::Fail(EINVAL, "unknown command".into()),
-            };
-            match &out {
-                Outcome::Data(d) => {
-                    sh2.counters
-                        .bytes_read
-                        .fetch_add(d.len() as u64, Ordering::Relaxed);
-                }
-                Outcome::Fail(..) => {
-                    sh2.counters.request_errors.fetch_add(1, Ordering::Relaxed);
-                }
-                _ if req.cmd == CMD_WRITE => {
-                    sh2.counters
-                        .bytes_written
-                        .fetch_add(len as u64, Ordering::Relaxed);
-                }
-                _ => {}
-            }
-            conn2.reply(req.cookie, off, out).await;
-            drop(mem);
-            drop(permit);
-        });
-    }
-    // Let every request in flight finish and answer before closing.
-    let _ = inflight.acquire_many(MAX_IN_FLIGHT as u32).await;
-    if conn.wrote.load(Ordering::Relaxed) {
-        let _ = run_blocking(&sh, |d| match d.flush() {
-            Ok(()) => Outcome::Done,
-            Err(e) => fail(e),
-        })
-        .await;
-    }
-    let _ = conn.wr.lock().await.shutdown().await;
 }
