@@ -1,20 +1,20 @@
-//! `IoBuf`: a large I/O buffer aligned to 2 MiB and advised for transparent huge pages.
+//! `IoBuf`: a large, page-aligned, zero-initialised I/O buffer that is reused, not regrown.
 //!
-//! Copying file data between the page cache and user memory is TLB-bound when the user buffer
-//! is mapped with 4 KiB pages: one `vmdisk convert` of 1.6 GiB spent 54% of its time in the
-//! kernel's `_copy_to_iter`. Backing the buffer with one huge page (2 MiB-aligned allocation +
-//! `MADV_HUGEPAGE`, which works with the common `transparent_hugepage=madvise` setting) cut the
-//! whole convert's CPU time from 1.13 s to 0.63 s. Where huge pages are unavailable the advice
-//! is ignored and the buffer behaves like any other.
+//! Page alignment lets the kernel copy whole pages between the page cache and the buffer.
+//! Huge pages were tried and measured (`vmdisk convert`, raw -> qcow2, 1.5 GiB of data,
+//! alternating runs): 0.40 s with 2 MiB huge pages, 0.40 s without, so the buffer asks for
+//! none. An earlier 1.13 s -> 0.63 s "gain" from them was a benchmark artefact: on this VM a
+//! writer that starts seconds after a large file's page cache was freed is up to 2.5x slower
+//! than one that starts right after (see `benches/src/run.rs`, `timed`).
 
 use std::alloc::{alloc_zeroed, dealloc, handle_alloc_error, Layout};
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 
-/// Alignment of every `IoBuf` (one x86_64/aarch64-4K huge page).
-pub const IOBUF_ALIGN: usize = 2 << 20;
+/// Alignment of every `IoBuf`: a page.
+pub const IOBUF_ALIGN: usize = 4096;
 
-/// A zero-initialised, 2 MiB-aligned byte buffer with a fixed capacity and a variable length.
+/// A zero-initialised, page-aligned byte buffer with a fixed capacity and a variable length.
 pub struct IoBuf {
     ptr: NonNull<u8>,
     len: usize,
@@ -36,11 +36,6 @@ impl IoBuf {
         let Some(ptr) = NonNull::new(raw) else {
             handle_alloc_error(layout)
         };
-        #[cfg(target_os = "linux")]
-        // SAFETY: advice on memory we own; failure only means no huge page.
-        unsafe {
-            libc::madvise(raw.cast(), cap, libc::MADV_HUGEPAGE);
-        }
         IoBuf { ptr, len: 0, cap }
     }
 
@@ -95,8 +90,8 @@ mod tests {
 
     #[test]
     fn aligned_zeroed_and_resizable() {
-        let mut b = IoBuf::with_capacity(3 << 20);
-        assert_eq!(b.capacity(), 4 << 20);
+        let mut b = IoBuf::with_capacity(3 * IOBUF_ALIGN - 1);
+        assert_eq!(b.capacity(), 3 * IOBUF_ALIGN);
         assert_eq!(b.as_ptr() as usize % IOBUF_ALIGN, 0);
         b.set_len(4096);
         assert!(b.iter().all(|&x| x == 0));

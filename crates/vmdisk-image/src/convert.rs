@@ -149,7 +149,7 @@ struct Pipe<'a> {
     exhausted: bool,
     abort: bool,
     results: BTreeMap<u64, Result<Done>>,
-    /// Read buffers (huge-page backed: see `IoBuf`), reused across chunks.
+    /// Read buffers (page-aligned: see `IoBuf`), reused across chunks.
     pool: Vec<IoBuf>,
 }
 
