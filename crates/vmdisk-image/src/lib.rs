@@ -15,6 +15,8 @@
 //!   map      qemu-img map --output=json entries, merged by qemu's rules
 //!   info     qemu-img info --output=json model (and its human text)
 //!   check    qemu-img check over the qcow2 engine, with the qemu-img report model
+//!   commit   fold an overlay into its backing file, then empty it (qemu-img commit)
+//!   rebase   point an overlay at another backing file, keeping the guest view (qemu-img rebase)
 //! ```
 //!
 //! Errors ([`Error`]) wrap the block taxonomy (`vmdisk_block::Error`: IO, out of range,
@@ -29,6 +31,7 @@ mod error;
 mod info;
 mod map;
 mod open;
+mod overlay;
 mod q;
 mod snapshot;
 
@@ -42,6 +45,9 @@ pub use info::{
 };
 pub use map::{map, MapEntry};
 pub use open::{open, probe_format, resolve_backing, Image, Layer, OpenOptions, MAX_BACKING_DEPTH};
+pub use overlay::{
+    commit, rebase, CommitOptions, CommitStats, NewBacking, RebaseOptions, RebaseStats,
+};
 pub use snapshot::{snapshot_apply, snapshot_create, snapshot_delete, snapshot_list};
 
 /// Image formats vmdisk reads and writes.

@@ -75,6 +75,9 @@ pub(crate) struct State {
     rb_max: usize,
     tick: u64,
     pending_dec: Vec<u64>,
+    /// Punch a hole in the host file for every cluster whose refcount reaches zero in the
+    /// next write-back (set while emptying an image, so its file shrinks on disk).
+    pub punch_freed: bool,
     /// Cluster-aligned end of the space in use (allocation appends here).
     host_end: u64,
     /// Lowest cluster index that may be free.
@@ -152,6 +155,7 @@ impl State {
             rb: HashMap::new(),
             tick: 0,
             pending_dec: Vec::new(),
+            punch_freed: false,
             host_end,
             free_hint: 1,
             compressed_tail: 0,
@@ -747,8 +751,14 @@ impl State {
         }
         if !self.pending_dec.is_empty() {
             let pend = std::mem::take(&mut self.pending_dec);
+            let cs = self.cs();
             for off in pend {
-                self.adjust_refcount(host, off, -1)?;
+                // Nothing points at the cluster any more (L2/L1 are on disk): its bytes may
+                // go. A crash before the refcount is written leaks a hole, as it would leak
+                // the cluster.
+                if self.adjust_refcount(host, off, -1)? == 0 && self.punch_freed {
+                    host.discard(off / cs * cs, cs)?;
+                }
             }
             self.compressed_tail = 0;
             // Decrements of refcount-table clusters never need a new block, so this cannot
@@ -846,6 +856,17 @@ impl State {
         }
         Ok(out)
     }
+}
+
+/// What `zero_clusters` makes of each whole cluster.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Clear {
+    /// Reads as zeros from now on (zero flag, or unallocated when nothing is below).
+    Zero,
+    /// The guest gave it up: zeros, or (v2 over a backing file) whatever the backing holds.
+    Discard,
+    /// Unallocated: reads from the backing file again.
+    Unallocate,
 }
 
 /// A qcow2 image opened over a host device. `Send + Sync`; see the module doc for locking.
@@ -1158,22 +1179,25 @@ impl Qcow2Image {
     }
 
     /// Zero (or discard, when `discard`) whole clusters `[first, last)`.
-    fn zero_clusters(&self, st: &mut State, first: u64, last: u64, discard: bool) -> Result<()> {
+    fn zero_clusters(&self, st: &mut State, first: u64, last: u64, clear: Clear) -> Result<()> {
         let host = &*self.host;
         let v3 = st.h.version >= 3;
         let backing = st.has_backing;
+        let discard = clear != Clear::Zero;
+        // Leaving clusters unallocated is the wanted result (not just an acceptable one).
+        let unallocate = !backing || (discard && !v3) || clear == Clear::Unallocate;
         let cs = st.cs();
         let span_bits = st.cbits() + st.l2_bits();
         let mut g = first;
         while g < last {
             let l1i = g >> st.l2_bits();
-            if st.l2_off(l1i)? == 0 && (!backing || (discard && !v3)) {
+            if st.l2_off(l1i)? == 0 && unallocate {
                 // Whole L2 range already reads as zeros / from backing as wanted.
                 g = (((l1i + 1) << span_bits) >> st.cbits()).min(last);
                 continue;
             }
             let (e, _, _) = st.entry(host, g)?;
-            let target: Option<u64> = if !backing || (discard && !v3) {
+            let target: Option<u64> = if unallocate {
                 // Unallocated reads as wanted (zeros, or backing for a v2 discard).
                 (e != L2Entry::Unallocated).then_some(0)
             } else if v3 {
@@ -1197,6 +1221,55 @@ impl Qcow2Image {
             g += 1;
         }
         Ok(())
+    }
+
+    /// Make the whole clusters of `[off, off + len)` unallocated in this image, so they read
+    /// from the backing file again (zeros without one); `off` and `off + len` must be cluster
+    /// boundaries (or the end of the disk). Clusters shared with internal snapshots stay with
+    /// them. This is how `commit` empties an overlay, as `qemu-img commit` does.
+    pub fn unallocate(&self, off: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        check_range(self.len(), off, len)?;
+        let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.lock();
+        let cs = st.cs();
+        let end = off + len;
+        if !off.is_multiple_of(cs) || (!end.is_multiple_of(cs) && end != st.h.size) {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "unallocating {len} bytes at {off}: only whole {cs}-byte clusters can be"
+                ),
+            });
+        }
+        self.zero_clusters(&mut st, off / cs, end.div_ceil(cs), Clear::Unallocate)?;
+        st.punch_freed = true;
+        let done = st.write_back(&*self.host);
+        st.punch_freed = false;
+        done?;
+        st.trim_host(&*self.host)?;
+        self.host.flush()
+    }
+
+    /// Point the image at another backing file (`None`: no backing file), with its format
+    /// (written as the backing-format header extension). Only the header changes, in one
+    /// write after all pending metadata is on disk; the guest view changes with it unless the
+    /// caller first copied what differs (a safe rebase). The new backing is used from the
+    /// next open on: until then this handle keeps reading the old one.
+    pub fn set_backing(&self, file: Option<&str>, format: Option<&str>) -> Result<()> {
+        self.check_writable()?;
+        let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.lock();
+        let mut h = st.h.clone();
+        h.backing_file = file.map(str::to_owned);
+        h.backing_format = file.and(format).map(str::to_owned);
+        // Refuse (too long, header over a cluster) before anything is written.
+        h.serialize()?;
+        st.write_back(&*self.host)?;
+        self.host.flush()?;
+        st.h = h;
+        st.write_header(&*self.host)?;
+        st.has_backing = file.is_some();
+        self.host.flush()
     }
 
     fn zero_range(&self, off: u64, len: u64, discard: bool) -> Result<()> {
@@ -1229,7 +1302,8 @@ impl Qcow2Image {
                 self.write_locked(&mut st, &vec![0u8; (end - tail_start) as usize], tail_start)?;
             }
         }
-        self.zero_clusters(&mut st, first, last, discard)
+        let clear = if discard { Clear::Discard } else { Clear::Zero };
+        self.zero_clusters(&mut st, first, last, clear)
     }
 
     /// Store one whole guest cluster already compressed by `compress_cluster`

@@ -8,6 +8,7 @@
 
 mod guest;
 mod layout;
+mod overlay;
 mod part;
 mod rescue;
 mod serve;
@@ -76,6 +77,11 @@ pub enum Command {
     Compare(CompareArgs),
     /// Create, list, apply or delete internal snapshots of a qcow2 image.
     Snapshot(SnapshotArgs),
+    /// Write an overlay's contents into its backing file and empty it (like qemu-img commit).
+    Commit(overlay::CommitArgs),
+    /// Point an overlay at another backing file, keeping what the guest sees (like qemu-img
+    /// rebase).
+    Rebase(overlay::RebaseArgs),
     /// List files in a guest filesystem (ext4 inside the image, no root needed).
     Ls(guest::LsArgs),
     /// Print a file from a guest filesystem.
@@ -308,7 +314,9 @@ fn hint(e: &anyhow::Error) -> Option<&'static str> {
                     return Some("vmdisk reads and writes raw and qcow2; pass -f raw or -f qcow2")
                 }
                 vmdisk_image::Error::BackingLoop { .. } => {
-                    return Some("fix the backing file name with qemu-img rebase -u")
+                    return Some(
+                        "fix the backing file name with `vmdisk rebase -u -b NEWBACKING OVERLAY`",
+                    )
                 }
                 _ => {}
             }
@@ -395,6 +403,8 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Compare(a) => compare(a, quiet),
         Command::Snapshot(a) => snapshot(a),
         Command::Measure(a) => layout::measure(&a.layout),
+        Command::Commit(a) => overlay::commit(a, quiet),
+        Command::Rebase(a) => overlay::rebase(a, quiet),
         Command::Ls(a) => guest::ls(a),
         Command::Cat(a) => guest::cat(a),
         Command::CpOut(a) => guest::cp_out(a, quiet),
