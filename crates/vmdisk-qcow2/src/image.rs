@@ -752,13 +752,24 @@ impl State {
         if !self.pending_dec.is_empty() {
             let pend = std::mem::take(&mut self.pending_dec);
             let cs = self.cs();
+            let mut freed = Vec::new();
             for off in pend {
-                // Nothing points at the cluster any more (L2/L1 are on disk): its bytes may
-                // go. A crash before the refcount is written leaks a hole, as it would leak
-                // the cluster.
                 if self.adjust_refcount(host, off, -1)? == 0 && self.punch_freed {
-                    host.discard(off / cs * cs, cs)?;
+                    freed.push(off / cs * cs);
                 }
+            }
+            // Nothing points at these clusters any more (L2/L1 are on disk): their bytes may
+            // go. A crash before the refcounts are written leaks holes, as it would leak the
+            // clusters. One call per contiguous run: each can cost a synchronous discard.
+            freed.sort_unstable();
+            let mut i = 0;
+            while i < freed.len() {
+                let mut j = i + 1;
+                while j < freed.len() && freed[j] == freed[j - 1] + cs {
+                    j += 1;
+                }
+                host.discard(freed[i], (j - i) as u64 * cs)?;
+                i = j;
             }
             self.compressed_tail = 0;
             // Decrements of refcount-table clusters never need a new block, so this cannot
