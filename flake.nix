@@ -32,6 +32,8 @@
   #   e2fsck                e2fsprogs           all
   #   debugfs               e2fsprogs           all
   #   dumpe2fs              e2fsprogs           all
+  #   filefrag              e2fsprogs           linux
+  #   mkfs.xfs              xfsprogs            linux
   #   sgdisk                gptfdisk            all
   #   sfdisk                util-linux          linux
   #   fsck.vfat             dosfstools          all

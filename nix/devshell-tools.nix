@@ -30,6 +30,7 @@
       "libnbd" # nbdinfo, nbdcopy (Linux only in nixpkgs)
       "nbd" # nbd-client for the rescue VM's tests
       "virtiofsd" # the store share of virtiofs test VMs
+      "xfsprogs" # mkfs.xfs: a reflink-capable filesystem for the copy tests
     ]
   else
     [ ]

@@ -762,6 +762,8 @@ const GUEST_TOOL_PACKAGES: &[(&str, &str)] = &[
     ("dd", "coreutils"),
     ("nbdinfo", "libnbd-bin"),
     ("nbdcopy", "libnbd-bin"),
+    ("mkfs.xfs", "xfsprogs"),
+    ("filefrag", "e2fsprogs"),
 ];
 
 /// Path of a guest-side oracle tool (also searched in the sbin directories, which a

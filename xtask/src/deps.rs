@@ -23,6 +23,9 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("e2fsck", "e2fsprogs"),
     ("debugfs", "e2fsprogs"),
     ("dumpe2fs", "e2fsprogs"),
+    ("filefrag", "e2fsprogs"),
+    // reflink copies: an XFS with reflink=1, loop-mounted (as root) by the copy tests
+    ("mkfs.xfs", "xfsprogs"),
     // GPT and FAT oracles
     ("sgdisk", "gdisk"),
     ("sfdisk", "fdisk"),

@@ -44,6 +44,35 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A copy's destination exists and replacing it was not asked for.
+    #[error("{} already exists; pass --force to replace it", path.display())]
+    DestinationExists { path: PathBuf },
+    /// A copy's source and destination are one file.
+    #[error("{} and {} are the same file", src.display(), dst.display())]
+    SameFile { src: PathBuf, dst: PathBuf },
+    /// A copy's source or destination is neither a regular file nor (for a source) a block
+    /// device.
+    #[error("{} is not a regular file", path.display())]
+    NotRegularFile { path: PathBuf },
+    /// `--reflink=always`, and the filesystem cannot share extents between the two files.
+    #[error("cannot reflink {} to {}: {reason}", src.display(), dst.display())]
+    ReflinkUnsupported {
+        src: PathBuf,
+        dst: PathBuf,
+        reason: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The source got shorter while it was copied: something else is writing it.
+    #[error("{} shrank while it was copied (expected {expected} bytes, it ends at {got})", path.display())]
+    SourceShrank {
+        path: PathBuf,
+        expected: u64,
+        got: u64,
+    },
+    /// The caller's cancel flag was raised (e.g. Ctrl-C); the partial copy was removed.
+    #[error("copying to {} was interrupted; nothing was left behind", path.display())]
+    Cancelled { path: PathBuf },
 }
 
 impl Error {

@@ -11,6 +11,7 @@
 //!   create   raw (sparse) or qcow2 with qemu-img's -o options, write lock before truncating
 //!   convert  block_status-driven sparse copy: parallel readers/compressors, one ordered writer,
 //!            a bounded window of chunks in flight (memory independent of image size)
+//!   copy     the image *file*: FICLONE, else a SEEK_DATA/copy_file_range sparse copy, crash-safe
 //!   compare  qemu-img compare semantics, skipping ranges both images know are zero
 //!   map      qemu-img map --output=json entries, merged by qemu's rules
 //!   info     qemu-img info --output=json model (and its human text)
@@ -26,6 +27,7 @@
 mod check;
 mod compare;
 mod convert;
+mod copy;
 mod create;
 mod error;
 mod info;
@@ -38,6 +40,10 @@ mod snapshot;
 pub use check::{check, CheckOutcome, Repair};
 pub use compare::{compare, compare_with_progress, Comparison, Difference};
 pub use convert::{convert, ConvertOptions, ConvertStats};
+pub use copy::{
+    backing_elsewhere, copy_destination, copy_file, held_for_writing, BackingElsewhere, CopyMethod,
+    CopyOptions, CopyStats, PendingFile, Reflink,
+};
 pub use create::{create, create_overlay, parse_size, CreateSpec, ImageOptions, PreallocMode};
 pub use error::{Error, Result};
 pub use info::{

@@ -6,6 +6,7 @@
 //! (check: 0 clean / 1 errors / 2 corruptions / 3 leaks; compare: 0 same / 1 different /
 //! 2 error; everything else 0 / 1).
 
+mod copy;
 mod guest;
 mod layout;
 mod overlay;
@@ -67,6 +68,9 @@ pub enum Command {
     Create(CreateArgs),
     /// Copy an image into a new raw or qcow2 image, sparsely (like qemu-img convert).
     Convert(ConvertArgs),
+    /// Copy an image file: reflink when the filesystem can, sparse otherwise; `--qmp` copies a
+    /// running VM's disk consistently.
+    Copy(copy::CopyArgs),
     /// Show what an image is: format, sizes, backing file, snapshots (like qemu-img info).
     Inspect(InspectArgs),
     /// Check a qcow2 image's metadata, optionally repairing it (like qemu-img check).
@@ -397,6 +401,7 @@ pub fn run(cli: Cli) -> Result<u8> {
     match cli.command {
         Command::Create(a) => create(a, quiet),
         Command::Convert(a) => convert(a, quiet),
+        Command::Copy(a) => copy::run(a, quiet),
         Command::Inspect(a) => inspect(a),
         Command::Check(a) => check(a),
         Command::Map(a) => map(a),

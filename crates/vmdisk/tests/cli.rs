@@ -11,6 +11,7 @@ const CONTRACT: &[(&str, &[&str])] = &[
     ("check", &["--json", "-r", "-f"]),
     ("map", &["--json", "-f", "-U"]),
     ("compare", &["-s", "-f", "-F", "-p"]),
+    ("copy", &["--reflink", "--qmp", "--device"]),
     ("snapshot", &[]),
     ("completions", &[]),
     ("man", &["--out-dir"]),
