@@ -24,6 +24,7 @@ mod ext4;
 mod gen;
 mod layout;
 mod nbd;
+mod overlay;
 mod report;
 mod run;
 
@@ -56,6 +57,30 @@ enum Bench {
     Layout(LayoutArgs),
     /// `vmdisk serve` vs `qemu-nbd`: nbdcopy full/sparse/dense reads, random 4 KiB reads.
     Nbd(NbdArgs),
+    /// `vmdisk commit/rebase/copy` vs `qemu-img commit/rebase` and `cp --reflink=auto`.
+    Overlay(OverlayArgs),
+}
+
+#[derive(Args)]
+struct OverlayArgs {
+    /// Timed runs per side and case (best and median are reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Seed of the base image's generator.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Where images are cached and the work is done [default: target/bench-data].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// The vmdisk binary [default: `vmdisk` next to this program].
+    #[arg(long)]
+    vmdisk: Option<PathBuf>,
+    /// Smoke run: 256 MiB base with 128 MiB of data.
+    #[arg(long)]
+    quick: bool,
+    /// Print the results as JSON instead of Markdown.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -155,6 +180,17 @@ fn main() -> Result<()> {
         Bench::Layout(a) => {
             let (vmdisk, dir) = locate(a.vmdisk, a.dir)?;
             let report = layout::bench(&layout::Options {
+                vmdisk: &vmdisk,
+                dir: &dir,
+                runs: a.runs,
+                quick: a.quick,
+                seed: a.seed,
+            })?;
+            print_report(&report, a.json, report.markdown(), report.failed())
+        }
+        Bench::Overlay(a) => {
+            let (vmdisk, dir) = locate(a.vmdisk, a.dir)?;
+            let report = overlay::bench(&overlay::Options {
                 vmdisk: &vmdisk,
                 dir: &dir,
                 runs: a.runs,

@@ -8,8 +8,10 @@ use crate::flags::Bench;
 impl Bench {
     pub fn run(self, sh: &Shell) -> Result<()> {
         match self.what.as_str() {
-            "convert" | "ext4" | "layout" | "nbd" => {}
-            other => bail!("unknown benchmark `{other}`; available: convert, ext4, layout, nbd"),
+            "convert" | "ext4" | "layout" | "nbd" | "overlay" => {}
+            other => {
+                bail!("unknown benchmark `{other}`; available: convert, ext4, layout, nbd, overlay")
+            }
         }
         crate::deps::ensure(sh, true)?;
         cmd!(sh, "cargo build --release -p vmdisk -p benches").run()?;
