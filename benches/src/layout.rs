@@ -29,6 +29,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::util::{remove_if_exists, run, sha256, sync};
+
 /// script time / vmdisk time must reach this.
 const SPEED_TARGET: f64 = 2.0;
 /// Bump when the generated tree changes, so a stale cache is not reused.
@@ -338,36 +340,6 @@ fn children_cpu() -> f64 {
     unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     tv(ru.ru_utime) + tv(ru.ru_stime)
-}
-
-/// Run `cmd` to completion; its stdout, or an error with its stderr.
-fn run(cmd: &mut Command) -> Result<Vec<u8>> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {:?} (is it installed?)", cmd.get_program()))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?}: {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(out.stdout)
-}
-
-fn remove_if_exists(path: &Path) -> Result<()> {
-    match fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => {
-            Err(e).with_context(|| format!("removing {}", path.display()))
-        }
-        _ => Ok(()),
-    }
-}
-
-fn sync() {
-    // SAFETY: sync() takes no arguments and cannot fail.
-    unsafe { libc::sync() };
 }
 
 struct Paths {
@@ -706,12 +678,6 @@ fn check(out: &Path, scratch: &Path) -> Result<Checked> {
         e2fsck_summary,
         errors,
     })
-}
-
-fn sha256(path: &Path) -> Result<String> {
-    let out = run(Command::new("sha256sum").arg(path))?;
-    let text = String::from_utf8_lossy(&out);
-    Ok(text.split_whitespace().next().unwrap_or("").to_string())
 }
 
 // ---------------------------------------------------------------------------------------------

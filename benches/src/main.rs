@@ -27,6 +27,7 @@ mod nbd;
 mod overlay;
 mod report;
 mod run;
+mod util;
 
 use std::path::PathBuf;
 

@@ -26,6 +26,7 @@ use serde::Serialize;
 use vmdisk_nbd::client::{Client, ConnectOptions};
 
 use crate::layout::Rng;
+use crate::util::sha256;
 
 /// qemu-nbd time / vmdisk time must reach this on every line.
 const SPEED_TARGET: f64 = 1.0;
@@ -354,18 +355,6 @@ fn random_reads(socket: &Path, reads: u64, seed: u64, reference: Option<&File>) 
 // ---------------------------------------------------------------------------------------------
 // Checks
 
-fn sha256_file(path: &Path) -> Result<String> {
-    let out = Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .context("running sha256sum")?;
-    if !out.status.success() {
-        bail!("sha256sum {}: {}", path.display(), out.status);
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    Ok(text.split_whitespace().next().unwrap_or("").to_string())
-}
-
 /// sha256 of `nbdcopy URI -` (piped straight into sha256sum).
 fn sha256_stream(uri: &str) -> Result<String> {
     let mut copy = Command::new("nbdcopy")
@@ -409,7 +398,7 @@ fn verify(server: &Server, reference: &Path, want: &str, scratch: &Path, seed: u
         .stdin(Stdio::null())
         .output();
     match copied {
-        Ok(o) if o.status.success() => match sha256_file(scratch) {
+        Ok(o) if o.status.success() => match sha256(scratch) {
             Ok(got) if got == want => {}
             Ok(got) => errors.push(format!("nbdcopy URI FILE: sha256 {got}, expected {want}")),
             Err(e) => errors.push(format!("{e:#}")),
@@ -533,7 +522,7 @@ pub fn bench(o: &Options) -> Result<Report> {
     let load_average = load_average();
     let source = crate::gen::ensure(o.dir, &spec)?;
     let image = source.qcow2.clone();
-    let before = sha256_file(&image)?;
+    let before = sha256(&image)?;
     let image_allocated = {
         use std::os::unix::fs::MetadataExt;
         fs::metadata(&image)?.blocks() * 512
@@ -551,7 +540,7 @@ pub fn bench(o: &Options) -> Result<Report> {
     if !conv.success() {
         bail!("qemu-img convert -O raw of {}: {conv}", image.display());
     }
-    let want = sha256_file(&reference)?;
+    let want = sha256(&reference)?;
 
     let mut vm = Server::start(Who::Vmdisk, o.vmdisk, &image, o.dir)?;
     let mut qn = Server::start(Who::QemuNbd, o.vmdisk, &image, o.dir)?;
@@ -653,7 +642,7 @@ pub fn bench(o: &Options) -> Result<Report> {
             Err(e) => info.exit = format!("{e:#}"),
         }
     }
-    let after = sha256_file(&image)?;
+    let after = sha256(&image)?;
     let mut infos = infos.into_iter();
     let (Some(qemu_nbd), Some(vmdisk_server)) = (infos.next(), infos.next()) else {
         bail!("internal: server info missing");

@@ -15,6 +15,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::gen;
+use crate::util::{remove_if_exists, run, sha256, sync};
 
 pub struct Options<'a> {
     pub vmdisk: &'a Path,
@@ -95,23 +96,8 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
-fn sh(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("running {:?}", cmd.get_program()))?;
-    if !out.status.success() {
-        bail!(
-            "{:?} {:?} failed: {}",
-            cmd.get_program(),
-            cmd.get_args().collect::<Vec<_>>(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn qemu_img(dir: &Path, args: &[&str]) -> Result<String> {
-    sh(Command::new("qemu-img").current_dir(dir).args(args))
+fn qemu_img(dir: &Path, args: &[&str]) -> Result<Vec<u8>> {
+    run(Command::new("qemu-img").current_dir(dir).args(args))
 }
 
 fn qemu_io(dir: &Path, img: &str, cmds: &[String]) -> Result<()> {
@@ -120,7 +106,7 @@ fn qemu_io(dir: &Path, img: &str, cmds: &[String]) -> Result<()> {
     for x in cmds {
         c.arg("-c").arg(x);
     }
-    let out = sh(c.arg(img))?;
+    let out = String::from_utf8_lossy(&run(c.arg(img))?).into_owned();
     if out.contains("failed") {
         bail!("qemu-io on {img}: {out}");
     }
@@ -130,13 +116,9 @@ fn qemu_io(dir: &Path, img: &str, cmds: &[String]) -> Result<()> {
 /// sha256 of the guest contents of `img` (in `dir`), through `qemu-img convert -O raw`.
 fn view_sha(dir: &Path, img: &str) -> Result<String> {
     qemu_img(dir, &["convert", "-O", "raw", img, "view.raw"])?;
-    let out = sh(Command::new("sha256sum").arg(dir.join("view.raw")))?;
+    let sum = sha256(&dir.join("view.raw"))?;
     fs::remove_file(dir.join("view.raw"))?;
-    Ok(out
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string())
+    Ok(sum)
 }
 
 /// Run `cmd` in `dir` after restoring `files` from `pristine` and syncing; seconds taken.
@@ -148,19 +130,22 @@ fn timed(
     cmd: &mut Command,
 ) -> Result<f64> {
     for f in clean {
-        let _ = fs::remove_file(dir.join(f));
+        remove_if_exists(&dir.join(f))?;
     }
     for f in files {
         fs::copy(pristine.join(f), dir.join(f)).with_context(|| format!("restoring {f}"))?;
     }
-    // SAFETY: sync() takes no arguments and cannot fail.
-    unsafe { libc::sync() };
+    sync();
     let t = Instant::now();
-    sh(cmd.current_dir(dir))?;
+    run(cmd.current_dir(dir))?;
     Ok(t.elapsed().as_secs_f64())
 }
 
 pub fn bench(o: &Options) -> Result<Report> {
+    // First: fails with the install hint when qemu-img is missing.
+    let qemu_img_version = crate::run::qemu_img_version()?
+        .trim_start_matches("qemu-img version ")
+        .to_string();
     let (size, data) = if o.quick {
         (256 << 20, 128 << 20)
     } else {
@@ -312,12 +297,6 @@ pub fn bench(o: &Options) -> Result<Report> {
         wrong,
     ));
 
-    let qemu_img_version = qemu_img(w, &["--version"])?
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .trim_start_matches("qemu-img version ")
-        .to_string();
     let _ = fs::remove_dir_all(&work);
     Ok(Report {
         virtual_size: size,

@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::gen::Source;
+use crate::util::{remove_if_exists, sync};
 
 #[derive(Clone, Copy, PartialEq)]
 pub enum Fmt {
@@ -249,8 +250,7 @@ fn timed(cmd: &mut Command, out: &Path, outs: &[&Path], stderr_path: &Path) -> R
     for out in outs {
         remove_if_exists(out)?;
     }
-    // SAFETY: sync() takes no arguments and cannot fail.
-    unsafe { libc::sync() };
+    sync();
     let stderr = File::create(stderr_path)?;
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -370,13 +370,4 @@ fn warm_cache(path: &Path) -> Result<()> {
     let mut buf = vec![0u8; 4 << 20];
     while f.read(&mut buf)? != 0 {}
     Ok(())
-}
-
-fn remove_if_exists(path: &Path) -> Result<()> {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => {
-            Err(e).with_context(|| format!("removing {}", path.display()))
-        }
-        _ => Ok(()),
-    }
 }

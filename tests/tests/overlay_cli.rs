@@ -50,6 +50,26 @@ fn chain(dir: &Path, fmt: &str, opts: &str, ov_opts: &str, size: u64, seed: u64)
     );
 }
 
+/// A third layer, `top.qcow2` on `ov.qcow2`, holding one qemu-io write.
+fn top_on_ov(dir: &Path, write: &str) {
+    qemu_img_in(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "ov.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    )
+    .ok();
+    qemu_io(&dir.join("top.qcow2"), &[write.to_string()]);
+}
+
 /// Copy every file of `from` into `to` (a twin for the qemu-img side).
 fn twin(from: &Path, to: &Path) {
     fs::create_dir_all(to).unwrap();
@@ -153,25 +173,7 @@ fn commit_into_a_middle_layer_leaves_the_bottom_alone() {
     let d = tmp();
     let dir = d.path();
     chain(dir, "qcow2", "", "", 16 * MIB, 21);
-    qemu_img_in(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "ov.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    )
-    .ok();
-    qemu_io(
-        &dir.join("top.qcow2"),
-        &["write -P 0x77 3M 200k".to_string()],
-    );
+    top_on_ov(dir, "write -P 0x77 3M 200k");
     let base_sha = sha256(&dir.join("base.img"));
     let view = qemu_raw_sha(dir, "top.qcow2", &dir.join("view.raw"));
     vmdisk_in(dir, &["commit", "top.qcow2"]).ok();
@@ -309,25 +311,7 @@ fn rebase_flatten_drop_a_layer_and_header_only() {
     let d = tmp();
     let dir = d.path();
     chain(dir, "qcow2", "", "", 16 * MIB, 61);
-    qemu_img_in(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "ov.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    )
-    .ok();
-    qemu_io(
-        &dir.join("top.qcow2"),
-        &["write -P 0x42 2M 100k".to_string()],
-    );
+    top_on_ov(dir, "write -P 0x42 2M 100k");
     let view = qemu_raw_sha(dir, "top.qcow2", &dir.join("view.raw"));
 
     // Drop the middle layer: top now sits on base directly, same view.

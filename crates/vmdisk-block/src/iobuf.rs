@@ -1,6 +1,9 @@
 //! `IoBuf`: a large, page-aligned, zero-initialised I/O buffer that is reused, not regrown.
 //!
-//! Page alignment lets the kernel copy whole pages between the page cache and the buffer.
+//! Page alignment lets the kernel copy whole pages between the page cache and the buffer. It
+//! was measured: `vmdisk convert` raw -> qcow2 of 1.5 GiB took 0.68 s (1.0 s system time) with
+//! plain `Vec<u8>` buffers, which the allocator hands out 16 bytes past a page boundary, and
+//! 0.43 s (0.57 s) with these.
 //! Huge pages were tried and measured (`vmdisk convert`, raw -> qcow2, 1.5 GiB of data,
 //! alternating runs): 0.40 s with 2 MiB huge pages, 0.40 s without, so the buffer asks for
 //! none. An earlier 1.13 s -> 0.63 s "gain" from them was a benchmark artefact: on this VM a

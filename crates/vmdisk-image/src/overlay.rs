@@ -15,9 +15,9 @@
 
 use std::path::{Path, PathBuf};
 
-use vmdisk_block::{is_zero, BlockDevice, ExtentKind};
+use vmdisk_block::{is_zero, BlockDevice, Extent, ExtentKind, IoBuf};
 
-use crate::open::{open, resolve_backing, Image, OpenOptions};
+use crate::open::{open, open_file, resolve_backing, Image, OpenOptions};
 use crate::{Error, Format, Result};
 
 /// Bytes moved per read/write in `commit` (64 KiB to 2 MiB measured the same).
@@ -33,24 +33,9 @@ const PIPELINE_DEPTH: usize = 4;
 /// Bytes written between two writeback kicks in `commit`.
 const WRITEBACK_EVERY: u64 = 64 << 20;
 
-/// Ask the kernel to start writing the file's dirty pages back, without waiting (a hint: the
-/// flush that makes them durable comes later).
-fn start_writeback(file: &std::fs::File) {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        // SAFETY: a plain syscall on an fd we own; failure only loses the hint.
-        unsafe {
-            libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = file;
-}
-
 /// One step of `commit`'s copy, in guest order.
 enum Piece {
-    Data { off: u64, buf: Vec<u8> },
+    Data { off: u64, buf: IoBuf },
     Zero { off: u64, len: u64 },
 }
 
@@ -88,14 +73,7 @@ pub fn commit(
 ) -> Result<CommitStats> {
     // The overlay alone: the backing file is opened below for writing, and a read lock of our
     // own on it would conflict with that.
-    let top = open(
-        path,
-        &OpenOptions {
-            format: Some(Format::Qcow2),
-            no_backing: true,
-            ..Default::default()
-        },
-    )?;
+    let top = open_top(path)?;
     let q = top.require_qcow2("commit")?;
     let layer = top.chain()[0].clone();
     let Some(name) = layer.backing_name.as_deref() else {
@@ -143,14 +121,19 @@ pub fn commit(
         stats.grew = true;
     }
 
-    let extents = top_extents(&*dev, path)?;
+    // What the overlay (opened alone) holds itself: data (true) and zero clusters (false).
+    let extents = runs(&*dev, path, |e| match e.kind {
+        ExtentKind::Data => Some(true),
+        ExtentKind::Zero => Some(false),
+        ExtentKind::Unallocated => None,
+    })?;
     let total: u64 = extents.iter().map(|&(_, len, _)| len).sum();
     let mut done = 0;
     // A reader thread fills chunks while this thread writes them, in guest order: the two
     // page-cache copies (out of the overlay, into the backing file) overlap.
     std::thread::scope(|scope| -> Result<()> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Piece>>(PIPELINE_DEPTH);
-        let (back_tx, back_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        let (back_tx, back_rx) = std::sync::mpsc::channel::<IoBuf>();
         let reader_dev = dev.clone();
         let chunk = CHUNK;
         let extents = &extents;
@@ -167,9 +150,8 @@ pub fn commit(
                     let n = chunk.min(off + len - pos);
                     let mut buf = back_rx
                         .try_recv()
-                        .unwrap_or_else(|_| vec![0u8; chunk as usize]);
-                    buf.truncate(n as usize);
-                    buf.resize(n as usize, 0);
+                        .unwrap_or_else(|_| IoBuf::with_capacity(chunk as usize));
+                    buf.set_len(n as usize);
                     let r = reader_dev
                         .read_exact_at(&mut buf, pos)
                         .map(|()| Piece::Data { off: pos, buf })
@@ -202,7 +184,7 @@ pub fn commit(
                     unsynced += n;
                     if unsynced >= WRITEBACK_EVERY {
                         // Start writing back now, so the flush at the end has less to wait for.
-                        start_writeback(host.file());
+                        host.start_writeback();
                         unsynced = 0;
                     }
                 }
@@ -217,7 +199,6 @@ pub fn commit(
     base.close()?;
 
     if !opts.keep {
-        let q = top.require_qcow2("commit")?;
         q.unallocate(0, dev.len())
             .map_err(Error::image("emptying", path))?;
         stats.emptied = true;
@@ -227,10 +208,14 @@ pub fn commit(
     Ok(stats)
 }
 
-/// The extents `dev` (an image opened without its backing) allocates itself, as (offset,
-/// length, is_data); zero clusters come back with `is_data == false`.
-fn top_extents(dev: &dyn BlockDevice, path: &Path) -> Result<Vec<(u64, u64, bool)>> {
-    let mut out: Vec<(u64, u64, bool)> = Vec::new();
+/// The runs of `dev`'s block status that `class` labels (`None`: skip), neighbours with the
+/// same label merged, over the whole disk one window at a time.
+fn runs<T: Copy + PartialEq>(
+    dev: &dyn BlockDevice,
+    path: &Path,
+    class: impl Fn(&Extent) -> Option<T>,
+) -> Result<Vec<(u64, u64, T)>> {
+    let mut out: Vec<(u64, u64, T)> = Vec::new();
     let mut pos = 0;
     while pos < dev.len() {
         let n = STATUS_WINDOW.min(dev.len() - pos);
@@ -238,19 +223,27 @@ fn top_extents(dev: &dyn BlockDevice, path: &Path) -> Result<Vec<(u64, u64, bool
             .block_status(pos, n)
             .map_err(Error::image("mapping", path))?
         {
-            let data = match e.kind {
-                ExtentKind::Data => true,
-                ExtentKind::Zero => false,
-                ExtentKind::Unallocated => continue,
-            };
+            let Some(label) = class(&e) else { continue };
             match out.last_mut() {
-                Some(last) if last.0 + last.1 == e.off && last.2 == data => last.1 += e.len,
-                _ => out.push((e.off, e.len, data)),
+                Some(last) if last.0 + last.1 == e.off && last.2 == label => last.1 += e.len,
+                _ => out.push((e.off, e.len, label)),
             }
         }
         pos += n;
     }
     Ok(out)
+}
+
+/// The overlay at `path` alone (read-write, its backing chain not opened).
+fn open_top(path: &Path) -> Result<Image> {
+    open(
+        path,
+        &OpenOptions {
+            format: Some(Format::Qcow2),
+            no_backing: true,
+            ..Default::default()
+        },
+    )
 }
 
 /// The new backing file of a rebase.
@@ -295,14 +288,7 @@ pub fn rebase(
     let new = &opts.backing;
     let new_path = new.name.as_deref().map(|n| resolve_backing(path, n));
     if opts.unsafe_header_only {
-        let top = open(
-            path,
-            &OpenOptions {
-                format: Some(Format::Qcow2),
-                no_backing: true,
-                ..Default::default()
-            },
-        )?;
+        let top = open_top(path)?;
         let old = top.chain()[0].backing_name.clone();
         // The format is probed when the file is there; a missing file is allowed with -u
         // (qemu-img allows it too) but then the format must be given or is left unset.
@@ -349,26 +335,11 @@ pub fn rebase(
     let ndev = nb.as_ref().map(|b| b.dev());
     let nlen = ndev.as_ref().map_or(0, |d| d.len());
 
-    // Where the overlay itself allocates nothing, the guest sees the old chain.
-    let mut through = Vec::new();
-    let mut pos = 0;
-    while pos < size {
-        let n = STATUS_WINDOW.min(size - pos);
-        for e in dev
-            .block_status(pos, n)
-            .map_err(Error::image("mapping", path))?
-        {
-            if e.depth == 0 && e.kind != ExtentKind::Unallocated {
-                continue;
-            }
-            let old_zero = e.reads_as_zero();
-            match through.last_mut() {
-                Some((o, l, z)) if *o + *l == e.off && *z == old_zero => *l += e.len,
-                _ => through.push((e.off, e.len, old_zero)),
-            }
-        }
-        pos += n;
-    }
+    // Where the overlay itself allocates nothing, the guest sees the old chain (labelled:
+    // known to read as zeros).
+    let through = runs(&*dev, path, |e| {
+        (e.depth != 0 || e.kind == ExtentKind::Unallocated).then(|| e.reads_as_zero())
+    })?;
 
     let total: u64 = through.iter().map(|&(_, l, _)| l).sum();
     let mut stats = RebaseStats {
@@ -381,8 +352,10 @@ pub fn rebase(
     // and the comparison: 64 KiB took 0.39 s where 2 MiB took 0.98 s (rebase of a 2 GiB
     // disk with 1 GiB of data on each side).
     let chunk = COMPARE_CHUNK.max(cs);
-    let mut old_buf = vec![0u8; chunk as usize];
-    let mut new_buf = vec![0u8; chunk as usize];
+    let mut old_buf = IoBuf::with_capacity(chunk as usize);
+    let mut new_buf = IoBuf::with_capacity(chunk as usize);
+    old_buf.set_len(chunk as usize);
+    new_buf.set_len(chunk as usize);
     let mut done = 0;
     for (off, len, old_zero) in through {
         // Whole clusters, so a write never needs a copy-on-write fill from the old chain
@@ -481,6 +454,6 @@ fn set_backing(img: &Image, path: &Path, new: &NewBacking, fmt: Option<Format>) 
 }
 
 fn probe_path(p: &Path) -> Result<Format> {
-    let host = vmdisk_block::RawFile::open(p, true).map_err(Error::image("opening", p))?;
-    crate::probe_format(&host).map_err(Error::image("probing", p))
+    // Read-only and without a lock: only the first bytes are looked at.
+    Ok(open_file(p, None, true, true)?.2)
 }

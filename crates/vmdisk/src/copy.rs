@@ -113,12 +113,7 @@ fn offline(a: &CopyArgs, quiet: bool, cancel: &'static AtomicBool) -> Result<u8>
     // With -U: was a writer really there? Then say the copy may be inconsistent.
     let writer_present = a.force_share && vmdisk_image::held_for_writing(&a.src);
     let pb = crate::progress_bar(a.progress && !quiet);
-    let report = |done: u64, total: u64| {
-        if let Some(pb) = &pb {
-            pb.set_length(total);
-            pb.set_position(done);
-        }
-    };
+    let report = crate::report_to(&pb);
     let opts = CopyOptions {
         reflink,
         overwrite: a.force,
@@ -146,7 +141,7 @@ fn offline(a: &CopyArgs, quiet: bool, cancel: &'static AtomicBool) -> Result<u8>
         ))
     })?;
     let seconds = t0.elapsed().as_secs_f64();
-    if let Some(pb) = pb {
+    if let Some(pb) = &pb {
         pb.finish_and_clear();
     }
     if writer_present && !quiet {

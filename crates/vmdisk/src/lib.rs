@@ -370,6 +370,16 @@ fn parse_options(opts: &[String]) -> Result<ImageOptions> {
     Ok(o)
 }
 
+/// The `(done, total)` callback the libraries take, drawing on `pb` when there is one.
+fn report_to(pb: &Option<indicatif::ProgressBar>) -> impl Fn(u64, u64) + '_ {
+    move |done, total| {
+        if let Some(pb) = pb {
+            pb.set_length(total);
+            pb.set_position(done);
+        }
+    }
+}
+
 fn progress_bar(enabled: bool) -> Option<indicatif::ProgressBar> {
     if !enabled {
         return None;
@@ -519,14 +529,9 @@ fn convert(a: ConvertArgs, quiet: bool) -> Result<u8> {
         sync: a.sync,
     };
     let pb = progress_bar(a.progress && !quiet);
-    let report = |done: u64, total: u64| {
-        if let Some(pb) = &pb {
-            pb.set_length(total);
-            pb.set_position(done);
-        }
-    };
+    let report = report_to(&pb);
     vmdisk_image::convert(&src, &a.dst, &opts, &report)?;
-    if let Some(pb) = pb {
+    if let Some(pb) = &pb {
         pb.finish();
     }
     Ok(0)
@@ -650,14 +655,9 @@ fn compare(a: CompareArgs, quiet: bool) -> Result<u8> {
     let ia = vmdisk_image::open(&a.a, &open_opts(a.format_a, true, a.force_share))?;
     let ib = vmdisk_image::open(&a.b, &open_opts(a.format_b, true, a.force_share))?;
     let pb = progress_bar(a.progress && !quiet);
-    let report = |done: u64, total: u64| {
-        if let Some(pb) = &pb {
-            pb.set_length(total);
-            pb.set_position(done);
-        }
-    };
+    let report = report_to(&pb);
     let c = vmdisk_image::compare_with_progress(&ia, &ib, a.strict, &report)?;
-    if let Some(pb) = pb {
+    if let Some(pb) = &pb {
         pb.finish_and_clear();
     }
     if c.size_mismatch && !a.strict && !quiet {

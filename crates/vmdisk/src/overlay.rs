@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use vmdisk_image::{CommitOptions, NewBacking, RebaseOptions};
 
-use crate::{progress_bar, FormatArg};
+use crate::{progress_bar, report_to, FormatArg};
 
 #[derive(Debug, Args)]
 pub struct CommitArgs {
@@ -50,15 +50,10 @@ pub struct RebaseArgs {
 
 pub fn commit(a: CommitArgs, quiet: bool) -> Result<u8> {
     let pb = progress_bar(a.progress && !quiet);
-    let report = |done: u64, total: u64| {
-        if let Some(pb) = &pb {
-            pb.set_length(total);
-            pb.set_position(done);
-        }
-    };
+    let report = report_to(&pb);
     let stats = vmdisk_image::commit(&a.overlay, &CommitOptions { keep: a.keep }, &report)
         .with_context(|| format!("committing {}", a.overlay.display()))?;
-    if let Some(pb) = pb {
+    if let Some(pb) = &pb {
         pb.finish_and_clear();
     }
     if a.json {
@@ -86,12 +81,7 @@ pub fn commit(a: CommitArgs, quiet: bool) -> Result<u8> {
 
 pub fn rebase(a: RebaseArgs, quiet: bool) -> Result<u8> {
     let pb = progress_bar(a.progress && !quiet && !a.unsafe_header_only);
-    let report = |done: u64, total: u64| {
-        if let Some(pb) = &pb {
-            pb.set_length(total);
-            pb.set_position(done);
-        }
-    };
+    let report = report_to(&pb);
     let opts = RebaseOptions {
         backing: NewBacking {
             name: (!a.backing.is_empty()).then(|| a.backing.clone()),
@@ -101,7 +91,7 @@ pub fn rebase(a: RebaseArgs, quiet: bool) -> Result<u8> {
     };
     let stats = vmdisk_image::rebase(&a.overlay, &opts, &report)
         .with_context(|| format!("rebasing {}", a.overlay.display()))?;
-    if let Some(pb) = pb {
+    if let Some(pb) = &pb {
         pb.finish_and_clear();
     }
     if a.json {
