@@ -11,6 +11,7 @@ mod guest;
 mod layout;
 mod overlay;
 mod part;
+mod passwd;
 mod rescue;
 mod serve;
 
@@ -94,7 +95,7 @@ pub enum Command {
     #[command(name = "cp-out")]
     CpOut(guest::CpOutArgs),
     /// Set, unlock or restore a user's password in the guest's /etc/shadow, safely.
-    Passwd(guest::PasswdArgs),
+    Passwd(passwd::PasswdArgs),
     /// Export an image (or one partition) over NBD for qemu, nbdcopy, vfkit or the kernel.
     Serve(serve::ServeArgs),
     /// Boot a rescue VM with the image attached over NBD and run a command (or a console
@@ -423,7 +424,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Ls(a) => guest::ls(a),
         Command::Cat(a) => guest::cat(a),
         Command::CpOut(a) => guest::cp_out(a, quiet),
-        Command::Passwd(a) => guest::passwd(a, quiet),
+        Command::Passwd(a) => passwd::passwd(a, quiet),
         Command::Serve(a) => serve::run(a, quiet),
         Command::Rescue(a) => rescue::run(a, quiet),
         Command::Completions { shell } => {

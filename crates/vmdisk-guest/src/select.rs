@@ -1,0 +1,158 @@
+//! `-P PART`: which partition (or the whole disk) a guest command works on.
+//!
+//! By number, GPT partition name (`disk-main-root`) or filesystem label (`nixos`). Without
+//! `-P`: an unpartitioned disk is used whole; otherwise the only Linux filesystem, else the one
+//! labelled `nixos`, else the candidates are listed and nothing is done.
+
+use std::sync::Arc;
+
+use vmdisk_block::{BlockDevice, Slice};
+use vmdisk_layout::{FsInfo, FsKind};
+
+/// A chosen byte range of the disk and what it holds.
+#[derive(Debug, Clone)]
+pub struct Chosen {
+    pub off: u64,
+    pub len: u64,
+    pub number: Option<u32>,
+    pub name: String,
+    pub fs: Option<FsInfo>,
+}
+
+/// Why no partition was chosen. `candidates` is the disk's list, one line each, ready to print.
+#[derive(Debug, thiserror::Error)]
+pub enum SelectError {
+    #[error("reading the partition table")]
+    ReadingTable(#[source] vmdisk_layout::Error),
+    #[error("slicing partition {number}")]
+    Slicing {
+        number: u32,
+        #[source]
+        source: vmdisk_block::Error,
+    },
+    #[error(
+        "no partition matches -P {selector} (by number, GPT name or filesystem label); the disk \
+         has:\n{candidates}"
+    )]
+    NoMatch {
+        selector: String,
+        candidates: String,
+    },
+    #[error("no ext2/3/4 filesystem found on this disk; it has:\n{candidates}")]
+    NoLinuxFilesystem { candidates: String },
+    #[error(
+        "several Linux filesystems and none (or more than one) labelled nixos; pick one with \
+         -P:\n{candidates}"
+    )]
+    Ambiguous { candidates: String },
+}
+
+fn is_linux_fs(fs: &Option<FsInfo>) -> bool {
+    matches!(
+        fs.as_ref().map(|f| f.kind),
+        Some(FsKind::Ext4 | FsKind::Ext3 | FsKind::Ext2)
+    )
+}
+
+/// Every partition with its filesystem, or the whole disk when there is no partition table.
+pub fn candidates(dev: &Arc<dyn BlockDevice>) -> Result<Vec<Chosen>, SelectError> {
+    let Some(table) =
+        vmdisk_layout::probe_partitions(dev.as_ref()).map_err(SelectError::ReadingTable)?
+    else {
+        return Ok(vec![Chosen {
+            off: 0,
+            len: dev.len(),
+            number: None,
+            name: "(whole disk)".to_string(),
+            fs: vmdisk_layout::probe_filesystem(dev.as_ref()),
+        }]);
+    };
+    let mut out = Vec::new();
+    for p in table.partitions {
+        let slice =
+            Slice::new(dev.clone(), p.offset, p.size).map_err(|source| SelectError::Slicing {
+                number: p.number,
+                source,
+            })?;
+        out.push(Chosen {
+            off: p.offset,
+            len: p.size,
+            number: Some(p.number),
+            name: p.name.clone(),
+            fs: vmdisk_layout::probe_filesystem(&slice),
+        });
+    }
+    Ok(out)
+}
+
+fn describe(c: &Chosen) -> String {
+    let fs = match &c.fs {
+        Some(f) => format!(
+            "{:?}{}",
+            f.kind,
+            f.label
+                .as_ref()
+                .map(|l| format!(" LABEL={l}"))
+                .unwrap_or_default()
+        )
+        .to_lowercase(),
+        None => "no filesystem found".to_string(),
+    };
+    match c.number {
+        Some(n) => format!("  -P {n}   {} ({fs}, {} bytes)", c.name, c.len),
+        None => format!("  whole disk ({fs}, {} bytes)", c.len),
+    }
+}
+
+/// Pick by selector, or by the default policy.
+pub fn select(dev: &Arc<dyn BlockDevice>, sel: Option<&str>) -> Result<Chosen, SelectError> {
+    let all = candidates(dev)?;
+    let list = || all.iter().map(describe).collect::<Vec<_>>().join("\n");
+    if let Some(sel) = sel {
+        let by_number = sel.parse::<u32>().ok();
+        let found = all
+            .iter()
+            .find(|c| by_number.is_some() && c.number == by_number);
+        let found = found
+            .or_else(|| all.iter().find(|c| c.name == sel))
+            .or_else(|| {
+                all.iter()
+                    .find(|c| c.fs.as_ref().and_then(|f| f.label.as_deref()) == Some(sel))
+            });
+        return match found {
+            Some(c) => Ok(c.clone()),
+            None => Err(SelectError::NoMatch {
+                selector: sel.to_string(),
+                candidates: list(),
+            }),
+        };
+    }
+    let linux: Vec<&Chosen> = all.iter().filter(|c| is_linux_fs(&c.fs)).collect();
+    if linux.len() == 1 {
+        return Ok(linux[0].clone());
+    }
+    let nixos: Vec<&Chosen> = linux
+        .iter()
+        .copied()
+        .filter(|c| c.fs.as_ref().and_then(|f| f.label.as_deref()) == Some("nixos"))
+        .collect();
+    if nixos.len() == 1 {
+        return Ok(nixos[0].clone());
+    }
+    if linux.is_empty() {
+        return Err(SelectError::NoLinuxFilesystem { candidates: list() });
+    }
+    Err(SelectError::Ambiguous { candidates: list() })
+}
+
+/// The device a guest command works on: the whole disk, or a [`Slice`] of the chosen partition.
+pub fn device_for(
+    whole: Arc<dyn BlockDevice>,
+    chosen: &Chosen,
+) -> Result<Arc<dyn BlockDevice>, vmdisk_block::Error> {
+    if chosen.off == 0 && chosen.len == whole.len() {
+        Ok(whole)
+    } else {
+        Ok(Arc::new(Slice::new(whole, chosen.off, chosen.len)?))
+    }
+}
