@@ -42,6 +42,10 @@ pub enum Error {
         needed: u64,
         limit: u64,
     },
+    /// The operation was interrupted (Ctrl-C, SIGTERM) through its [`crate::Cancel`] flag and
+    /// stopped at a safe point.
+    #[error("interrupted")]
+    Interrupted,
     /// Another process holds a lock that conflicts with what we need.
     #[error("{}", lock_message(path, what, *pid))]
     Locked {
@@ -83,8 +87,19 @@ impl Error {
         Error::Unsupported { what: what.into() }
     }
 
-    /// True when the failure says the image content is corrupt (not the host or the request).
+    /// True when the failure says the image content is corrupt (not the host, the request, or
+    /// one of vmdisk's own resource limits: an image that needs more than a [`Error::Limit`]
+    /// allows may be perfectly valid).
     pub fn is_corrupt(&self) -> bool {
-        matches!(self, Error::Corrupt { .. } | Error::Limit { .. })
+        matches!(self, Error::Corrupt { .. })
+    }
+
+    /// True when the host ran out of space (ENOSPC or EDQUOT) during the failed step.
+    pub fn is_no_space(&self) -> bool {
+        let io = match self {
+            Error::Io { source, .. } | Error::File { source, .. } => source,
+            _ => return false,
+        };
+        matches!(io.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
     }
 }

@@ -18,6 +18,7 @@
 //! locks ([`lock`]) follow qemu's own OFD byte-range protocol so qemu and vmdisk respect each
 //! other.
 
+pub mod cancel;
 mod device;
 mod error;
 mod iobuf;
@@ -29,6 +30,7 @@ mod slice;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 
+pub use cancel::{register_temp, remove_registered_temps, Cancel, RegisteredTemp};
 pub use device::{check_range, is_zero, merge_extents, BlockDevice, Extent, ExtentKind};
 pub use error::{Error, Result};
 pub use iobuf::{IoBuf, IOBUF_ALIGN};

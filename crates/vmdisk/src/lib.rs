@@ -14,6 +14,8 @@ mod part;
 mod passwd;
 mod rescue;
 mod serve;
+#[allow(dead_code)] // adopted command by command (issue #12)
+mod signals;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
