@@ -185,10 +185,16 @@ fn vmdisk_writer_blocks_qemu() {
         errs.join("\n\n")
     );
 
-    // released: qemu works again
+    // released: qemu works again. Another test's child process may still hold a copy of
+    // the descriptor for the moment between its fork and its exec (the OFD lock lives until
+    // the last copy closes), so wait for the release with a deadline rather than once.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while lock_byte_held(&img, QEMU_PERM_WRITE) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     assert!(
         !lock_byte_held(&img, QEMU_PERM_WRITE),
-        "lock byte 101 still held after close"
+        "lock byte 101 still held 10 s after close"
     );
     qemu_img(&["info", i]).ok();
     qemu_io(&img, &["write -P 0x42 0 512".into()]);

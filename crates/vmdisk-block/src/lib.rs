@@ -26,6 +26,7 @@ pub mod lock;
 mod mem;
 mod raw;
 mod slice;
+mod undo;
 
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
@@ -37,3 +38,4 @@ pub use iobuf::{IoBuf, IOBUF_ALIGN};
 pub use mem::MemDisk;
 pub use raw::RawFile;
 pub use slice::Slice;
+pub use undo::UndoFile;

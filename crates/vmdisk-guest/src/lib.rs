@@ -1,15 +1,21 @@
 //! A guest filesystem inside an image: which partition a guest command works on (`-P`), and
-//! (as the editor grows) the transactions that edit a guest safely.
+//! the transaction that edits a guest safely ([`edit()`]: undo snapshot, overlay or in place;
+//! byte-identical on any failure), with `passwd` as its first user.
 //!
 //! ```text
 //!   Image (vmdisk-image) ──▶ select(-P) ──▶ Chosen { off, len, name, fs } ──▶ Slice ──▶ Ext4
 //! ```
 //!
 //! Errors: [`SelectError`] says which selector matched nothing (and lists what the disk has)
-//! or why the default policy could not choose; block errors pass through with their taxonomy.
+//! or why the default policy could not choose; [`EditError`] why an edit did not happen
+//! (nothing was written in every case).
 
 #![forbid(unsafe_code)]
 
+pub mod edit;
+pub mod passwd;
 pub mod select;
 
+pub use edit::{edit, EditError, EditReport, EditTarget, Guest, Undo};
+pub use passwd::{passwd, PasswdAction, PasswdPlan};
 pub use select::{candidates, device_for, select, Chosen, SelectError};

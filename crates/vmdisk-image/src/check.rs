@@ -2,11 +2,14 @@
 
 use std::fmt::Write as _;
 use std::path::Path;
+use std::sync::Arc;
+
+use vmdisk_block::UndoFile;
 
 use serde::Serialize;
 
 use crate::open::open_file;
-use crate::q::check as qcheck;
+use crate::q::{self, check as qcheck};
 use crate::{Error, Format, OpenOptions, Result};
 
 pub use crate::q::check::Repair;
@@ -46,15 +49,41 @@ fn is_zero(v: &u64) -> bool {
 }
 
 /// Check (and with `repair`, fix) the image at `path`. Raw images have no metadata: the
-/// outcome is `None`. Repairs open the image read-write under the write lock.
+/// outcome is `None`. Repairs open the image read-write under the write lock, as a
+/// transaction: a repair that fails half-way leaves the file as it was.
+///
+/// An overlay's backing chain is opened too (as qemu-img does): a missing backing file, a
+/// loop or a chain too deep is an error, not "No errors were found".
 pub fn check(path: &Path, opts: &OpenOptions, repair: Repair) -> Result<Option<CheckOutcome>> {
     let read_only = repair == Repair::None;
-    let (host, _lock, format) =
+    let (host, lock, format) =
         open_file(path, opts.format, read_only, opts.force_share && read_only)?;
     if format == Format::Raw {
         return Ok(None);
     }
-    let r = qcheck::check(&host, repair).map_err(Error::image("checking", path))?;
+    if q::read_header(&host).is_ok_and(|h| h.backing_file.is_some()) {
+        // Our own lock on `path` would look like someone else's: open the chain without locks.
+        let chain_opts = OpenOptions {
+            format: Some(format),
+            read_only: true,
+            force_share: true,
+            ..Default::default()
+        };
+        crate::open(path, &chain_opts)?;
+    }
+    let host = Arc::new(host);
+    let r = if read_only {
+        qcheck::check(&*host, repair)
+    } else {
+        let undo = UndoFile::new(host.clone());
+        let r = qcheck::check(&undo, repair);
+        match r {
+            Ok(r) => undo.commit().map(|()| r),
+            Err(e) => Err(e),
+        }
+    }
+    .map_err(Error::image("checking", path))?;
+    drop(lock);
     Ok(Some(CheckOutcome {
         image_end_offset: r.image_end_offset,
         total_clusters: r.total_clusters,

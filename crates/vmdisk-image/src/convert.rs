@@ -18,9 +18,9 @@ use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use vmdisk_block::{is_zero, BlockDevice, ExtentKind, IoBuf};
+use vmdisk_block::{is_zero, BlockDevice, Cancel, ExtentKind, IoBuf};
 
-use crate::create::{create_locked, CreateSpec, ImageOptions};
+use crate::create::{create_pending, CreateSpec, ImageOptions};
 use crate::q::{self, CompressionType, Qcow2Image};
 use crate::{Error, Format, Image, Result};
 
@@ -47,6 +47,8 @@ pub struct ConvertOptions {
     /// `cache=unsafe`: a target cut short by a crash is garbage either way, and the
     /// engine's intermediate ordering flushes are skipped while converting.
     pub sync: bool,
+    /// Raised (Ctrl-C): stop, remove the partial output, return [`Error::Cancelled`].
+    pub cancel: Cancel,
 }
 
 impl ConvertOptions {
@@ -57,6 +59,7 @@ impl ConvertOptions {
             options: ImageOptions::default(),
             threads: None,
             sync: false,
+            cancel: Cancel::never(),
         }
     }
 }
@@ -356,9 +359,16 @@ impl Target {
     }
 }
 
-/// Copy the guest contents of `src` into a new image at `dst` (overwritten like qemu-img
-/// does, under the write lock). Only data is read and written; zero and unallocated ranges
-/// and all-zero blocks stay holes. `progress(done, total)` is called from this thread.
+/// Copy the guest contents of `src` into a new image at `dst`. Only data is read and written;
+/// zero and unallocated ranges and all-zero blocks stay holes. `progress(done, total)` is
+/// called from this thread.
+///
+/// Everything is checked before the output exists: `dst` must not be `src` or any file of its
+/// backing chain, no qemu may hold it, and its filesystem must have the space
+/// (`measure`'s `required`; not checked for compressed output, which is smaller by an
+/// unknown factor). The output is built under a temporary name and renamed onto `dst` at the
+/// end — an existing `dst` is replaced (as by qemu-img) only then, and stays untouched on
+/// any error, interrupt or ENOSPC.
 pub fn convert(
     src: &Image,
     dst: &Path,
@@ -379,6 +389,11 @@ pub fn convert(
             reason: "convert writes a standalone image".into(),
         });
     }
+    crate::refuse_output_onto_input(dst, src, "the source")?;
+    if !opts.compress {
+        let m = crate::measure(src, opts.format, &opts.options)?;
+        crate::ensure_space(dst, m.required)?;
+    }
     let spec = CreateSpec {
         format: opts.format,
         size: Some(size),
@@ -386,7 +401,7 @@ pub fn convert(
         backing_file: None,
         backing_format: None,
     };
-    let (host, _lock) = create_locked(dst, &spec)?;
+    let (pending, host, _lock) = create_pending(dst, &spec)?;
     let host = Arc::new(host);
     let (target, mode) = match opts.format {
         Format::Raw => (Target::Raw(host.clone()), Mode::Sparse(ZERO_BLOCK)),
@@ -450,7 +465,15 @@ pub fn convert(
         for _ in 0..threads {
             s.spawn(|| worker(&shared, &ctx));
         }
-        let r = write_in_order(&shared, &target, dst, &mut stats, size, progress);
+        let r = write_in_order(
+            &shared,
+            &target,
+            dst,
+            &mut stats,
+            size,
+            progress,
+            &opts.cancel,
+        );
         if r.is_err() {
             shared.lock().abort = true;
             shared.can_take.notify_all();
@@ -461,8 +484,11 @@ pub fn convert(
     if let Target::Qcow2(q) = target {
         (*q).close().map_err(Error::image("closing", dst))?;
     }
+    drop(host);
     if opts.sync {
-        host.flush().map_err(Error::image("flushing", dst))?;
+        pending.commit()?;
+    } else {
+        pending.commit_unsynced()?;
     }
     progress(size, size);
     stats.elapsed = t0.elapsed();
@@ -476,8 +502,14 @@ fn write_in_order(
     stats: &mut ConvertStats,
     size: u64,
     progress: &dyn Fn(u64, u64),
+    cancel: &Cancel,
 ) -> Result<()> {
     loop {
+        if cancel.is_cancelled() {
+            return Err(Error::Cancelled {
+                path: dst.to_owned(),
+            });
+        }
         let item = {
             let mut g = shared.lock();
             loop {

@@ -23,15 +23,15 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use vmdisk_block::lock::{ImageLock, LockMode};
-use vmdisk_block::BlockDevice;
+use vmdisk_block::{BlockDevice, Cancel};
 
 use crate::open::{open_file, resolve_backing};
+use crate::output::{file_err, PendingFile};
 use crate::q;
 use crate::{Error, Format, Result};
 
@@ -54,8 +54,8 @@ pub enum Reflink {
 }
 
 /// How [`copy_file`] copies.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct CopyOptions<'a> {
+#[derive(Debug, Clone, Default)]
+pub struct CopyOptions {
     pub reflink: Reflink,
     /// Replace an existing destination (refused while someone holds qemu's locks on it).
     pub overwrite: bool,
@@ -64,7 +64,7 @@ pub struct CopyOptions<'a> {
     pub force_share: bool,
     /// When raised, the copy stops, removes its partial output and returns
     /// [`Error::Cancelled`].
-    pub cancel: Option<&'a AtomicBool>,
+    pub cancel: Cancel,
 }
 
 /// How the bytes got there.
@@ -186,7 +186,7 @@ pub fn held_for_writing(path: &Path) -> bool {
 pub fn copy_file(
     src: &Path,
     dst: &Path,
-    opts: &CopyOptions<'_>,
+    opts: &CopyOptions,
     progress: &dyn Fn(u64, u64),
 ) -> Result<CopyStats> {
     let dst = copy_destination(src, dst);
@@ -270,7 +270,7 @@ pub fn copy_file(
             use_cfr: opts.reflink != Reflink::Never,
             fell_back: opts.reflink == Reflink::Never,
             buf: Vec::new(),
-            cancel: opts.cancel,
+            cancel: &opts.cancel,
             final_path: &dst,
             progress,
         };
@@ -300,14 +300,6 @@ pub fn copy_file(
     })
 }
 
-fn file_err(op: &'static str, path: &Path, source: io::Error) -> Error {
-    Error::File {
-        op,
-        path: path.to_owned(),
-        source,
-    }
-}
-
 /// The extent-by-extent copy of [`copy_file`]'s sparse path.
 struct Copier<'a> {
     src: &'a File,
@@ -321,7 +313,7 @@ struct Copier<'a> {
     /// Some data went through pread/pwrite.
     fell_back: bool,
     buf: Vec<u8>,
-    cancel: Option<&'a AtomicBool>,
+    cancel: &'a Cancel,
     progress: &'a dyn Fn(u64, u64),
 }
 
@@ -344,7 +336,7 @@ impl Copier<'_> {
     }
 
     fn check_cancel(&self) -> Result<()> {
-        if self.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+        if self.cancel.is_cancelled() {
             return Err(Error::Cancelled {
                 path: self.final_path.to_owned(),
             });
@@ -512,163 +504,6 @@ fn cfr(src: &File, dst: &File, off: u64, len: u64) -> io::Result<u64> {
     }
 }
 
-/// A new file being written under a temporary name beside its destination
-/// (`DIR/.NAME.vmdisk-tmp-PID`), moved into place by [`PendingFile::commit`] and removed on
-/// drop otherwise — so a crash or an error never leaves a half-written file under the
-/// destination's name.
-#[derive(Debug)]
-pub struct PendingFile {
-    tmp: PathBuf,
-    dst: PathBuf,
-    overwrite: bool,
-    file: File,
-    committed: bool,
-    // qemu's write lock on the destination being replaced, held until it is replaced.
-    _replaced_lock: Option<ImageLock>,
-}
-
-impl PendingFile {
-    /// Check that `dst` may be created (or, with `overwrite`, replaced: it must be a regular
-    /// file no one holds qemu's locks on; a symlink is followed) and create the empty
-    /// temporary file beside it with permissions `mode` (less the umask).
-    pub fn create(dst: &Path, overwrite: bool, mode: u32) -> Result<PendingFile> {
-        let mut dst = dst.to_owned();
-        let mut replaced_lock = None;
-        match std::fs::symlink_metadata(&dst) {
-            Ok(_) if !overwrite => return Err(Error::DestinationExists { path: dst }),
-            Ok(m) => {
-                if m.file_type().is_symlink() {
-                    dst = std::fs::canonicalize(&dst)
-                        .map_err(|source| file_err("follow the symlink", &dst, source))?;
-                }
-                let f = File::open(&dst).map_err(|source| file_err("open", &dst, source))?;
-                let m = f
-                    .metadata()
-                    .map_err(|source| file_err("stat", &dst, source))?;
-                if !m.is_file() {
-                    return Err(Error::NotRegularFile { path: dst });
-                }
-                replaced_lock = Some(
-                    ImageLock::acquire(&f, &dst, LockMode::Write)
-                        .map_err(Error::image("locking", &dst))?,
-                );
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => return Err(file_err("stat", &dst, source)),
-        }
-        let name = dst
-            .file_name()
-            .ok_or_else(|| Error::NotRegularFile { path: dst.clone() })?;
-        let tmp = dir_of(&dst).join(format!(
-            ".{}.vmdisk-tmp-{}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(|source| file_err("create", &tmp, source))?;
-        Ok(PendingFile {
-            tmp,
-            dst,
-            overwrite,
-            file,
-            committed: false,
-            _replaced_lock: replaced_lock,
-        })
-    }
-
-    /// The temporary file's path.
-    pub fn tmp_path(&self) -> &Path {
-        &self.tmp
-    }
-
-    /// Where [`commit`](Self::commit) puts it.
-    pub fn dst(&self) -> &Path {
-        &self.dst
-    }
-
-    /// The open temporary file.
-    pub fn file(&self) -> &File {
-        &self.file
-    }
-
-    /// fsync the file, rename it to the destination (without replacing a file that appeared
-    /// meanwhile, unless overwriting was asked for), fsync the directory.
-    pub fn commit(mut self) -> Result<()> {
-        self.file
-            .sync_all()
-            .map_err(|source| file_err("fsync", &self.tmp, source))?;
-        rename(&self.tmp, &self.dst, self.overwrite)?;
-        self.committed = true;
-        let dir = dir_of(&self.dst);
-        match File::open(&dir).and_then(|d| d.sync_all()) {
-            Ok(()) => Ok(()),
-            // Some filesystems cannot fsync a directory; the rename is done either way.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
-            Err(source) => Err(file_err("fsync the directory", &dir, source)),
-        }
-    }
-}
-
-impl Drop for PendingFile {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
-    }
-}
-
-fn dir_of(p: &Path) -> PathBuf {
-    match p.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
-        _ => PathBuf::from("."),
-    }
-}
-
-/// rename(2), or renameat2(RENAME_NOREPLACE) when `dst` must not be replaced (falling back to
-/// a check and a rename where the filesystem lacks it).
-fn rename(tmp: &Path, dst: &Path, overwrite: bool) -> Result<()> {
-    if !overwrite {
-        use std::os::unix::ffi::OsStrExt;
-        let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes());
-        if let (Ok(a), Ok(b)) = (c(tmp), c(dst)) {
-            // SAFETY: both pointers are NUL-terminated strings that outlive the call.
-            let r = unsafe {
-                libc::renameat2(
-                    libc::AT_FDCWD,
-                    a.as_ptr(),
-                    libc::AT_FDCWD,
-                    b.as_ptr(),
-                    libc::RENAME_NOREPLACE,
-                )
-            };
-            if r == 0 {
-                return Ok(());
-            }
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EEXIST) => {
-                    return Err(Error::DestinationExists {
-                        path: dst.to_owned(),
-                    })
-                }
-                Some(libc::EINVAL | libc::ENOSYS) => {}
-                _ => return Err(file_err("rename into place", dst, e)),
-            }
-        }
-        if std::fs::symlink_metadata(dst).is_ok() {
-            return Err(Error::DestinationExists {
-                path: dst.to_owned(),
-            });
-        }
-    }
-    std::fs::rename(tmp, dst).map_err(|source| file_err("rename into place", dst, source))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -698,7 +533,7 @@ mod tests {
         assert!(left.is_empty(), "temporary files left behind: {left:?}");
     }
 
-    fn opts(reflink: Reflink) -> CopyOptions<'static> {
+    fn opts(reflink: Reflink) -> CopyOptions {
         CopyOptions {
             reflink,
             ..Default::default()
@@ -846,9 +681,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (src, _) = sparse_src(dir.path());
         let dst = dir.path().join("dst.raw");
-        let cancel = AtomicBool::new(true);
+        let cancel = Cancel::new();
+        cancel.cancel();
         let o = CopyOptions {
-            cancel: Some(&cancel),
+            cancel,
             ..opts(Reflink::Never)
         };
         let e = copy_file(&src, &dst, &o, &|_, _| {}).unwrap_err();
@@ -900,29 +736,5 @@ mod tests {
             backing_elsewhere(&src, &d.join("other/c.qcow2"), "base.raw", None),
             None
         );
-    }
-
-    #[test]
-    fn pending_files_vanish_unless_committed() {
-        let dir = tempfile::tempdir().unwrap();
-        let dst = dir.path().join("x");
-        let p = PendingFile::create(&dst, false, 0o644).unwrap();
-        let tmp = p.tmp_path().to_owned();
-        assert!(tmp.exists());
-        assert!(tmp
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .starts_with(".x.vmdisk-tmp-"));
-        drop(p);
-        assert!(!tmp.exists() && !dst.exists());
-        let p = PendingFile::create(&dst, false, 0o644).unwrap();
-        p.file().write_all_at(b"hi", 0).unwrap();
-        // Someone else creates the destination meanwhile: it is not replaced.
-        std::fs::write(&dst, b"theirs").unwrap();
-        let e = p.commit().unwrap_err();
-        assert!(matches!(e, Error::DestinationExists { .. }), "{e:?}");
-        assert_eq!(std::fs::read(&dst).unwrap(), b"theirs");
-        no_temp_left(dir.path());
     }
 }

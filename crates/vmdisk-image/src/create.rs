@@ -5,7 +5,8 @@ use std::path::Path;
 use vmdisk_block::lock::{ImageLock, LockMode};
 use vmdisk_block::{BlockDevice, RawFile};
 
-use crate::open::{open, resolve_backing, OpenOptions};
+use crate::open::{open, resolve_backing, Image, OpenOptions};
+use crate::output::{FileId, PendingFile};
 use crate::q::{self, CompressionType, Preallocation};
 use crate::{Error, Format, Result};
 
@@ -271,31 +272,283 @@ impl CreateSpec {
     }
 }
 
-/// Create (or overwrite, like qemu-img) the image at `path`. The write lock is taken before
-/// anything is truncated, so an image a running qemu holds is never clobbered.
+/// Everything `create` decides before it touches a file.
+#[derive(Debug, Clone)]
+struct CreatePlan {
+    format: Format,
+    size: u64,
+    qcow2: Option<q::CreateOptions>,
+    prealloc: Option<PreallocMode>,
+}
+
+impl CreatePlan {
+    /// Bytes the new file will occupy on the host (for the free-space check).
+    fn needed(&self) -> u64 {
+        match (self.format, self.prealloc) {
+            (Format::Raw, Some(PreallocMode::Falloc | PreallocMode::Full)) => self.size,
+            (Format::Raw, _) => 0,
+            (Format::Qcow2, _) => {
+                let Some(o) = &self.qcow2 else { return 0 };
+                let opts = ImageOptions {
+                    cluster_size: Some(o.cluster_size),
+                    refcount_bits: Some(o.refcount_bits),
+                    extended_l2: Some(o.extended_l2),
+                    ..Default::default()
+                };
+                let m = crate::measure_size(Format::Qcow2, &opts, self.size, None);
+                match (m, o.preallocation) {
+                    (Ok(m), Preallocation::Metadata) => m.fully_allocated - self.size,
+                    (Ok(m), Preallocation::Off) => m.required.min(4 * o.cluster_size),
+                    (Err(_), _) => 0,
+                }
+            }
+        }
+    }
+}
+
+/// Validate `spec` for a new image at `path`: options, size, and the backing file (opened
+/// with its whole chain, which must not lead back to `path`).
+fn plan_create(path: &Path, spec: &CreateSpec) -> Result<CreatePlan> {
+    let o = &spec.options;
+    o.validate_for(spec.format)?;
+    let backing_file = spec.backing_file.clone().or_else(|| o.backing_file.clone());
+    let mut backing_format = spec.backing_format.or(o.backing_fmt);
+    if spec.format == Format::Raw && backing_file.is_some() {
+        return Err(invalid(
+            "backing_file",
+            "raw images cannot have a backing file",
+        ));
+    }
+    let mut size = spec.size.or(o.size);
+    if let Some(name) = &backing_file {
+        let bpath = resolve_backing(path, name);
+        refuse_own_backing(path, &bpath, &[])?;
+        let b = open(
+            &bpath,
+            &OpenOptions {
+                format: backing_format,
+                read_only: true,
+                force_share: true,
+                ..Default::default()
+            },
+        )
+        .map_err(|e| match e {
+            // The chain of the backing file needs the file being created: a loop.
+            Error::MissingBacking { resolved, .. } if same_path(&resolved, path) => {
+                Error::CreateLoop {
+                    path: path.to_owned(),
+                    chain: format!("{} -> ... -> {}", bpath.display(), resolved.display()),
+                }
+            }
+            e => e,
+        })?;
+        let chain: Vec<&Path> = b.chain().iter().map(|l| l.path.as_path()).collect();
+        for layer in &chain[1..] {
+            refuse_own_backing(path, layer, &chain)?;
+        }
+        backing_format = backing_format.or(Some(b.format()));
+        size = size.or(Some(b.len()));
+    }
+    // Like qemu-img: sizes are rounded up to whole 512-byte sectors.
+    let size = size
+        .ok_or(Error::SizeRequired)?
+        .checked_next_multiple_of(512)
+        .ok_or_else(|| invalid("size", "too large"))?;
+    let qcow2 = (spec.format == Format::Qcow2).then(|| {
+        let mut co = o.qcow2_create_options(size);
+        co.backing_file = backing_file;
+        co.backing_format = backing_format.map(|f| f.to_string());
+        co
+    });
+    if let Some(co) = &qcow2 {
+        // Refuse sizes the format cannot describe before any file exists.
+        crate::measure_size(
+            Format::Qcow2,
+            &ImageOptions {
+                cluster_size: Some(co.cluster_size),
+                ..Default::default()
+            },
+            size,
+            None,
+        )?;
+    }
+    Ok(CreatePlan {
+        format: spec.format,
+        size,
+        qcow2,
+        prealloc: o.preallocation,
+    })
+}
+
+/// Whether two paths name one file: the same inode when both exist, else the same absolute
+/// path once the directories are resolved.
+fn same_path(a: &Path, b: &Path) -> bool {
+    if let (Some(x), Some(y)) = (FileId::of(a), FileId::of(b)) {
+        return x == y;
+    }
+    let abs = |p: &Path| -> Option<std::path::PathBuf> {
+        let dir = crate::output::dir_of(p);
+        Some(std::fs::canonicalize(dir).ok()?.join(p.file_name()?))
+    };
+    matches!((abs(a), abs(b)), (Some(x), Some(y)) if x == y)
+}
+
+fn refuse_own_backing(path: &Path, backing: &Path, chain: &[&Path]) -> Result<()> {
+    if !same_path(path, backing) {
+        return Ok(());
+    }
+    if chain.is_empty() {
+        return Err(Error::CreateLoop {
+            path: path.to_owned(),
+            chain: format!("{} -> {}", path.display(), backing.display()),
+        });
+    }
+    let names: Vec<String> = chain.iter().map(|p| p.display().to_string()).collect();
+    Err(Error::CreateLoop {
+        path: path.to_owned(),
+        chain: format!("{} -> {}", path.display(), names.join(" -> ")),
+    })
+}
+
+/// Write the new image's structure into the empty `host`.
+fn format_host(host: &RawFile, path: &Path, plan: &CreatePlan) -> Result<()> {
+    match &plan.qcow2 {
+        None => {
+            host.resize(plan.size)
+                .map_err(Error::image("sizing", path))?;
+            if matches!(
+                plan.prealloc,
+                Some(PreallocMode::Falloc | PreallocMode::Full)
+            ) && plan.size > 0
+            {
+                host.write_zeroes(0, plan.size, false)
+                    .map_err(Error::image("preallocating", path))?;
+            }
+        }
+        Some(co) => q::create(host, co).map_err(Error::image("creating", path))?,
+    }
+    Ok(())
+}
+
+/// A new file under its temporary name, write-locked, ready to be formatted.
+fn pending_host(path: &Path, plan: &CreatePlan) -> Result<(PendingFile, RawFile, ImageLock)> {
+    crate::ensure_space(path, plan.needed())?;
+    let pending = PendingFile::create(path, true, 0o644)?;
+    let tmp = pending.tmp_path().to_owned();
+    let file = pending.file().try_clone().map_err(|source| Error::File {
+        op: "reopen",
+        path: tmp.clone(),
+        source,
+    })?;
+    let lock =
+        ImageLock::acquire(&file, &tmp, LockMode::Write).map_err(Error::image("locking", &tmp))?;
+    let host = RawFile::from_file(file, &tmp, false).map_err(Error::image("opening", &tmp))?;
+    Ok((pending, host, lock))
+}
+
+/// Create (or replace, like qemu-img) the image at `path`. Everything is validated first;
+/// the image is built under a temporary name and renamed into place, so an existing file at
+/// `path` is replaced only once the new one is complete, and never when anything fails.
 pub fn create(path: &Path, spec: &CreateSpec) -> Result<()> {
-    let (host, _lock) = create_locked(path, spec)?;
+    let plan = plan_create(path, spec)?;
+    let (pending, host, lock) = pending_host(path, &plan)?;
+    format_host(&host, pending.tmp_path(), &plan)?;
+    drop((host, lock));
+    // A fully preallocated raw image is as big as its size: leave the flushing to the kernel.
+    if matches!(
+        plan.prealloc,
+        Some(PreallocMode::Full | PreallocMode::Falloc)
+    ) {
+        pending.commit_unsynced()
+    } else {
+        pending.commit()
+    }
+}
+
+/// Format the file at `path` in place (creating or truncating it, under qemu's write lock):
+/// for temporary files the caller owns, such as a `PendingFile` another program will write.
+pub fn create_in_place(path: &Path, spec: &CreateSpec) -> Result<()> {
+    let plan = plan_create(path, spec)?;
+    let (host, _lock) = lock_and_truncate(path)?;
+    format_host(&host, path, &plan)?;
     host.flush().map_err(Error::image("flushing", path))
+}
+
+/// A new image still under its temporary name, open read-write (with its backing chain):
+/// [`NewImage::finish`] closes it and renames it into place; dropping it removes it.
+pub struct NewImage {
+    // Declared first: the image is closed before the temporary file goes.
+    image: Option<Image>,
+    pending: PendingFile,
+}
+
+impl NewImage {
+    pub fn image(&self) -> &Image {
+        // Only `finish` takes the image out, and it consumes self.
+        self.image
+            .as_ref()
+            .expect("NewImage holds its image until finish")
+    }
+
+    /// Where the image will be once finished.
+    pub fn path(&self) -> &Path {
+        self.pending.dst()
+    }
+
+    /// Close the image (flushing it) and rename it into place; `sync` also waits for the
+    /// data to reach the disk.
+    pub fn finish(mut self, sync: bool) -> Result<()> {
+        if let Some(img) = self.image.take() {
+            img.close()?;
+        }
+        if sync {
+            self.pending.commit()
+        } else {
+            self.pending.commit_unsynced()
+        }
+    }
+}
+
+/// `create`, but the new image stays under its temporary name, opened read-write, until
+/// [`NewImage::finish`].
+pub fn create_new(path: &Path, spec: &CreateSpec) -> Result<NewImage> {
+    let plan = plan_create(path, spec)?;
+    let (pending, host, lock) = pending_host(path, &plan)?;
+    format_host(&host, pending.tmp_path(), &plan)?;
+    drop((host, lock));
+    let image = open(
+        pending.tmp_path(),
+        &OpenOptions {
+            format: Some(plan.format),
+            ..Default::default()
+        },
+    )?;
+    Ok(NewImage {
+        image: Some(image),
+        pending,
+    })
 }
 
 /// Create a qcow2 overlay at `overlay` whose backing file is `image` (stored as an absolute
 /// path, so the overlay can live anywhere); `image_format` is probed and recorded when `None`.
 pub fn create_overlay(overlay: &Path, image: &Path, image_format: Option<Format>) -> Result<()> {
+    create(overlay, &overlay_spec(image, image_format)?)
+}
+
+/// The spec of a qcow2 overlay on `image` (see [`create_overlay`]).
+pub fn overlay_spec(image: &Path, image_format: Option<Format>) -> Result<CreateSpec> {
     let backing = std::fs::canonicalize(image).map_err(|source| Error::File {
         op: "resolve",
         path: image.to_owned(),
         source,
     })?;
-    create(
-        overlay,
-        &CreateSpec {
-            format: Format::Qcow2,
-            size: None,
-            options: ImageOptions::default(),
-            backing_file: Some(backing.to_string_lossy().into_owned()),
-            backing_format: image_format,
-        },
-    )
+    Ok(CreateSpec {
+        format: Format::Qcow2,
+        size: None,
+        options: ImageOptions::default(),
+        backing_file: Some(backing.to_string_lossy().into_owned()),
+        backing_format: image_format,
+    })
 }
 
 /// Open `path` for writing (creating it), take the write lock, truncate it.
@@ -325,67 +578,15 @@ pub(crate) fn lock_and_truncate(path: &Path) -> Result<(RawFile, ImageLock)> {
     Ok((host, lock))
 }
 
-/// `create`, returning the still-locked host file.
-pub(crate) fn create_locked(path: &Path, spec: &CreateSpec) -> Result<(RawFile, ImageLock)> {
-    let o = &spec.options;
-    o.validate_for(spec.format)?;
-    let backing_file = spec.backing_file.clone().or_else(|| o.backing_file.clone());
-    let mut backing_format = spec.backing_format.or(o.backing_fmt);
-    if spec.format == Format::Raw && backing_file.is_some() {
-        return Err(invalid(
-            "backing_file",
-            "raw images cannot have a backing file",
-        ));
-    }
-    let mut size = spec.size.or(o.size);
-    if let Some(name) = &backing_file {
-        if size.is_none() || backing_format.is_none() {
-            let bpath = resolve_backing(path, name);
-            let b = open(
-                &bpath,
-                &OpenOptions {
-                    format: backing_format,
-                    read_only: true,
-                    force_share: true,
-                    no_backing: true,
-                },
-            )?;
-            backing_format = Some(b.format());
-            size = size.or(Some(b.len()));
-        }
-    }
-    // Like qemu-img: sizes are rounded up to whole 512-byte sectors.
-    let size = size
-        .ok_or(Error::SizeRequired)?
-        .checked_next_multiple_of(512)
-        .ok_or_else(|| invalid("size", "too large"))?;
-
-    let (host, lock) = lock_and_truncate(path)?;
-    match spec.format {
-        Format::Raw => {
-            host.resize(size).map_err(Error::image("sizing", path))?;
-            if matches!(
-                o.preallocation,
-                Some(PreallocMode::Falloc | PreallocMode::Full)
-            ) && size > 0
-            {
-                host.write_zeroes(0, size, false)
-                    .map_err(Error::image("preallocating", path))?;
-            }
-        }
-        Format::Qcow2 => {
-            let mut co = o.qcow2_create_options(size);
-            co.backing_file = backing_file;
-            co.backing_format = backing_format.map(|f| f.to_string());
-            q::create(&host, &co).map_err(Error::image("creating", path))?;
-        }
-    }
-    // Truncating to 0 makes ext4 (auto_da_alloc) allocate and write back every delayed block
-    // when that open file is closed: ~0.5 s per GiB converted, spent in close(). Releasing
-    // another open file of the inode now, while nothing big is dirty, clears that state (qemu-img
-    // reopens its target after creating it, with the same effect). Best effort.
-    drop(std::fs::File::open(path));
-    Ok((host, lock))
+/// A new image for `convert`: validated, under its temporary name, formatted and locked.
+pub(crate) fn create_pending(
+    path: &Path,
+    spec: &CreateSpec,
+) -> Result<(PendingFile, RawFile, ImageLock)> {
+    let plan = plan_create(path, spec)?;
+    let (pending, host, lock) = pending_host(path, &plan)?;
+    format_host(&host, pending.tmp_path(), &plan)?;
+    Ok((pending, host, lock))
 }
 
 #[cfg(test)]

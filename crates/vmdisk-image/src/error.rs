@@ -17,6 +17,41 @@ pub enum Error {
     /// The backing chain points back at an image already in it.
     #[error("backing loop: {chain}")]
     BackingLoop { chain: String },
+    /// An overlay's backing file does not exist where its stored name points.
+    #[error(
+        "the backing file of {} does not exist: it is stored as '{name}', which means {}; if \
+         the file moved, point the overlay at it with `vmdisk rebase -u -b NEWPATH {}`",
+        overlay.display(),
+        resolved.display(),
+        overlay.display()
+    )]
+    MissingBacking {
+        overlay: std::path::PathBuf,
+        name: String,
+        resolved: std::path::PathBuf,
+    },
+    /// A new image would be part of its own backing chain.
+    #[error(
+        "{} cannot be created with that backing file: its chain leads back to itself ({chain}); \
+         name a backing file that does not depend on {}",
+        path.display(),
+        path.display()
+    )]
+    CreateLoop {
+        path: std::path::PathBuf,
+        chain: String,
+    },
+    /// A rebase would make an overlay part of its own backing chain.
+    #[error(
+        "cannot rebase {} onto that file: its backing chain leads back to the overlay ({chain}); \
+         name a backing file that does not depend on {}",
+        overlay.display(),
+        overlay.display()
+    )]
+    RebaseLoop {
+        overlay: std::path::PathBuf,
+        chain: String,
+    },
     /// The backing chain is longer than [`crate::MAX_BACKING_DEPTH`].
     #[error("backing chain of {} is deeper than {limit} images", path.display())]
     BackingTooDeep { path: PathBuf, limit: usize },
@@ -30,11 +65,27 @@ pub enum Error {
     #[error("image size required: give SIZE, or a backing file to take it from")]
     SizeRequired,
     /// The operation needs a qcow2 image.
-    #[error("{} is a {format} image; {what} needs qcow2", path.display())]
+    #[error(
+        "{} is not a qcow2 image (it is opened as {format} and looks like {looks_like}); {what} \
+         works on qcow2 images only",
+        path.display()
+    )]
     NotQcow2 {
         path: PathBuf,
         format: crate::Format,
+        looks_like: &'static str,
         what: &'static str,
+    },
+    /// The declared format (`-f`) does not match the file.
+    #[error(
+        "{} was given as {declared} (-f {declared}) but it looks like {looks_like}; {fix}",
+        path.display()
+    )]
+    WrongFormat {
+        path: PathBuf,
+        declared: crate::Format,
+        looks_like: &'static str,
+        fix: &'static str,
     },
     /// Creating or inspecting a file on the host failed.
     #[error("cannot {op} {}", path.display())]
@@ -70,9 +121,40 @@ pub enum Error {
         expected: u64,
         got: u64,
     },
-    /// The caller's cancel flag was raised (e.g. Ctrl-C); the partial copy was removed.
-    #[error("copying to {} was interrupted; nothing was left behind", path.display())]
+    /// The caller's cancel flag was raised (e.g. Ctrl-C); the partial output was removed and
+    /// an existing destination (or an image edited in place) is as it was.
+    #[error("writing {} was interrupted; it is as it was before and nothing was left behind", path.display())]
     Cancelled { path: PathBuf },
+    /// An output would overwrite one of the command's own inputs.
+    #[error(
+        "{} is {role} ({}): writing it would destroy what is being read; choose another \
+         destination",
+        dst.display(),
+        input.display()
+    )]
+    OutputIsInput {
+        dst: PathBuf,
+        input: PathBuf,
+        role: String,
+    },
+    /// Not enough free space for the output, found before writing anything.
+    #[error(
+        "not enough space for {}: it needs about {} but {} has {} free; free some space or \
+         write it elsewhere (nothing was written)",
+        path.display(),
+        crate::format_size(*needed),
+        dir.display(),
+        crate::format_size(*available)
+    )]
+    NoSpace {
+        path: PathBuf,
+        dir: PathBuf,
+        needed: u64,
+        available: u64,
+    },
+    /// A directory was given where a file (an image, a destination) was expected.
+    #[error("{} is a directory, not a disk image file", path.display())]
+    IsADirectory { path: PathBuf },
 }
 
 impl Error {

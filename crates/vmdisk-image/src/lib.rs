@@ -32,29 +32,38 @@ mod create;
 mod error;
 mod info;
 mod map;
+mod measure;
 mod open;
+mod output;
 mod overlay;
 mod q;
 mod snapshot;
+mod sniff;
 
 pub use check::{check, CheckOutcome, Repair};
 pub use compare::{compare, compare_with_progress, Comparison, Difference};
 pub use convert::{convert, ConvertOptions, ConvertStats};
 pub use copy::{
     backing_elsewhere, copy_destination, copy_file, held_for_writing, BackingElsewhere, CopyMethod,
-    CopyOptions, CopyStats, PendingFile, Reflink,
+    CopyOptions, CopyStats, Reflink,
 };
-pub use create::{create, create_overlay, parse_size, CreateSpec, ImageOptions, PreallocMode};
+pub use create::{
+    create, create_in_place, create_new, create_overlay, overlay_spec, parse_size, CreateSpec,
+    ImageOptions, NewImage, PreallocMode,
+};
 pub use error::{Error, Result};
 pub use info::{
     format_size, info, snapshot_table, FormatSpecific, ImageInfo, Qcow2Specific, SnapshotEntry,
 };
 pub use map::{map, MapEntry};
+pub use measure::{data_bytes, measure, measure_size, DataBytes, Measure};
 pub use open::{open, probe_format, resolve_backing, Image, Layer, OpenOptions, MAX_BACKING_DEPTH};
+pub use output::{ensure_space, free_space, refuse_output_onto_input, FileId, PendingFile};
 pub use overlay::{
     commit, rebase, CommitOptions, CommitStats, NewBacking, RebaseOptions, RebaseStats,
 };
 pub use snapshot::{snapshot_apply, snapshot_create, snapshot_delete, snapshot_list};
+pub use sniff::looks_like;
 
 /// Image formats vmdisk reads and writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize)]

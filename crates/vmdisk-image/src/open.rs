@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use vmdisk_block::lock::{ImageLock, LockMode};
-use vmdisk_block::{BlockDevice, RawFile};
+use vmdisk_block::{BlockDevice, RawFile, UndoFile};
 
 use crate::q::{self, Qcow2Image};
 use crate::{Error, Format, Result};
@@ -16,6 +16,7 @@ pub const MAX_BACKING_DEPTH: usize = 64;
 
 /// Bytes read from the start of a file to probe its format.
 const PROBE_LEN: u64 = 512;
+use crate::sniff::{looks_like, SNIFF_LEN};
 
 /// How to open an image.
 #[derive(Debug, Clone, Default)]
@@ -27,6 +28,10 @@ pub struct OpenOptions {
     pub force_share: bool,
     /// Do not open the backing chain (reads of unallocated ranges then return zeros).
     pub no_backing: bool,
+    /// Edit as a transaction (read-write opens only): every change to the image file is
+    /// undoable until [`Image::close`] commits it; an error, an interrupt or ENOSPC that
+    /// drops the image first puts the file back byte for byte (see `vmdisk_block::UndoFile`).
+    pub undo: bool,
 }
 
 impl OpenOptions {
@@ -34,6 +39,14 @@ impl OpenOptions {
     pub fn read_only() -> Self {
         OpenOptions {
             read_only: true,
+            ..Default::default()
+        }
+    }
+
+    /// Read-write open as an undoable transaction (see [`OpenOptions::undo`]).
+    pub fn transaction() -> Self {
+        OpenOptions {
+            undo: true,
             ..Default::default()
         }
     }
@@ -61,6 +74,10 @@ pub struct Image {
     path: PathBuf,
     chain: Vec<Layer>,
     read_only: bool,
+    looks_like: &'static str,
+    /// The transaction over `host`, when opened with [`OpenOptions::undo`]. Declared before
+    /// the lock: a rollback on drop happens while the lock is still held.
+    undo: Option<Arc<UndoFile>>,
     // Keeps the backing images (and their locks) alive as long as this one.
     _backing: Option<Box<Image>>,
     _lock: Option<ImageLock>,
@@ -110,13 +127,24 @@ impl Image {
         self.qcow2.as_deref()
     }
 
-    /// The qcow2 engine, or an error naming `what` needed it.
+    /// The qcow2 engine, or an error naming `what` needed it (and what the file looks like).
     pub fn require_qcow2(&self, what: &'static str) -> Result<&Qcow2Image> {
         self.qcow2().ok_or_else(|| Error::NotQcow2 {
             path: self.path.clone(),
             format: self.format,
+            looks_like: self.looks_like,
             what,
         })
+    }
+
+    /// What the file's first bytes look like ("a qcow2 image", "a raw ext2/3/4 filesystem").
+    pub fn looks_like(&self) -> &'static str {
+        self.looks_like
+    }
+
+    /// True when the image was declared raw (`-f raw`) but its bytes are a qcow2 image.
+    pub fn is_qcow2_read_as_raw(&self) -> bool {
+        self.format == Format::Raw && self.looks_like == "a qcow2 image"
     }
 
     /// Virtual size in bytes.
@@ -129,80 +157,57 @@ impl Image {
         self.dev.len() == 0
     }
 
-    /// Flush everything and, for qcow2, close cleanly (clearing the dirty bit).
+    /// Flush everything and, for qcow2, close cleanly (clearing the dirty bit); an undoable
+    /// edit ([`OpenOptions::undo`]) is committed here and only here.
     pub fn close(self) -> Result<()> {
         let Image {
             dev,
             qcow2,
             path,
             read_only,
+            undo,
             ..
         } = self;
         drop(dev);
-        match qcow2 {
-            Some(q) => match Arc::try_unwrap(q) {
-                Ok(q) => q.close().map_err(Error::image("closing", &path)),
+        if let Some(q) = qcow2 {
+            match Arc::try_unwrap(q) {
+                Ok(q) => q.close().map_err(Error::image("closing", &path))?,
                 // Someone still holds the device: flush now, Drop closes it later.
-                Err(q) if !read_only => q.flush().map_err(Error::image("flushing", &path)),
-                Err(_) => Ok(()),
-            },
-            None if !read_only => Ok(()),
+                Err(q) if !read_only => q.flush().map_err(Error::image("flushing", &path))?,
+                Err(_) => {}
+            }
+        }
+        if let Some(u) = undo {
+            u.commit()
+                .map_err(Error::image("committing the changes to", &path))?;
+        }
+        Ok(())
+    }
+
+    /// Undo every change made through this image (opened with [`OpenOptions::undo`]) and
+    /// close it; without a transaction this only drops it. Dropping the image does the same,
+    /// silently; this reports a rollback that failed.
+    pub fn abort(self) -> Result<()> {
+        let Image {
+            dev,
+            qcow2,
+            path,
+            undo,
+            ..
+        } = self;
+        drop(dev);
+        drop(qcow2);
+        match undo {
+            Some(u) => u
+                .rollback()
+                .map_err(Error::image("undoing the changes to", &path)),
             None => Ok(()),
         }
     }
 
-    pub(crate) fn from_parts(
-        host: RawFile,
-        lock: Option<ImageLock>,
-        format: Format,
-        path: &Path,
-    ) -> Result<Image> {
-        let host = Arc::new(host);
-        let read_only = host.is_read_only();
-        let len = host.len();
-        let (dev, qcow2, layer): (Arc<dyn BlockDevice>, _, _) = match format {
-            Format::Raw => (
-                host.clone(),
-                None,
-                Layer {
-                    path: path.to_owned(),
-                    format,
-                    virtual_size: len,
-                    backing_name: None,
-                    backing_format: None,
-                },
-            ),
-            Format::Qcow2 => {
-                let hdr =
-                    q::read_header(&*host).map_err(Error::image("reading the header of", path))?;
-                let img = Arc::new(
-                    Qcow2Image::open(host.clone(), None, read_only)
-                        .map_err(Error::image("opening", path))?,
-                );
-                (
-                    img.clone(),
-                    Some(img),
-                    Layer {
-                        path: path.to_owned(),
-                        format,
-                        virtual_size: hdr.virtual_size,
-                        backing_name: hdr.backing_file,
-                        backing_format: hdr.backing_format,
-                    },
-                )
-            }
-        };
-        Ok(Image {
-            dev,
-            qcow2,
-            host,
-            format,
-            path: path.to_owned(),
-            chain: vec![layer],
-            read_only,
-            _backing: None,
-            _lock: lock,
-        })
+    /// True when this image's changes are an undoable transaction.
+    pub fn is_transaction(&self) -> bool {
+        self.undo.is_some()
     }
 }
 
@@ -244,6 +249,11 @@ pub(crate) fn open_file(
     read_only: bool,
     force_share: bool,
 ) -> Result<(RawFile, Option<ImageLock>, Format)> {
+    if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
+        return Err(Error::IsADirectory {
+            path: path.to_owned(),
+        });
+    }
     let host = RawFile::open(path, read_only).map_err(Error::image("opening", path))?;
     let lock = if force_share {
         None
@@ -255,11 +265,41 @@ pub(crate) fn open_file(
         };
         Some(ImageLock::acquire(host.file(), path, mode).map_err(Error::image("locking", path))?)
     };
+    let probed = probe_format(&host).map_err(Error::image("probing", path))?;
     let format = match format {
+        // A declared qcow2 that is not one would only fail later as "corrupt".
+        Some(Format::Qcow2) if probed != Format::Qcow2 => {
+            return Err(Error::WrongFormat {
+                path: path.to_owned(),
+                declared: Format::Qcow2,
+                looks_like: sniff(&host),
+                fix: "pass -f raw, or leave -f out to probe",
+            })
+        }
+        // Writing a qcow2 file as raw bytes would destroy it; reading it so is allowed (and
+        // is what qemu does with -f raw).
+        Some(Format::Raw) if probed == Format::Qcow2 && !read_only => {
+            return Err(Error::WrongFormat {
+                path: path.to_owned(),
+                declared: Format::Raw,
+                looks_like: "a qcow2 image",
+                fix: "writing it as raw bytes would destroy it: pass -f qcow2, or leave -f out",
+            })
+        }
         Some(f) => f,
-        None => probe_format(&host).map_err(Error::image("probing", path))?,
+        None => probed,
     };
     Ok((host, lock, format))
+}
+
+/// What the file behind `host` looks like (see `sniff`); read errors count as "raw data".
+pub(crate) fn sniff(host: &dyn BlockDevice) -> &'static str {
+    let n = host.len().min(SNIFF_LEN as u64) as usize;
+    let mut head = vec![0u8; n];
+    match host.read_exact_at(&mut head, 0) {
+        Ok(()) => looks_like(&head, host.len()),
+        Err(_) => "raw data",
+    }
 }
 
 fn open_layer(
@@ -297,10 +337,36 @@ fn open_layer(
     }
     seen.push((id.0, id.1, path.to_owned()));
 
+    let looks_like = sniff(&host);
+    let host = Arc::new(host);
+    // Only the top layer is ever written, so only it gets a transaction.
+    let undo = (opts.undo && !read_only).then(|| Arc::new(UndoFile::new(host.clone())));
+    let host_dev: Arc<dyn BlockDevice> = match &undo {
+        Some(u) => u.clone(),
+        None => host.clone(),
+    };
     if format == Format::Raw {
-        return Image::from_parts(host, lock, format, path);
+        return Ok(Image {
+            dev: host_dev,
+            qcow2: None,
+            chain: vec![Layer {
+                path: path.to_owned(),
+                format,
+                virtual_size: host.len(),
+                backing_name: None,
+                backing_format: None,
+            }],
+            host,
+            format,
+            path: path.to_owned(),
+            read_only,
+            looks_like,
+            undo,
+            _backing: None,
+            _lock: lock,
+        });
     }
-    let hdr = q::read_header(&host).map_err(Error::image("reading the header of", path))?;
+    let hdr = q::read_header(&*host).map_err(Error::image("reading the header of", path))?;
     let backing = match (&hdr.backing_file, opts.no_backing) {
         (Some(name), false) => {
             let bpath = resolve_backing(path, name);
@@ -308,13 +374,23 @@ fn open_layer(
                 Some(f) => Some(f.parse::<Format>()?),
                 None => None,
             };
-            Some(Box::new(open_layer(&bpath, bfmt, opts, true, seen)?))
+            let layer = open_layer(&bpath, bfmt, opts, true, seen).map_err(|e| match e {
+                Error::Image {
+                    source: vmdisk_block::Error::File { source, .. },
+                    ..
+                } if source.kind() == std::io::ErrorKind::NotFound => Error::MissingBacking {
+                    overlay: path.to_owned(),
+                    name: name.clone(),
+                    resolved: bpath.clone(),
+                },
+                e => e,
+            })?;
+            Some(Box::new(layer))
         }
         _ => None,
     };
-    let host = Arc::new(host);
     let img = Arc::new(
-        Qcow2Image::open(host.clone(), backing.as_ref().map(|b| b.dev()), read_only)
+        Qcow2Image::open(host_dev, backing.as_ref().map(|b| b.dev()), read_only)
             .map_err(Error::image("opening", path))?,
     );
     let mut chain = vec![Layer {
@@ -335,6 +411,8 @@ fn open_layer(
         path: path.to_owned(),
         chain,
         read_only,
+        looks_like,
+        undo,
         _backing: backing,
         _lock: lock,
     })

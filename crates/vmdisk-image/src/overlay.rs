@@ -11,13 +11,16 @@
 //!
 //! Crash safety comes from the order: each step leaves the guest view of the overlay
 //! unchanged until the step that is meant to change it (the header write in rebase, which is
-//! one write of the first cluster), so an interrupted commit or rebase can simply be run again.
+//! one write of the first cluster), so a commit or rebase killed half-way can simply be run
+//! again. Both are also transactions (`OpenOptions::undo`): an error, an interrupt (the
+//! `cancel` flag) or a full disk puts every file they wrote back byte for byte.
 
 use std::path::{Path, PathBuf};
 
-use vmdisk_block::{is_zero, BlockDevice, Extent, ExtentKind, IoBuf};
+use vmdisk_block::{is_zero, BlockDevice, Cancel, Extent, ExtentKind, IoBuf};
 
 use crate::open::{open, open_file, resolve_backing, Image, OpenOptions};
+use crate::output::FileId;
 use crate::{Error, Format, Result};
 
 /// Bytes moved per read/write in `commit` (64 KiB to 2 MiB measured the same).
@@ -59,6 +62,8 @@ pub struct CommitStats {
 pub struct CommitOptions {
     /// Keep the overlay's clusters after committing (qemu-img commit `-d`).
     pub keep: bool,
+    /// Raised (Ctrl-C): stop and undo everything written so far.
+    pub cancel: Cancel,
 }
 
 /// Write everything the overlay at `path` holds (its top layer only) into its backing file,
@@ -73,7 +78,10 @@ pub fn commit(
 ) -> Result<CommitStats> {
     // The overlay alone: the backing file is opened below for writing, and a read lock of our
     // own on it would conflict with that.
-    let top = open_top(path)?;
+    // Commit reads the overlay until the backing file holds everything; only then does it
+    // empty it, and an emptying cut short leaves the guest view the same (the backing file
+    // has the data), so the overlay needs no undo log (that would copy all its data again).
+    let top = open_top(path, false)?;
     let q = top.require_qcow2("commit")?;
     let layer = top.chain()[0].clone();
     let Some(name) = layer.backing_name.as_deref() else {
@@ -105,6 +113,7 @@ pub fn commit(
         &bpath,
         &OpenOptions {
             format: bfmt,
+            undo: true,
             ..Default::default()
         },
     )?;
@@ -167,6 +176,11 @@ pub fn commit(
         let host = base.host();
         let mut unsynced = 0;
         for piece in rx {
+            if opts.cancel.is_cancelled() {
+                return Err(Error::Cancelled {
+                    path: bpath.clone(),
+                });
+            }
             match piece? {
                 Piece::Zero { off, len } => {
                     bdev.write_zeroes(off, len, false)
@@ -234,16 +248,66 @@ fn runs<T: Copy + PartialEq>(
     Ok(out)
 }
 
-/// The overlay at `path` alone (read-write, its backing chain not opened).
-fn open_top(path: &Path) -> Result<Image> {
+/// The overlay at `path` alone (read-write, its backing chain not opened); `undo` makes its
+/// changes a transaction.
+fn open_top(path: &Path, undo: bool) -> Result<Image> {
     open(
         path,
         &OpenOptions {
-            format: Some(Format::Qcow2),
             no_backing: true,
+            undo,
             ..Default::default()
         },
     )
+}
+
+/// Refuse a new backing file whose own chain contains the overlay: the overlay would become
+/// its own backing file. The chain is opened without locks (our own write lock on the overlay
+/// would otherwise look like someone else's).
+fn refuse_loop(path: &Path, new_path: &Path, fmt: Option<Format>) -> Result<()> {
+    let me = FileId::of(path);
+    if me.is_some() && FileId::of(new_path) == me {
+        return Err(Error::RebaseLoop {
+            overlay: path.to_owned(),
+            chain: format!("{} -> {}", path.display(), new_path.display()),
+        });
+    }
+    let b = match open(
+        new_path,
+        &OpenOptions {
+            format: fmt,
+            read_only: true,
+            force_share: true,
+            ..Default::default()
+        },
+    ) {
+        Ok(b) => b,
+        Err(Error::BackingLoop { chain }) => {
+            return Err(Error::RebaseLoop {
+                overlay: path.to_owned(),
+                chain,
+            })
+        }
+        // Missing or unreadable: the real open below reports it.
+        Err(_) => return Ok(()),
+    };
+    if let Some(l) = b.chain().iter().find(|l| FileId::of(&l.path) == me) {
+        let names: Vec<String> = b
+            .chain()
+            .iter()
+            .map(|l| l.path.display().to_string())
+            .collect();
+        return Err(Error::RebaseLoop {
+            overlay: path.to_owned(),
+            chain: format!(
+                "{} -> {} (back at {})",
+                path.display(),
+                names.join(" -> "),
+                l.path.display()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// The new backing file of a rebase.
@@ -262,6 +326,8 @@ pub struct RebaseOptions {
     pub backing: NewBacking,
     /// Only rewrite the header (qemu-img rebase `-u`): for renamed or moved backing files.
     pub unsafe_header_only: bool,
+    /// Raised (Ctrl-C): stop and undo everything written so far.
+    pub cancel: Cancel,
 }
 
 /// What `rebase` did.
@@ -287,8 +353,12 @@ pub fn rebase(
 ) -> Result<RebaseStats> {
     let new = &opts.backing;
     let new_path = new.name.as_deref().map(|n| resolve_backing(path, n));
+    if let Some(p) = &new_path {
+        refuse_loop(path, p, new.format)?;
+    }
     if opts.unsafe_header_only {
-        let top = open_top(path)?;
+        let top = open_top(path, true)?;
+        top.require_qcow2("rebase")?;
         let old = top.chain()[0].backing_name.clone();
         // The format is probed when the file is there; a missing file is allowed with -u
         // (qemu-img allows it too) but then the format must be given or is left unset.
@@ -311,10 +381,11 @@ pub fn rebase(
     let ov = open(
         path,
         &OpenOptions {
-            format: Some(Format::Qcow2),
+            undo: true,
             ..Default::default()
         },
     )?;
+    ov.require_qcow2("rebase")?;
     let old_name = ov.chain()[0].backing_name.clone();
     let nb: Option<Image> = match &new_path {
         Some(p) => Some(open(
@@ -363,6 +434,11 @@ pub fn rebase(
         let mut c = off / cs * cs;
         let end = off + len;
         while c < end {
+            if opts.cancel.is_cancelled() {
+                return Err(Error::Cancelled {
+                    path: path.to_owned(),
+                });
+            }
             let n = chunk.min(end.div_ceil(cs) * cs - c).min(size - c);
             let o = &mut old_buf[..n as usize];
             let nw = &mut new_buf[..n as usize];

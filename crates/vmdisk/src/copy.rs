@@ -118,7 +118,10 @@ fn offline(a: &CopyArgs, quiet: bool, cancel: &'static AtomicBool) -> Result<u8>
         reflink,
         overwrite: a.force,
         force_share: a.force_share,
-        cancel: Some(cancel),
+        cancel: {
+            let _ = cancel;
+            crate::signals::cancel_on_interrupt()
+        },
     };
     let t0 = Instant::now();
     let st = vmdisk_image::copy_file(&a.src, &a.dst, &opts, &report).map_err(|e| {
@@ -641,7 +644,8 @@ fn live(a: &CopyArgs, sock: &Path, quiet: bool, cancel: &'static AtomicBool) -> 
         backing_file: plan.backing_header.as_ref().map(|b| b.0.clone()),
         backing_format: plan.backing_header.as_ref().map(|b| b.1),
     };
-    vmdisk_image::create(&tmp, &spec).with_context(|| format!("creating {}", tmp.display()))?;
+    vmdisk_image::create_in_place(&tmp, &spec)
+        .with_context(|| format!("creating {}", tmp.display()))?;
 
     let id = format!("vmdisk-copy-{}", std::process::id());
     let mut live = Live {

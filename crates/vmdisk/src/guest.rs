@@ -74,6 +74,7 @@ pub(crate) fn open_image(t: &Target, read_only: bool) -> Result<Image> {
             read_only,
             force_share: t.force_share && read_only,
             no_backing: false,
+            ..Default::default()
         },
     )?)
 }

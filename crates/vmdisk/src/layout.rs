@@ -68,11 +68,32 @@ pub fn create(
     size: Option<&str>,
     quiet: bool,
 ) -> Result<u8> {
+    let cancel = crate::signals::cancel_on_interrupt();
     let (disk, opts) = load(a)?;
     let size = disk_size(&disk, &opts, size)?;
     // Plan fully (this validates everything) before a byte is written.
     let plan = vmdisk_layout::plan(&disk, size, &opts)?;
-    vmdisk_image::create(
+    // Content that cannot fit is refused now, not half-way through writing.
+    let needed = vmdisk_layout::measure(
+        &disk,
+        &PlanOptions {
+            free_margin: 0,
+            ..opts.clone()
+        },
+    )?;
+    if plan.disk_size < needed {
+        bail!(
+            "the layout's content needs a disk of at least {} ({needed} bytes, see `vmdisk \
+             measure --layout`), but {} was asked for; pass a bigger SIZE or `auto`; nothing \
+             was written",
+            vmdisk_image::format_size(needed),
+            vmdisk_image::format_size(plan.disk_size)
+        );
+    }
+    // The disk is built under a temporary name beside FILE, and so are the scratch
+    // filesystems mke2fs writes: one free-space check covers both.
+    vmdisk_image::ensure_space(file, needed.saturating_mul(2))?;
+    let new = vmdisk_image::create_new(
         file,
         &CreateSpec {
             format,
@@ -82,22 +103,17 @@ pub fn create(
             backing_format: None,
         },
     )?;
-    let img = vmdisk_image::open(
-        file,
-        &OpenOptions {
-            format: Some(format),
-            read_only: false,
-            force_share: false,
-            no_backing: true,
-        },
-    )?;
     let scratch = tempfile::Builder::new()
-        .prefix("vmdisk-layout-")
-        .tempdir()
+        .prefix(".vmdisk-layout-")
+        .tempdir_in(scratch_dir(file))
         .context("creating a scratch directory")?;
-    let report = vmdisk_layout::apply(&plan, img.dev().as_ref(), scratch.path())
+    let _registered = vmdisk_block::register_temp(scratch.path());
+    cancel.check()?;
+    let report = vmdisk_layout::apply(&plan, new.image().dev().as_ref(), scratch.path())
         .with_context(|| format!("building {}", file.display()))?;
-    img.close()?;
+    cancel.check()?;
+    drop(scratch);
+    new.finish(false)?;
     if !quiet {
         eprintln!(
             "vmdisk: built disk '{}' ({} bytes) in {}",
@@ -110,6 +126,15 @@ pub fn create(
         }
     }
     Ok(0)
+}
+
+/// Where scratch filesystems go: beside the disk being built (same filesystem as the output,
+/// so the free-space check means something and nothing lands in a small /tmp).
+fn scratch_dir(file: &Path) -> PathBuf {
+    match file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    }
 }
 
 pub fn measure(a: &LayoutArgs) -> Result<u8> {
@@ -133,6 +158,7 @@ pub fn describe(
             read_only: true,
             force_share,
             no_backing: false,
+            ..Default::default()
         },
     )?;
     let dev = img.dev();

@@ -1,10 +1,11 @@
-//! The `vmdisk` command line: clap definitions and thin glue onto `vmdisk-image`.
+//! The `vmdisk` command line: clap definitions and thin glue onto the libraries.
 //!
 //! Subcommands and flags follow DESIGN.md's CLI contract and mean what they mean in
 //! qemu-img (`-f`, `-O`, `-o`, `-b`, `-F`, `-c`, `-p`, `-U`). Errors print as
-//! `vmdisk: error: ...` with their cause chain and a hint; exit codes are per command
-//! (check: 0 clean / 1 errors / 2 corruptions / 3 leaks; compare: 0 same / 1 different /
-//! 2 error; everything else 0 / 1).
+//! `vmdisk: error: ...` with their cause chain and a hint; exit codes are per command and
+//! listed in [`EXIT_STATUS`] (check: 0 clean / 1 errors / 2 corruptions / 3 leaks / 63 raw;
+//! compare: 0 same / 1 different / 2 error; everything else 0 / 1; usage errors 1; an
+//! interrupted command 128 + the signal, after it removed its partial output).
 
 mod copy;
 mod guest;
@@ -14,7 +15,6 @@ mod part;
 mod passwd;
 mod rescue;
 mod serve;
-#[allow(dead_code)] // adopted command by command (issue #12)
 mod signals;
 
 use std::io::Write;
@@ -27,9 +27,32 @@ use vmdisk_image::{
     CheckOutcome, ConvertOptions, CreateSpec, Difference, Format, ImageOptions, OpenOptions, Repair,
 };
 
+/// The exit statuses, as `--help` and the man page print them.
+pub const EXIT_STATUS: &str = "\
+Exit status:
+  0    success
+  1    an error, or a usage error; nothing was left half-written, and an image that was
+       being edited in place is as it was before
+  2    (compare) an error; (check) the image has corruptions
+  3    (check) the image has leaked clusters only
+  63   (check) the image format does not support checks (raw)
+  130  interrupted by Ctrl-C (SIGINT); 143 by SIGTERM; 129 by SIGHUP: the partial output
+       was removed and an edited image put back as it was
+
+Nothing is lost: a new file is built under a temporary name beside its destination and
+renamed into place at the end; an existing destination is replaced only then. A command
+refuses a destination that is one of its own inputs (or in an input's backing chain) or
+that a running qemu holds.";
+
 /// Fast, safe VM disk tooling (raw and qcow2 images, qemu-img compatible).
 #[derive(Debug, Parser)]
-#[command(name = "vmdisk", version, about, propagate_version = true)]
+#[command(
+    name = "vmdisk",
+    version,
+    about,
+    propagate_version = true,
+    after_help = EXIT_STATUS
+)]
 pub struct Cli {
     /// Print nothing but errors (and requested output).
     #[arg(short, long, global = true)]
@@ -63,6 +86,46 @@ pub enum RepairArg {
 pub enum OutputArg {
     Human,
     Json,
+}
+
+/// The flags every command that opens an image shares: `-f` and `-U`, as in qemu-img.
+#[derive(Debug, Clone, Args)]
+pub struct ImageArgs {
+    /// Image format (probed when not given).
+    #[arg(short = 'f', value_enum, value_name = "FMT")]
+    pub format: Option<FormatArg>,
+    /// Read the image even if another process (a running VM) holds it: no locks, and what
+    /// is read may be inconsistent.
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+}
+
+impl ImageArgs {
+    fn open_options(&self, read_only: bool) -> OpenOptions {
+        OpenOptions {
+            format: self.format.map(Into::into),
+            read_only,
+            force_share: self.force_share,
+            ..Default::default()
+        }
+    }
+}
+
+/// `--json`, and qemu-img's spelling of it, `--output=json`.
+#[derive(Debug, Clone, Args)]
+pub struct JsonArgs {
+    /// Print JSON (stable, documented fields).
+    #[arg(long)]
+    pub json: bool,
+    /// Output format: human or json (qemu-img's spelling of --json).
+    #[arg(long, value_enum, value_name = "FMT")]
+    pub output: Option<OutputArg>,
+}
+
+impl JsonArgs {
+    pub fn is_json(&self) -> bool {
+        self.json || self.output == Some(OutputArg::Json)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -170,7 +233,8 @@ pub struct ConvertArgs {
     /// Read the source even if another process holds it (no locks).
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
-    /// fsync the output before exiting (qemu-img convert does not by default).
+    /// fsync the output before renaming it into place (qemu-img convert does not by default;
+    /// either way a partial output never appears under DST).
     #[arg(long)]
     pub sync: bool,
     pub src: PathBuf,
@@ -179,62 +243,49 @@ pub struct ConvertArgs {
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// Print qemu-img info --output=json.
-    #[arg(long)]
-    pub json: bool,
-    /// Output format (qemu-img spelling of --json).
-    #[arg(long, value_enum, value_name = "FMT", hide = true)]
-    pub output: Option<OutputArg>,
+    #[command(flatten)]
+    pub out: JsonArgs,
     /// Describe every image of the backing chain.
     #[arg(long)]
     pub backing_chain: bool,
-    /// Image format (probed when not given).
-    #[arg(short = 'f', value_enum, value_name = "FMT")]
-    pub format: Option<FormatArg>,
-    /// Read the image even if another process holds it (no locks).
-    #[arg(short = 'U', long = "force-share")]
-    pub force_share: bool,
+    #[command(flatten)]
+    pub image: ImageArgs,
     pub file: PathBuf,
 }
 
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Exit status: 0 no errors; 1 the check could not be done (or a usage \
+error); 2 corruptions found; 3 leaked clusters only; 63 the format has no checks (raw)."
+)]
 pub struct CheckArgs {
-    /// Print qemu-img check --output=json.
-    #[arg(long)]
-    pub json: bool,
-    /// Output format (qemu-img spelling of --json).
-    #[arg(long, value_enum, value_name = "FMT", hide = true)]
-    pub output: Option<OutputArg>,
-    /// Repair leaked clusters, or everything.
-    #[arg(short = 'r', value_enum, value_name = "leaks|all")]
+    #[command(flatten)]
+    pub out: JsonArgs,
+    /// Repair leaked clusters, or everything (as a transaction: a repair that fails half-way
+    /// leaves the image as it was).
+    #[arg(
+        short = 'r',
+        value_enum,
+        value_name = "leaks|all",
+        conflicts_with = "force_share"
+    )]
     pub repair: Option<RepairArg>,
-    /// Image format (probed when not given).
-    #[arg(short = 'f', value_enum, value_name = "FMT")]
-    pub format: Option<FormatArg>,
-    /// Read the image even if another process holds it (no locks; not with -r).
-    #[arg(short = 'U', long = "force-share", conflicts_with = "repair")]
-    pub force_share: bool,
+    #[command(flatten)]
+    pub image: ImageArgs,
     pub file: PathBuf,
 }
 
 #[derive(Debug, Args)]
 pub struct MapArgs {
-    /// Print qemu-img map --output=json.
-    #[arg(long)]
-    pub json: bool,
-    /// Output format (qemu-img spelling of --json).
-    #[arg(long, value_enum, value_name = "FMT", hide = true)]
-    pub output: Option<OutputArg>,
-    /// Image format (probed when not given).
-    #[arg(short = 'f', value_enum, value_name = "FMT")]
-    pub format: Option<FormatArg>,
-    /// Read the image even if another process holds it (no locks).
-    #[arg(short = 'U', long = "force-share")]
-    pub force_share: bool,
+    #[command(flatten)]
+    pub out: JsonArgs,
+    #[command(flatten)]
+    pub image: ImageArgs,
     pub file: PathBuf,
 }
 
 #[derive(Debug, Args)]
+#[command(after_help = "Exit status: 0 identical; 1 different; 2 an error.")]
 pub struct CompareArgs {
     /// Strict: sizes and allocation must match too.
     #[arg(short = 's')]
@@ -289,13 +340,67 @@ impl std::fmt::Display for Exit {
 }
 impl std::error::Error for Exit {}
 
+/// Print a line on stdout; a reader that went away (`| head`) is not an error.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+pub(crate) use say;
+
+impl Command {
+    /// Commands that only read and print: a closed stdout (`vmdisk cat ... | head`) ends them
+    /// silently, as it ends cat. Commands that write keep going to a clean end instead.
+    fn only_reads(&self) -> bool {
+        match self {
+            Command::Inspect(_)
+            | Command::Map(_)
+            | Command::Compare(_)
+            | Command::Ls(_)
+            | Command::Cat(_)
+            | Command::Measure(_)
+            | Command::Completions { .. }
+            | Command::Man { .. } => true,
+            Command::Check(a) => a.repair.is_none(),
+            Command::Snapshot(s) => matches!(s.action, SnapshotAction::List { .. }),
+            _ => false,
+        }
+    }
+
+    /// The exit status of a failed run (compare: 2, since 1 means "different").
+    fn error_status(&self) -> u8 {
+        match self {
+            Command::Compare(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
 /// Run the CLI with the process arguments.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    // compare reports errors with 2 (1 means "different").
-    let err_code = match cli.command {
-        Command::Compare(_) => 2,
-        _ => 1,
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // qemu-img's usage errors exit 1 (check's 2 means "corruptions").
+            return ExitCode::from(match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
+                _ => 1,
+            });
+        }
+    };
+    if cli.command.only_reads() {
+        // SAFETY: restoring the default disposition of SIGPIPE has no memory effects; Rust's
+        // runtime set it to "ignore", which turns `| head` into a stream of EPIPE errors.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
+    let err_code = cli.command.error_status();
+    let json_errors = match &cli.command {
+        Command::Check(a) if a.out.is_json() => Some(a.file.clone()),
+        _ => None,
     };
     match run(cli) {
         Ok(code) => ExitCode::from(code),
@@ -303,41 +408,85 @@ pub fn main() -> ExitCode {
             if let Some(Exit(c)) = e.downcast_ref::<Exit>() {
                 return ExitCode::from(*c);
             }
+            if is_broken_pipe(&e) {
+                return ExitCode::from(err_code);
+            }
             eprintln!("vmdisk: error: {e:#}");
             if let Some(h) = hint(&e) {
                 eprintln!("hint: {h}");
+            }
+            if let Some(file) = json_errors {
+                // --json promises JSON on stdout, failures included.
+                let v = serde_json::json!({
+                    "filename": file.display().to_string(),
+                    "error": format!("{e:#}"),
+                });
+                say!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            }
+            if let Some(sig) = signals::interrupted_by() {
+                return ExitCode::from(128 + sig as u8);
             }
             ExitCode::from(err_code)
         }
     }
 }
 
-/// What to do about an error, when we can tell.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// What to do about an error, when the message does not already say it.
 fn hint(e: &anyhow::Error) -> Option<&'static str> {
     for cause in e.chain() {
         if let Some(ie) = cause.downcast_ref::<vmdisk_image::Error>() {
+            use vmdisk_image::Error as E;
             match ie {
-                vmdisk_image::Error::UnknownFormat { .. } => {
+                E::UnknownFormat { .. } => {
                     return Some("vmdisk reads and writes raw and qcow2; pass -f raw or -f qcow2")
                 }
-                vmdisk_image::Error::BackingLoop { .. } => {
+                E::BackingLoop { .. } => {
                     return Some(
                         "fix the backing file name with `vmdisk rebase -u -b NEWBACKING OVERLAY`",
                     )
                 }
+                // These say what to do themselves.
+                E::WrongFormat { .. }
+                | E::NotQcow2 { .. }
+                | E::MissingBacking { .. }
+                | E::CreateLoop { .. }
+                | E::RebaseLoop { .. }
+                | E::OutputIsInput { .. }
+                | E::NoSpace { .. }
+                | E::IsADirectory { .. }
+                | E::DestinationExists { .. }
+                | E::Cancelled { .. } => return None,
                 _ => {}
             }
         }
         if let Some(be) = cause.downcast_ref::<vmdisk_block::Error>() {
             match be {
                 // The lock message already says what to do.
-                vmdisk_block::Error::Locked { .. } => return None,
-                vmdisk_block::Error::Corrupt { .. } | vmdisk_block::Error::Limit { .. } => {
+                vmdisk_block::Error::Locked { .. } | vmdisk_block::Error::Interrupted => {
+                    return None
+                }
+                vmdisk_block::Error::Corrupt { .. } => {
                     return Some(
                         "run `vmdisk check FILE` (and `vmdisk check -r all FILE` to repair)",
                     )
                 }
+                vmdisk_block::Error::Limit { .. } => {
+                    return Some(
+                        "the image may be valid but needs more than vmdisk allows itself for \
+                         this structure; qemu-img can convert it into a simpler image",
+                    )
+                }
                 vmdisk_block::Error::ReadOnly => return Some("the image was opened read-only"),
+                e if e.is_no_space() => {
+                    return Some("the disk is full; free some space (nothing was left behind)")
+                }
                 _ => {}
             }
         }
@@ -349,20 +498,14 @@ fn hint(e: &anyhow::Error) -> Option<&'static str> {
                 std::io::ErrorKind::PermissionDenied => {
                     return Some("check the file's permissions (or run as its owner)")
                 }
+                _ if matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) => {
+                    return Some("the disk is full; free some space (nothing was left behind)")
+                }
                 _ => {}
             }
         }
     }
     None
-}
-
-fn open_opts(format: Option<FormatArg>, read_only: bool, force_share: bool) -> OpenOptions {
-    OpenOptions {
-        format: format.map(Into::into),
-        read_only,
-        force_share,
-        no_backing: false,
-    }
 }
 
 fn parse_options(opts: &[String]) -> Result<ImageOptions> {
@@ -397,15 +540,22 @@ fn progress_bar(enabled: bool) -> Option<indicatif::ProgressBar> {
     Some(pb)
 }
 
-fn is_json(json: bool, output: Option<OutputArg>) -> bool {
-    json || output == Some(OutputArg::Json)
-}
-
 fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
     let mut out = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, v)?;
     writeln!(out)?;
     Ok(())
+}
+
+/// Say so when a qcow2 file is read as raw bytes because of `-f raw` (allowed, as in qemu).
+fn warn_raw_view(img: &vmdisk_image::Image, quiet: bool) {
+    if img.is_qcow2_read_as_raw() && !quiet {
+        eprintln!(
+            "vmdisk: note: {} is a qcow2 image; reading its file bytes as raw because of -f raw \
+             (leave -f out to read the disk inside it)",
+            img.path().display()
+        );
+    }
 }
 
 /// Run one parsed command; returns the exit code.
@@ -415,9 +565,9 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Create(a) => create(a, quiet),
         Command::Convert(a) => convert(a, quiet),
         Command::Copy(a) => copy::run(a, quiet),
-        Command::Inspect(a) => inspect(a),
-        Command::Check(a) => check(a),
-        Command::Map(a) => map(a),
+        Command::Inspect(a) => inspect(a, quiet),
+        Command::Check(a) => check(a, quiet),
+        Command::Map(a) => map(a, quiet),
         Command::Compare(a) => compare(a, quiet),
         Command::Snapshot(a) => snapshot(a),
         Command::Measure(a) => layout::measure(&a.layout),
@@ -464,6 +614,7 @@ fn create(a: CreateArgs, quiet: bool) -> Result<u8> {
             quiet,
         );
     }
+    // Every argument is checked before any file is touched.
     let size = a
         .size
         .as_deref()
@@ -482,12 +633,13 @@ fn create(a: CreateArgs, quiet: bool) -> Result<u8> {
             &a.file,
             &OpenOptions {
                 no_backing: true,
+                force_share: true,
                 ..OpenOptions::read_only()
             },
         )
         .map(|i| i.len())
         .unwrap_or(0);
-        println!("{}", formatting_line(&a.file, &spec, size));
+        say!("{}", formatting_line(&a.file, &spec, size));
     }
     Ok(0)
 }
@@ -523,13 +675,26 @@ fn formatting_line(file: &Path, spec: &CreateSpec, size: u64) -> String {
 }
 
 fn convert(a: ConvertArgs, quiet: bool) -> Result<u8> {
-    let src = vmdisk_image::open(&a.src, &open_opts(a.format, true, a.force_share))?;
+    // Before any thread exists, so every thread inherits the blocked signals.
+    let cancel = signals::cancel_on_interrupt();
+    let options = parse_options(&a.options)?;
+    let src = vmdisk_image::open(
+        &a.src,
+        &OpenOptions {
+            format: a.format.map(Into::into),
+            read_only: true,
+            force_share: a.force_share,
+            ..Default::default()
+        },
+    )?;
+    warn_raw_view(&src, quiet);
     let opts = ConvertOptions {
         format: a.output_format.into(),
         compress: a.compress,
-        options: parse_options(&a.options)?,
+        options,
         threads: None,
         sync: a.sync,
+        cancel,
     };
     let pb = progress_bar(a.progress && !quiet);
     let report = report_to(&pb);
@@ -540,18 +705,18 @@ fn convert(a: ConvertArgs, quiet: bool) -> Result<u8> {
     Ok(0)
 }
 
-fn inspect(a: InspectArgs) -> Result<u8> {
+fn inspect(a: InspectArgs, quiet: bool) -> Result<u8> {
     let opts = OpenOptions {
         no_backing: true,
-        ..open_opts(a.format, true, a.force_share)
+        ..a.image.open_options(true)
     };
     let infos = vmdisk_image::info(&a.file, &opts, a.backing_chain)?;
     // What the guest sees: partition table and filesystems (vmdisk's addition to qemu's info).
-    let guest = layout::describe(&a.file, a.format.map(Into::into), a.force_share);
-    if let Err(e) = &guest {
+    let guest = layout::describe(&a.file, a.image.format.map(Into::into), a.image.force_share);
+    if let (Err(e), false) = (&guest, quiet) {
         eprintln!("vmdisk: warning: cannot look inside the image: {e:#}");
     }
-    if is_json(a.json, a.output) {
+    if a.out.is_json() {
         let mut values = Vec::new();
         for (i, info) in infos.iter().enumerate() {
             let mut v = serde_json::to_value(info)?;
@@ -568,39 +733,54 @@ fn inspect(a: InspectArgs) -> Result<u8> {
         }
     } else {
         let text: Vec<String> = infos.iter().map(|i| i.human()).collect();
-        print!("{}", text.join("\n"));
+        let mut out = std::io::stdout().lock();
+        write!(out, "{}", text.join("\n"))?;
         if let Ok(g) = &guest {
-            print!("{}", layout::describe_human(g));
+            write!(out, "{}", layout::describe_human(g))?;
         }
     }
     Ok(0)
 }
 
-fn check(a: CheckArgs) -> Result<u8> {
+/// qemu-img check's exit status for a format without checks.
+const CHECK_UNSUPPORTED: u8 = 63;
+
+fn check(a: CheckArgs, quiet: bool) -> Result<u8> {
     let repair = match a.repair {
         None => Repair::None,
         Some(RepairArg::Leaks) => Repair::Leaks,
         Some(RepairArg::All) => Repair::All,
     };
-    let opts = open_opts(a.format, a.repair.is_none(), a.force_share);
-    let outcome: Option<CheckOutcome> = vmdisk_image::check(&a.file, &opts, repair)?;
+    let opts = a.image.open_options(a.repair.is_none());
+    let outcome: Option<CheckOutcome> = vmdisk_image::check(&a.file, &opts, repair)
+        .with_context(|| format!("checking {}", a.file.display()))?;
     let Some(o) = outcome else {
-        println!("raw images have no metadata to check");
-        return Ok(0);
+        // qemu-img's message and status, whatever the output format.
+        eprintln!("vmdisk: This image format does not support checks");
+        if a.out.is_json() {
+            let v = serde_json::json!({
+                "filename": a.file.display().to_string(),
+                "format": "raw",
+                "error": "This image format does not support checks",
+            });
+            print_json(&v)?;
+        }
+        return Ok(CHECK_UNSUPPORTED);
     };
-    if is_json(a.json, a.output) {
+    if a.out.is_json() {
         print_json(&o)?;
-    } else {
+    } else if !quiet {
         print!("{}", o.human());
     }
     Ok(o.exit_code() as u8)
 }
 
-fn map(a: MapArgs) -> Result<u8> {
-    let img = vmdisk_image::open(&a.file, &open_opts(a.format, true, a.force_share))?;
+fn map(a: MapArgs, quiet: bool) -> Result<u8> {
+    let img = vmdisk_image::open(&a.file, &a.image.open_options(true))?;
+    warn_raw_view(&img, quiet);
     let entries = vmdisk_image::map(&img)?;
     let mut out = std::io::stdout().lock();
-    if is_json(a.json, a.output) {
+    if a.out.is_json() {
         // qemu-img's layout: one entry per line.
         write!(out, "[")?;
         for (i, e) in entries.iter().enumerate() {
@@ -655,8 +835,16 @@ fn hex(v: u64) -> String {
 }
 
 fn compare(a: CompareArgs, quiet: bool) -> Result<u8> {
-    let ia = vmdisk_image::open(&a.a, &open_opts(a.format_a, true, a.force_share))?;
-    let ib = vmdisk_image::open(&a.b, &open_opts(a.format_b, true, a.force_share))?;
+    let ro = |format: Option<FormatArg>| OpenOptions {
+        format: format.map(Into::into),
+        read_only: true,
+        force_share: a.force_share,
+        ..Default::default()
+    };
+    let ia = vmdisk_image::open(&a.a, &ro(a.format_a))?;
+    let ib = vmdisk_image::open(&a.b, &ro(a.format_b))?;
+    warn_raw_view(&ia, quiet);
+    warn_raw_view(&ib, quiet);
     let pb = progress_bar(a.progress && !quiet);
     let report = report_to(&pb);
     let c = vmdisk_image::compare_with_progress(&ia, &ib, a.strict, &report)?;
@@ -664,7 +852,7 @@ fn compare(a: CompareArgs, quiet: bool) -> Result<u8> {
         pb.finish_and_clear();
     }
     if c.size_mismatch && !a.strict && !quiet {
-        println!("Warning: Image size mismatch!");
+        say!("Warning: Image size mismatch!");
     }
     let msg = match c.difference {
         None => "Images are identical.".to_string(),
@@ -675,7 +863,7 @@ fn compare(a: CompareArgs, quiet: bool) -> Result<u8> {
         }
     };
     if !quiet {
-        println!("{msg}");
+        say!("{msg}");
     }
     Ok(if c.identical() { 0 } else { 1 })
 }
@@ -687,24 +875,25 @@ fn snapshot(a: SnapshotArgs) -> Result<u8> {
                 &file,
                 &OpenOptions {
                     no_backing: true,
-                    ..open_opts(None, true, force_share)
+                    force_share,
+                    ..OpenOptions::read_only()
                 },
             )?;
             let list = vmdisk_image::snapshot_list(&img)?;
             print!("Snapshot list:\n{}", vmdisk_image::snapshot_table(&list));
         }
         SnapshotAction::Create { file, name } => {
-            let img = open_rw(&file)?;
+            let img = open_transaction(&file)?;
             vmdisk_image::snapshot_create(&img, &name)?;
             img.close()?;
         }
         SnapshotAction::Apply { file, name } => {
-            let img = open_rw(&file)?;
+            let img = open_transaction(&file)?;
             vmdisk_image::snapshot_apply(&img, &name)?;
             img.close()?;
         }
         SnapshotAction::Delete { file, name } => {
-            let img = open_rw(&file)?;
+            let img = open_transaction(&file)?;
             vmdisk_image::snapshot_delete(&img, &name)?;
             img.close()?;
         }
@@ -712,6 +901,9 @@ fn snapshot(a: SnapshotArgs) -> Result<u8> {
     Ok(0)
 }
 
-fn open_rw(file: &Path) -> Result<vmdisk_image::Image> {
-    Ok(vmdisk_image::open(file, &open_opts(None, false, false))?)
+/// Open an image to change it in place, as a transaction (an error leaves it as it was).
+fn open_transaction(file: &Path) -> Result<vmdisk_image::Image> {
+    let img = vmdisk_image::open(file, &OpenOptions::transaction())?;
+    img.require_qcow2("snapshot")?;
+    Ok(img)
 }

@@ -49,17 +49,22 @@ pub struct RebaseArgs {
 }
 
 pub fn commit(a: CommitArgs, quiet: bool) -> Result<u8> {
+    let cancel = crate::signals::cancel_on_interrupt();
     let pb = progress_bar(a.progress && !quiet);
     let report = report_to(&pb);
-    let stats = vmdisk_image::commit(&a.overlay, &CommitOptions { keep: a.keep }, &report)
+    let opts = CommitOptions {
+        keep: a.keep,
+        cancel,
+    };
+    let stats = vmdisk_image::commit(&a.overlay, &opts, &report)
         .with_context(|| format!("committing {}", a.overlay.display()))?;
     if let Some(pb) = &pb {
         pb.finish_and_clear();
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&stats)?);
+        crate::say!("{}", serde_json::to_string_pretty(&stats)?);
     } else if !quiet {
-        println!(
+        crate::say!(
             "Committed {} of data and {} of zeros into {}{}{}.",
             vmdisk_image::format_size(stats.data_bytes),
             vmdisk_image::format_size(stats.zero_bytes),
@@ -80,6 +85,7 @@ pub fn commit(a: CommitArgs, quiet: bool) -> Result<u8> {
 }
 
 pub fn rebase(a: RebaseArgs, quiet: bool) -> Result<u8> {
+    let cancel = crate::signals::cancel_on_interrupt();
     let pb = progress_bar(a.progress && !quiet && !a.unsafe_header_only);
     let report = report_to(&pb);
     let opts = RebaseOptions {
@@ -88,6 +94,7 @@ pub fn rebase(a: RebaseArgs, quiet: bool) -> Result<u8> {
             format: a.backing_format.map(Into::into),
         },
         unsafe_header_only: a.unsafe_header_only,
+        cancel,
     };
     let stats = vmdisk_image::rebase(&a.overlay, &opts, &report)
         .with_context(|| format!("rebasing {}", a.overlay.display()))?;
@@ -95,13 +102,13 @@ pub fn rebase(a: RebaseArgs, quiet: bool) -> Result<u8> {
         pb.finish_and_clear();
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&stats)?);
+        crate::say!("{}", serde_json::to_string_pretty(&stats)?);
     } else if !quiet {
         let new = stats.new_backing.as_deref().unwrap_or("no backing file");
         if a.unsafe_header_only {
-            println!("{} now names {new} (header only).", a.overlay.display());
+            crate::say!("{} now names {new} (header only).", a.overlay.display());
         } else {
-            println!(
+            crate::say!(
                 "{} now names {new}; {} that differed were copied into the overlay, so the \
                  guest sees the same disk.",
                 a.overlay.display(),

@@ -5,10 +5,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use vmdisk_ext4::{passwd, Ext4, FsState};
-use vmdisk_image::{Format, Image, OpenOptions};
+use vmdisk_ext4::passwd;
+use vmdisk_guest::{EditTarget, PasswdAction, Undo};
 
-use crate::guest::{fs_device, open_image, utc, Target};
+use crate::guest::Target;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Scheme {
@@ -47,21 +47,12 @@ pub struct PasswdArgs {
     /// Leave the image untouched and write the change into a new qcow2 overlay on top of it.
     #[arg(short = 'o', long = "overlay", value_name = "OVERLAY")]
     pub overlay: Option<PathBuf>,
-}
-
-fn now_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
-fn read_optional(fs: &Ext4, path: &str) -> Result<Option<Vec<u8>>> {
-    if fs.exists(path)? {
-        Ok(Some(fs.read_file(path)?))
-    } else {
-        Ok(None)
-    }
+    /// With -o: replace OVERLAY if it exists (by default an existing file is refused).
+    #[arg(long, requires = "overlay")]
+    pub force: bool,
+    /// Check everything and say what would change; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 fn read_password() -> Result<String> {
@@ -76,148 +67,70 @@ fn read_password() -> Result<String> {
     Ok(pw)
 }
 
-/// Everything `passwd` decides before writing: the new shadow file and what to warn about.
-struct ShadowPlan {
-    repair: passwd::ShadowRepair,
-    nixos: passwd::NixosStatus,
-    part_name: String,
-}
-
-/// Read the guest and compute the new /etc/shadow; fails on anything that forbids the edit.
-fn plan_shadow(img: &Image, a: &PasswdArgs, hash: &Option<String>) -> Result<ShadowPlan> {
-    let (dev, chosen) = fs_device(img, a.target.partition.as_deref())?;
-    let fs = Ext4::open(dev).with_context(|| format!("reading ext4 on {}", chosen.name))?;
-    match fs.fs_info().state {
-        FsState::Clean => {}
-        FsState::NeedsRecovery => bail!("{}", vmdisk_ext4::Error::NeedsRecovery),
-        other => bail!(
-            "the filesystem is not clean ({other:?}); shut the VM down cleanly or run e2fsck \
-             on the partition first; nothing was written"
-        ),
-    }
-    if !fs.exists("/etc/shadow")? {
-        bail!(
-            "the guest has no /etc/shadow to edit (creating files is not supported yet); \
-             nothing was written"
-        );
-    }
-    let shadow = fs.read_file("/etc/shadow")?;
-    let passwd_file = read_optional(&fs, "/etc/passwd")?.unwrap_or_default();
-    let action = match (hash, a.unlock, a.restore_backup) {
-        (Some(h), _, _) => passwd::Action::SetHash(h.clone()),
-        (None, true, _) => passwd::Action::Unlock,
-        (None, _, true) => passwd::Action::RestoreBackup(
-            read_optional(&fs, "/etc/shadow-")?
-                .context("--restore-backup: the guest has no /etc/shadow- to restore from")?,
-        ),
-        _ => bail!("say what to do: --password-stdin, --hash, --unlock or --restore-backup"),
-    };
-    let today = (now_secs() / 86400).max(0) as u64;
-    let repair = passwd::repair_shadow_report(&shadow, &passwd_file, &a.user, action, today)?;
-    Ok(ShadowPlan {
-        repair,
-        nixos: passwd::nixos_status(&fs),
-        part_name: chosen.name,
-    })
-}
-
 pub fn passwd(a: PasswdArgs, quiet: bool) -> Result<u8> {
+    let _cancel = crate::signals::cancel_on_interrupt();
     let t = &a.target;
-    // Work out the action first: nothing is opened for writing before the input is good.
-    let hash = if a.password_stdin {
+    // Work out the action first: nothing is opened before the input is good.
+    let action = if a.password_stdin {
         if a.scheme == Scheme::Yescrypt {
             bail!(
                 "yescrypt hashing is not implemented yet; use the default sha512 scheme or \
                  pass a ready-made hash with --hash (e.g. from `mkpasswd -m yescrypt`)"
             );
         }
-        Some(passwd::hash_sha512(read_password()?.as_bytes(), None)?)
-    } else {
-        a.hash.clone()
-    };
-    if let Some(h) = &hash {
+        PasswdAction::SetHash(passwd::hash_sha512(read_password()?.as_bytes(), None)?)
+    } else if let Some(h) = &a.hash {
         if !h.starts_with('$') || h.contains(':') || h.contains('\n') {
             bail!("--hash {h:?} is not a crypt(3) hash (expected $6$..., $y$..., no ':')");
         }
-    }
-
-    // A read-only dry run: a refused edit leaves no overlay, snapshot or byte behind.
-    let probe = open_image(t, true)?;
-    let is_qcow2 = probe.format() == Format::Qcow2;
-    plan_shadow(&probe, &a, &hash)?;
-    drop(probe);
-    if a.overlay.is_none() && !is_qcow2 && !a.in_place {
-        bail!(
-            "{} is a raw image: vmdisk cannot keep an undo copy inside it. Pass -o \
-             OVERLAY.qcow2 to leave it untouched, or --in-place to edit it directly",
-            t.image.display()
-        );
-    }
-
-    // Open for writing; the plan is recomputed under the write lock.
-    let (img, how) = match &a.overlay {
-        Some(ov) => {
-            vmdisk_image::create_overlay(ov, &t.image, t.format.map(Into::into))
-                .with_context(|| format!("creating the overlay {}", ov.display()))?;
-            let img = vmdisk_image::open(
-                ov,
-                &OpenOptions {
-                    format: Some(Format::Qcow2),
-                    read_only: false,
-                    force_share: false,
-                    no_backing: false,
-                },
-            )?;
-            (img, format!("into the new overlay {}", ov.display()))
-        }
-        None => (open_image(t, false)?, "in place".to_string()),
+        PasswdAction::SetHash(h.clone())
+    } else if a.unlock {
+        PasswdAction::Unlock
+    } else if a.restore_backup {
+        PasswdAction::RestoreBackup
+    } else {
+        bail!("say what to do: --password-stdin, --hash, --unlock or --restore-backup");
     };
-    let plan = plan_shadow(&img, &a, &hash)?;
-
-    // The undo point, taken only now that everything checked out.
-    let mut undo = None;
-    if a.overlay.is_none() && is_qcow2 && !a.in_place {
-        let (y, mo, d, h, mi, s) = utc(now_secs());
-        let name = format!("vmdisk-before-passwd-{y:04}{mo:02}{d:02}T{h:02}{mi:02}{s:02}Z");
-        vmdisk_image::snapshot_create(&img, &name).context("taking the undo snapshot")?;
-        undo = Some(name);
-    }
-    let (dev, _) = fs_device(&img, t.partition.as_deref())?;
-    vmdisk_ext4::replace_file(dev.as_ref(), "/etc/shadow", &plan.repair.shadow)
-        .context("writing /etc/shadow")?;
-    dev.flush()?;
-    drop(dev);
-    img.close()?;
+    let target = EditTarget {
+        image: t.image.clone(),
+        format: t.format.map(Into::into),
+        partition: t.partition.clone(),
+        undo: match (&a.overlay, a.in_place) {
+            (Some(path), _) => Some(Undo::Overlay {
+                path: path.clone(),
+                replace: a.force,
+            }),
+            (None, true) => Some(Undo::InPlace),
+            (None, false) => None,
+        },
+        dry_run: a.dry_run,
+    };
+    let report = vmdisk_guest::passwd(&target, &a.user, &action)?;
 
     if !quiet {
-        eprintln!(
-            "vmdisk: set {}'s /etc/shadow line on {} ({how})",
-            a.user, plan.part_name
-        );
-        for n in &plan.repair.notes {
-            eprintln!("note: {n}");
-        }
-        if let Some(name) = undo {
+        if report.dry_run {
             eprintln!(
-                "undo with: vmdisk snapshot apply {} {name}",
-                t.image.display()
+                "vmdisk: dry run: {}'s /etc/shadow line on {} would be set; nothing was written",
+                a.user, report.partition
+            );
+        } else {
+            eprintln!(
+                "vmdisk: set {}'s /etc/shadow line on {} ({})",
+                a.user, report.partition, report.how
             );
         }
-        if let Some(w) = plan.nixos.warning {
+        for n in &report.plan.repair.notes {
+            eprintln!("note: {n}");
+        }
+        if let Some(name) = &report.undo_snapshot {
+            eprintln!(
+                "undo with: {}",
+                vmdisk_guest::edit::undo_hint(&t.image, name)
+            );
+        }
+        if let Some(w) = &report.plan.nixos.warning {
             eprintln!("warning: {w}");
         }
     }
     Ok(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn utc_dates() {
-        assert_eq!(utc(0), (1970, 1, 1, 0, 0, 0));
-        assert_eq!(utc(951_782_400), (2000, 2, 29, 0, 0, 0));
-        assert_eq!(utc(1_795_000_000), (2026, 11, 18, 11, 6, 40));
-    }
 }

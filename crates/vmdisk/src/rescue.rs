@@ -55,6 +55,7 @@ pub fn run(a: RescueArgs, quiet: bool) -> Result<u8> {
             read_only: a.read_only,
             force_share: false,
             no_backing: false,
+            ..Default::default()
         },
     )
     .with_context(|| format!("opening {} for the rescue VM", a.image.display()))?;

@@ -130,6 +130,7 @@ pub fn run(a: ServeArgs, quiet: bool) -> Result<u8> {
             read_only,
             force_share: false,
             no_backing: false,
+            ..Default::default()
         },
     )?;
     let whole = img.dev();

@@ -7,6 +7,7 @@
 //! unwinding, removes every registered temporary output and exits at once with 128 + signal.
 //! Commands that do not poll a [`Cancel`] never call this and keep the default behaviour.
 
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::OnceLock;
 
 use vmdisk_block::Cancel;
@@ -14,6 +15,15 @@ use vmdisk_block::Cancel;
 const SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
 static CANCEL: OnceLock<Cancel> = OnceLock::new();
+static SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+/// The signal that raised the cancel flag, if one did.
+pub fn interrupted_by() -> Option<i32> {
+    match SIGNAL.load(Ordering::SeqCst) {
+        0 => None,
+        s => Some(s),
+    }
+}
 
 fn signal_set() -> libc::sigset_t {
     // SAFETY: sigemptyset initialises the zeroed set it is given; sigaddset adds valid signals.
@@ -63,6 +73,7 @@ fn wait_for_signals(set: libc::sigset_t, cancel: Cancel) {
         }
         seen += 1;
         if seen == 1 {
+            SIGNAL.store(sig, Ordering::SeqCst);
             eprintln!(
                 "vmdisk: interrupted; stopping and removing partial output (again to exit now)"
             );

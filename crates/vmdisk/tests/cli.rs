@@ -114,9 +114,12 @@ fn raw_round_trip_and_exit_codes() {
         vmdisk(&["compare", sa, "/nonexistent"]).status.code(),
         Some(2)
     );
+    // qemu-img's contract: a format without checks exits 63 with its message.
     let o = vmdisk(&["check", sa]);
-    assert_eq!(o.status.code(), Some(0));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("raw images have no metadata to check"));
+    assert_eq!(o.status.code(), Some(63));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("This image format does not support checks")
+    );
     let o = vmdisk(&["inspect", "--json", sa]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["virtual-size"], 4 << 20);
