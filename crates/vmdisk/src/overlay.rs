@@ -17,9 +17,8 @@ pub struct CommitArgs {
     /// Show a progress bar.
     #[arg(short = 'p')]
     pub progress: bool,
-    /// Print what was done as JSON.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub out: crate::JsonArgs,
     /// The qcow2 overlay whose contents go into its backing file.
     pub overlay: PathBuf,
 }
@@ -41,9 +40,8 @@ pub struct RebaseArgs {
     /// Show a progress bar.
     #[arg(short = 'p')]
     pub progress: bool,
-    /// Print what was done as JSON.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub out: crate::JsonArgs,
     /// The qcow2 overlay to rebase.
     pub overlay: PathBuf,
 }
@@ -61,7 +59,7 @@ pub fn commit(a: CommitArgs, quiet: bool) -> Result<u8> {
     if let Some(pb) = &pb {
         pb.finish_and_clear();
     }
-    if a.json {
+    if a.out.is_json() {
         crate::say!("{}", serde_json::to_string_pretty(&stats)?);
     } else if !quiet {
         crate::say!(
@@ -101,7 +99,7 @@ pub fn rebase(a: RebaseArgs, quiet: bool) -> Result<u8> {
     if let Some(pb) = &pb {
         pb.finish_and_clear();
     }
-    if a.json {
+    if a.out.is_json() {
         crate::say!("{}", serde_json::to_string_pretty(&stats)?);
     } else if !quiet {
         let new = stats.new_backing.as_deref().unwrap_or("no backing file");
