@@ -8,8 +8,8 @@
 //! leaked. vmdisk follows the rules itself, so `qemu-img check` stays clean and incremental
 //! backups stay correct:
 //!
-//! 1. Before the first guest change (write, zero, discard, compressed write, unallocate,
-//!    snapshot apply) IN_USE is set on every `auto` bitmap that was consistent at open, and
+//! 1. Before the first guest change (write, zero, discard, compressed write, unallocate)
+//!    IN_USE is set on every `auto` bitmap that was consistent at open, and
 //!    flushed, before any data is written.
 //! 2. Changes are recorded in memory at a granularity no coarser than needed (at most
 //!    [`MAX_DIRTY_RECORD_BYTES`]); a coarser record only ever sets more bits, never fewer.
@@ -22,7 +22,8 @@
 //! refuse) are marked IN_USE at the first change and left so: qemu then says they are
 //! inconsistent, and `qemu-img bitmap --remove` is the way out. Disabled bitmaps (no `auto`
 //! flag) record nothing and are never touched. Snapshot create and delete change no guest
-//! data, so they leave every bitmap as it is — as qemu does.
+//! data, so they leave every bitmap as it is, as qemu does; snapshot apply is refused while
+//! the image has bitmaps, as qemu refuses it ("Device has active dirty bitmaps").
 
 use crate::error::{Result, Table};
 use crate::image::State;
@@ -147,7 +148,7 @@ fn set_bits(buf: &mut [u8], lo: u64, hi: u64) {
     let mut k = lo;
     while k < hi {
         let byte = (k / 8) as usize;
-        if k % 8 == 0 && hi - k >= 8 {
+        if k.is_multiple_of(8) && hi - k >= 8 {
             let n = ((hi - k) / 8) as usize;
             buf[byte..byte + n].fill(0xff);
             k += n as u64 * 8;

@@ -591,14 +591,11 @@ impl Header {
         } else {
             buf.len().min(cs as usize)
         };
-        loop {
-            let Some(eh) = buf
-                .get(pos..ext_end)
-                .and_then(read_struct::<RawExtensionHeader>)
-            else {
-                // v2 images without extensions may end right at the header; qemu tolerates it.
-                break;
-            };
+        // v2 images without extensions may end right at the header; qemu tolerates it.
+        while let Some(eh) = buf
+            .get(pos..ext_end)
+            .and_then(read_struct::<RawExtensionHeader>)
+        {
             let (kind, len) = (eh.kind.get(), eh.len.get() as usize);
             if kind == EXT_END {
                 break;

@@ -273,14 +273,28 @@ pub fn apply(img: &Qcow2Image, name_or_id: &str) -> vmdisk_block::Result<()> {
     img.exclusive(|st, host| {
         let i = find(&st.snaps, name_or_id)?;
         let sn = st.snaps[i].clone();
+        if !st.bitmaps.is_empty() {
+            // qemu refuses too (bdrv_snapshot_goto: "Device has active dirty bitmaps"), for
+            // enabled and disabled bitmaps alike: what a bitmap recorded would no longer
+            // describe the disk.
+            let names: Vec<&str> = st
+                .bitmaps
+                .entries()
+                .iter()
+                .map(|b| b.name.as_str())
+                .collect();
+            return Err(Qcow2Error::refused(format!(
+                "applying a snapshot to an image with persistent dirty bitmaps ({}), which \
+                 qemu-img refuses as well; remove them first with `qemu-img bitmap --remove \
+                 IMAGE NAME`, then apply the snapshot",
+                names.join(", ")
+            )));
+        }
         if sn.disk_size.is_some_and(|d| d != st.h.size) {
             return Err(Qcow2Error::refused(
                 "applying a snapshot taken at a different disk size",
             ));
         }
-        // The whole guest view may change (qemu marks the whole disk dirty too).
-        let size = st.h.size;
-        st.note_write(host, 0, size)?;
         st.write_back(host)?;
         let new_l1: Vec<u64> = read_l1(st, host, &sn)?
             .into_iter()
