@@ -37,7 +37,7 @@
 //!   opened read-only.
 //!
 //! Persistent dirty bitmaps (the "bitmaps" extension) are kept valid, as qemu's spec asks of
-//! every writer: see [`bitmap`](crate::bitmap) — IN_USE while the image is being written, the
+//! every writer (see `bitmap.rs`): IN_USE while the image is being written, the
 //! "auto" bitmaps updated for every guest change and released on close.
 
 mod bitmap;
