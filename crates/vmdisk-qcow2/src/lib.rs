@@ -251,6 +251,14 @@ pub(crate) fn read_snapshots(
                     at: base + avail,
                 });
             }
+            meta::TableExtent::NeedMore { len } if len > meta::MAX_SNAPSHOT_TABLE_BYTES => {
+                return Err(Qcow2Error::Limit {
+                    what: "snapshot table bytes",
+                    needed: len,
+                    limit: meta::MAX_SNAPSHOT_TABLE_BYTES,
+                });
+            }
+            // Grows every round: `len` is above what the buffer holds and within both bounds.
             meta::TableExtent::NeedMore { len } => want = len.max(want.saturating_mul(2)),
         }
     }
