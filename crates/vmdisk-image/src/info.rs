@@ -40,6 +40,27 @@ impl From<&q::SnapshotInfo> for SnapshotEntry {
     }
 }
 
+/// One persistent dirty bitmap, as `qemu-img info` lists it (same keys, same order).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BitmapEntry {
+    /// qemu's names: "in-use" (not saved consistently), "auto" (enabled).
+    pub flags: Vec<String>,
+    pub name: String,
+    /// Bytes of guest disk per bit.
+    pub granularity: u64,
+}
+
+impl From<&q::BitmapInfo> for BitmapEntry {
+    fn from(b: &q::BitmapInfo) -> Self {
+        BitmapEntry {
+            flags: b.flags.iter().map(|f| f.to_string()).collect(),
+            name: b.name.clone(),
+            granularity: b.granularity,
+        }
+    }
+}
+
 /// qcow2's `format-specific` data.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -48,6 +69,9 @@ pub struct Qcow2Specific {
     pub compression_type: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lazy_refcounts: Option<bool>,
+    /// Persistent bitmaps; qemu omits the key when there are none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub bitmaps: Vec<BitmapEntry>,
     pub refcount_bits: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub corrupt: Option<bool>,
@@ -159,6 +183,7 @@ pub fn info(path: &Path, opts: &OpenOptions, backing_chain: bool) -> Result<Vec<
                         }
                         .to_string(),
                         lazy_refcounts: v3.then_some(h.lazy_refcounts),
+                        bitmaps: h.bitmaps.iter().map(BitmapEntry::from).collect(),
                         refcount_bits: h.refcount_bits,
                         corrupt: v3.then_some(h.corrupt),
                         extended_l2: v3.then_some(h.extended_l2),
@@ -293,6 +318,18 @@ impl ImageInfo {
             let _ = writeln!(s, "    compression type: {}", q.compression_type);
             if let Some(l) = q.lazy_refcounts {
                 let _ = writeln!(s, "    lazy refcounts: {l}");
+            }
+            if !q.bitmaps.is_empty() {
+                s.push_str("    bitmaps:\n");
+                for (i, b) in q.bitmaps.iter().enumerate() {
+                    let _ = writeln!(s, "        [{i}]:");
+                    s.push_str("            flags:\n");
+                    for (j, f) in b.flags.iter().enumerate() {
+                        let _ = writeln!(s, "                [{j}]: {f}");
+                    }
+                    let _ = writeln!(s, "            name: {}", b.name);
+                    let _ = writeln!(s, "            granularity: {}", b.granularity);
+                }
             }
             let _ = writeln!(s, "    refcount bits: {}", q.refcount_bits);
             if let Some(c) = q.corrupt {

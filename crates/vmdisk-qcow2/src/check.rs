@@ -30,9 +30,9 @@ use std::collections::HashMap;
 use vmdisk_block::BlockDevice;
 
 use crate::meta::{
-    self, Header, SnapshotHeader, AUTOCLEAR_BITMAPS, EXT_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
-    L1E_OFFSET_MASK, L2E_OFFSET_MASK, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFCOUNT_TABLE_BYTES,
-    MAX_SNAPSHOTS, MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOT_TABLE_BYTES, OFLAG_COMPRESSED,
+    self, decode_table, encode_table, BitmapCluster, BitmapEntry, Header, SnapshotHeader,
+    AUTOCLEAR_BITMAPS, EXT_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OFFSET_MASK,
+    L2E_OFFSET_MASK, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFCOUNT_TABLE_BYTES, OFLAG_COMPRESSED,
     OFLAG_COPIED, OFLAG_ZERO, REFT_OFFSET_MASK,
 };
 use crate::{Error, Result};
@@ -42,24 +42,10 @@ use crate::{Error, Result};
 pub const MAX_CHECK_CLUSTERS: u64 = 1 << 25;
 /// Messages kept in a report; the rest are counted in one final line.
 pub const MAX_CHECK_MESSAGES: usize = 10_000;
-/// qemu's bound on a persistent-bitmap directory.
-const MAX_BITMAP_DIRECTORY_BYTES: u64 = 64 << 20;
-/// qemu's bound on the number of persistent bitmaps.
-const MAX_BITMAPS: u32 = 65535;
 /// Tables that may be large (bitmap tables) are read in pieces of this size.
 const READ_CHUNK: u64 = 1 << 20;
-/// Fixed part of a snapshot table entry.
-const SNAPSHOT_ENTRY_FIXED: u64 = 40;
-/// Fixed part of a bitmap directory entry.
-const BITMAP_ENTRY_FIXED: u64 = 24;
-/// Bitmap table entry: bits 9..=55 are the data cluster offset.
-const BME_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-/// Bitmap table entry bits that must be zero.
-const BME_RESERVED_MASK: u64 = 0xff00_0000_0000_01fe;
 /// Extended L2 bitmap: the allocation half.
 const L2_BITMAP_ALL_ALLOC: u64 = 0xffff_ffff;
-/// Byte offset of the v3 incompatible-features field in the header.
-const INCOMPAT_FIELD_OFF: u64 = 72;
 
 /// What `check` may change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -165,7 +151,7 @@ fn check_once(host: &dyn BlockDevice, repair: Repair) -> Result<CheckReport> {
     let head_len = file_len.min(1 << MAX_CLUSTER_BITS);
     let mut head = vec![0u8; head_len as usize];
     host.read_exact_at(&mut head, 0)?;
-    let h = Header::parse(&head)?;
+    let h = Header::parse(&head).map_err(Error::from)?;
     drop(head);
     let cs = h.cluster_size();
     let nb_clusters = file_len.div_ceil(cs);
@@ -244,7 +230,7 @@ impl Checker<'_> {
             });
         }
         let rt = self.read_padded(self.h.refcount_table_offset, rt_bytes);
-        self.reftable = be64_entries(&rt);
+        self.reftable = decode_table(&rt);
         drop(rt);
 
         // Snapshot table: parsed before anything is counted, like qemu.
@@ -394,53 +380,10 @@ impl Checker<'_> {
         }
     }
 
-    /// Parse the snapshot table; also returns its length in bytes as qemu counts it (entries
-    /// padded to 8 bytes, except the last one).
+    /// Parse the snapshot table (the engine's one reader); also returns its length in bytes as
+    /// qemu counts it (entries padded to 8 bytes, except the last one).
     fn read_snapshot_table(&mut self) -> Result<(Vec<SnapshotHeader>, u64)> {
-        let nb = self.h.nb_snapshots;
-        if nb == 0 {
-            return Ok((Vec::new(), 0));
-        }
-        if nb > MAX_SNAPSHOTS {
-            return Err(Error::Limit {
-                what: "number of snapshots",
-                needed: u64::from(nb),
-                limit: u64::from(MAX_SNAPSHOTS),
-            });
-        }
-        let base = self.h.snapshots_offset;
-        // Walk the entry lengths first so the buffer is exactly the table, bounded by the host.
-        let mut pos = base;
-        let mut end = base;
-        for _ in 0..nb {
-            let mut fixed = [0u8; SNAPSHOT_ENTRY_FIXED as usize];
-            self.host.read_exact_at(&mut fixed, pos)?;
-            let id_len = u64::from(u16::from_be_bytes([fixed[12], fixed[13]]));
-            let name_len = u64::from(u16::from_be_bytes([fixed[14], fixed[15]]));
-            let extra = u32::from_be_bytes([fixed[36], fixed[37], fixed[38], fixed[39]]);
-            if extra > MAX_SNAPSHOT_EXTRA_DATA {
-                return Err(Error::Limit {
-                    what: "snapshot extra data",
-                    needed: u64::from(extra),
-                    limit: u64::from(MAX_SNAPSHOT_EXTRA_DATA),
-                });
-            }
-            end = pos + SNAPSHOT_ENTRY_FIXED + u64::from(extra) + id_len + name_len;
-            pos = end.next_multiple_of(8);
-            if end - base > MAX_SNAPSHOT_TABLE_BYTES {
-                return Err(Error::Limit {
-                    what: "snapshot table bytes",
-                    needed: end - base,
-                    limit: MAX_SNAPSHOT_TABLE_BYTES,
-                });
-            }
-        }
-        let total = end - base;
-        vmdisk_block::check_range(self.file_len, base, total)?;
-        let mut buf = vec![0u8; total as usize];
-        self.host.read_exact_at(&mut buf, base)?;
-        let snaps = SnapshotHeader::parse_table(&buf, nb, base)?;
-        Ok((snaps, total))
+        Ok(crate::read_snapshots(self.host, &self.h)?)
     }
 
     /// Count an L1 table, its L2 tables and their clusters; returns the L1 entries.
@@ -451,7 +394,7 @@ impl Checker<'_> {
             return Vec::new();
         }
         let raw = self.read_padded(l1_off, bytes);
-        let l1 = be64_entries(&raw);
+        let l1 = decode_table(&raw);
         drop(raw);
         for &e in &l1 {
             let l2_off = e & L1E_OFFSET_MASK;
@@ -471,12 +414,12 @@ impl Checker<'_> {
     }
 
     fn walk_l2(&mut self, l2_off: u64, active: bool) {
-        let table = self.read_padded(l2_off, self.cs);
-        let step = if self.ext_l2 { 16 } else { 8 };
+        let table = decode_table(&self.read_padded(l2_off, self.cs));
+        let step = if self.ext_l2 { 2 } else { 1 };
         let mut next_contiguous = 0u64;
         for ent in table.chunks_exact(step) {
-            let e = be64(ent, 0);
-            let bitmap = if self.ext_l2 { be64(ent, 8) } else { 0 };
+            let e = ent[0];
+            let bitmap = ent.get(1).copied().unwrap_or(0);
             match self.classify(e) {
                 Kind::Compressed => {
                     if e & OFLAG_COPIED != 0 {
@@ -573,7 +516,8 @@ impl Checker<'_> {
         }
     }
 
-    /// Persistent bitmaps (only when the autoclear bit says the extension is valid).
+    /// Persistent bitmaps (only when the autoclear bit says the extension is valid), parsed
+    /// by the same code the engine uses.
     fn count_bitmaps(&mut self) {
         if self.h.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
             return;
@@ -586,49 +530,32 @@ impl Checker<'_> {
         else {
             return;
         };
-        if ext.data.len() < 24 {
-            self.report.corruptions += 1;
-            self.report
-                .msg("ERROR bitmaps header extension too short".to_string());
-            return;
-        }
-        let nb = u32::from_be_bytes([ext.data[0], ext.data[1], ext.data[2], ext.data[3]]);
-        let dir_size = be64(&ext.data, 8);
-        let dir_off = be64(&ext.data, 16);
-        if nb == 0 {
-            return;
-        }
-        if nb > MAX_BITMAPS || dir_size > MAX_BITMAP_DIRECTORY_BYTES || self.misaligned(dir_off) {
-            self.report.corruptions += 1;
-            self.report.msg(format!(
-                "ERROR bitmap directory invalid: {nb} bitmaps, {dir_size} bytes at {dir_off:#x}"
-            ));
-            return;
-        }
-        self.inc(dir_off, dir_size);
-        let dir = self.read_padded(dir_off, dir_size);
-        let mut pos = 0usize;
-        let mut tables = Vec::new();
-        for _ in 0..nb {
-            let Some(fixed) = dir.get(pos..pos + BITMAP_ENTRY_FIXED as usize) else {
+        let ext = match meta::BitmapsExtension::parse(&ext.data, self.cs) {
+            Ok(e) => e,
+            Err(e) => {
                 self.report.corruptions += 1;
                 self.report
-                    .msg("ERROR bitmap directory truncated".to_string());
+                    .msg(format!("ERROR bitmap directory invalid: {e}"));
                 return;
-            };
-            let table_off = be64(fixed, 0);
-            let table_size = u32::from_be_bytes([fixed[8], fixed[9], fixed[10], fixed[11]]);
-            let name_size = usize::from(u16::from_be_bytes([fixed[18], fixed[19]]));
-            let extra = u32::from_be_bytes([fixed[20], fixed[21], fixed[22], fixed[23]]) as usize;
-            tables.push((table_off, table_size));
-            pos = (pos + BITMAP_ENTRY_FIXED as usize)
-                .saturating_add(extra)
-                .saturating_add(name_size)
-                .next_multiple_of(8);
+            }
+        };
+        if ext.nb_bitmaps == 0 {
+            return;
         }
+        self.inc(ext.directory_offset, ext.directory_size);
+        let dir = self.read_padded(ext.directory_offset, ext.directory_size);
+        let entries = match BitmapEntry::parse_directory(&dir, ext.nb_bitmaps, ext.directory_offset)
+        {
+            Ok(e) => e,
+            Err(e) => {
+                self.report.corruptions += 1;
+                self.report.msg(format!("ERROR {e}"));
+                return;
+            }
+        };
         drop(dir);
-        for (table_off, table_size) in tables {
-            let bytes = u64::from(table_size) * 8;
+        for b in entries {
+            let (table_off, bytes) = (b.table_offset, u64::from(b.table_size) * 8);
             self.inc(table_off, bytes);
             if self.misaligned(table_off) {
                 self.report.corruptions += 1;
@@ -644,16 +571,14 @@ impl Checker<'_> {
                     break;
                 };
                 let chunk = self.read_padded(at, n);
-                for e in be64_entries(&chunk) {
-                    let off = e & BME_OFFSET_MASK;
-                    if e & BME_RESERVED_MASK != 0 || self.misaligned(off) {
-                        self.report.corruptions += 1;
-                        self.report
-                            .msg(format!("ERROR bitmap table entry {e:#x} is invalid"));
-                        continue;
-                    }
-                    if off != 0 {
-                        self.inc(off, self.cs);
+                for (k, raw) in decode_table(&chunk).into_iter().enumerate() {
+                    match BitmapEntry::decode_table_entry(raw, self.cs, at + k as u64 * 8) {
+                        Ok(BitmapCluster::Data { host_off }) => self.inc(host_off, self.cs),
+                        Ok(_) => {}
+                        Err(e) => {
+                            self.report.corruptions += 1;
+                            self.report.msg(format!("ERROR {e}"));
+                        }
                     }
                 }
                 done += n;
@@ -880,11 +805,11 @@ impl Checker<'_> {
                     }
                 }
             }
-            let mut table = self.read_padded(l2_off, self.cs);
-            let step = if self.ext_l2 { 16 } else { 8 };
+            let mut table = decode_table(&self.read_padded(l2_off, self.cs));
+            let step = if self.ext_l2 { 2 } else { 1 };
             let mut dirty = 0u64;
             for j in 0..table.len() / step {
-                let e = be64(&table, j * step);
+                let e = table[j * step];
                 let Kind::Allocated(off) = self.classify(e) else {
                     continue;
                 };
@@ -902,7 +827,7 @@ impl Checker<'_> {
                         } else {
                             e & !OFLAG_COPIED
                         };
-                        table[j * step..j * step + 8].copy_from_slice(&new.to_be_bytes());
+                        table[j * step] = new;
                         dirty += 1;
                     }
                 }
@@ -910,7 +835,7 @@ impl Checker<'_> {
             // Only a whole, aligned L2 table inside the file is ever rewritten.
             if dirty > 0 {
                 if !self.misaligned(l2_off) && l2_off + self.cs <= self.file_len {
-                    match self.host.write_all_at(&table, l2_off) {
+                    match self.host.write_all_at(&encode_table(&table), l2_off) {
                         Ok(()) => {
                             wrote = true;
                             self.report.corruptions -= dirty;
@@ -944,7 +869,7 @@ impl Checker<'_> {
         let bits = self.h.incompatible_features & !(INCOMPAT_DIRTY | INCOMPAT_CORRUPT);
         let res = self
             .host
-            .write_all_at(&bits.to_be_bytes(), INCOMPAT_FIELD_OFF)
+            .write_all_at(&bits.to_be_bytes(), meta::HEADER_OFF_INCOMPAT)
             .and_then(|()| self.host.flush());
         match res {
             Ok(()) => {
@@ -968,16 +893,4 @@ enum Kind {
     Allocated(u64),
     ZeroPlain,
     Unallocated,
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    if let Some(s) = b.get(at..at + 8) {
-        a.copy_from_slice(s);
-    }
-    u64::from_be_bytes(a)
-}
-
-fn be64_entries(b: &[u8]) -> Vec<u64> {
-    b.chunks_exact(8).map(|c| be64(c, 0)).collect()
 }

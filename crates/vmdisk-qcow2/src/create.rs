@@ -1,31 +1,32 @@
 //! Creating qcow2 images, laid out like qemu: header cluster, refcount table, refcount
 //! block(s), L1 table; then (preallocation=metadata) L2 tables and data clusters.
 
+use crate::error::{Qcow2Error, Result};
 use crate::meta::{self, CompressionType, Header};
-use crate::{BlockDevice, CreateOptions, Error, Preallocation, Result};
+use crate::{BlockDevice, CreateOptions, Preallocation};
 
 /// Check options and build the header (table offsets filled in by `create`).
 fn header_for(opts: &CreateOptions) -> Result<Header> {
     let cs = opts.cluster_size;
     if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
-        return Err(Error::unsupported(format!(
+        return Err(Qcow2Error::refused(format!(
             "cluster size {cs} (must be a power of two from 512 B to 2 MiB)"
         )));
     }
     let cluster_bits = cs.trailing_zeros();
     if !opts.refcount_bits.is_power_of_two() || opts.refcount_bits > 64 {
-        return Err(Error::unsupported(format!(
+        return Err(Qcow2Error::refused(format!(
             "refcount_bits {} (must be 1, 2, 4, 8, 16, 32 or 64)",
             opts.refcount_bits
         )));
     }
     if !opts.size.is_multiple_of(512) {
-        return Err(Error::unsupported(
+        return Err(Qcow2Error::refused(
             "image size must be a multiple of 512 bytes",
         ));
     }
     if opts.size > meta::MAX_VIRTUAL_SIZE {
-        return Err(Error::Limit {
+        return Err(Qcow2Error::Limit {
             what: "qcow2 virtual size",
             needed: opts.size,
             limit: meta::MAX_VIRTUAL_SIZE,
@@ -34,32 +35,34 @@ fn header_for(opts: &CreateOptions) -> Result<Header> {
     match opts.version {
         2 => {
             if opts.refcount_bits != 16 {
-                return Err(Error::unsupported(
+                return Err(Qcow2Error::refused(
                     "v2 (compat 0.10) images need refcount_bits=16",
                 ));
             }
             if opts.lazy_refcounts {
-                return Err(Error::unsupported(
+                return Err(Qcow2Error::refused(
                     "lazy_refcounts needs a v3 (compat 1.1) image",
                 ));
             }
             if opts.compression != CompressionType::Zlib {
-                return Err(Error::unsupported("compression_type=zstd needs a v3 image"));
+                return Err(Qcow2Error::refused(
+                    "compression_type=zstd needs a v3 image",
+                ));
             }
             if opts.extended_l2 {
-                return Err(Error::unsupported("extended_l2 needs a v3 image"));
+                return Err(Qcow2Error::refused("extended_l2 needs a v3 image"));
             }
         }
         3 => {}
-        v => return Err(Error::unsupported(format!("qcow2 version {v}"))),
+        v => return Err(Qcow2Error::refused(format!("qcow2 version {v}"))),
     }
     if opts.extended_l2 && cs < 16384 {
-        return Err(Error::unsupported(
+        return Err(Qcow2Error::refused(
             "extended_l2 needs a cluster size of at least 16 KiB",
         ));
     }
     if opts.backing_format.is_some() && opts.backing_file.is_none() {
-        return Err(Error::unsupported(
+        return Err(Qcow2Error::refused(
             "a backing format without a backing file",
         ));
     }
@@ -111,12 +114,16 @@ fn header_for(opts: &CreateOptions) -> Result<Header> {
 }
 
 /// Create a qcow2 image on `host` (resized to fit; its old contents are overwritten).
-pub fn create(host: &dyn BlockDevice, opts: &CreateOptions) -> Result<()> {
+pub fn create(host: &dyn BlockDevice, opts: &CreateOptions) -> vmdisk_block::Result<()> {
+    Ok(create_on(host, opts)?)
+}
+
+fn create_on(host: &dyn BlockDevice, opts: &CreateOptions) -> Result<()> {
     let mut h = header_for(opts)?;
     let cs = h.cluster_size();
     let l1_entries = meta::l1_entries_for(h.size, h.cluster_bits, opts.extended_l2);
     if l1_entries * 8 > meta::MAX_L1_BYTES {
-        return Err(Error::Limit {
+        return Err(Qcow2Error::Limit {
             what: "L1 table bytes",
             needed: l1_entries * 8,
             limit: meta::MAX_L1_BYTES,
@@ -137,7 +144,7 @@ pub fn create(host: &dyn BlockDevice, opts: &CreateOptions) -> Result<()> {
         t = t.max(nt);
     }
     if t * cs > meta::MAX_REFCOUNT_TABLE_BYTES {
-        return Err(Error::Limit {
+        return Err(Qcow2Error::Limit {
             what: "refcount table bytes",
             needed: t * cs,
             limit: meta::MAX_REFCOUNT_TABLE_BYTES,
@@ -152,17 +159,17 @@ pub fn create(host: &dyn BlockDevice, opts: &CreateOptions) -> Result<()> {
     host.resize(0)?;
     host.resize(total * cs)?;
     host.write_all_at(&hdr, 0)?;
-    let mut table = vec![0u8; (t * cs) as usize];
+    let mut table = vec![0u64; (t * cs / 8) as usize];
     for k in 0..b {
         let at = (1 + t + k) * cs;
-        table[(k * 8) as usize..(k * 8 + 8) as usize].copy_from_slice(&at.to_be_bytes());
+        table[k as usize] = at;
         let mut block = vec![0u8; cs as usize];
         for c in k * e..((k + 1) * e).min(total) {
             meta::refcount_set(&mut block, c - k * e, h.refcount_order, 1)?;
         }
         host.write_all_at(&block, at)?;
     }
-    host.write_all_at(&table, cs)?;
+    host.write_all_at(&meta::encode_table(&table), cs)?;
     host.flush()?;
     if opts.preallocation == Preallocation::Metadata && h.size > 0 {
         crate::image::preallocate_metadata(host)?;

@@ -12,19 +12,27 @@
 //! A crash can therefore leak clusters but never leave an entry pointing at a cluster whose
 //! refcount is not durable.
 //!
-//! Writes to images with extended L2 entries are refused at open (`Error::Unsupported`):
+//! Writes to images with extended L2 entries are refused at open (`Unsupported`):
 //! reading them (subclusters, zero bits) is supported.
+//!
+//! Every guest read - plain reads, and the copy-on-write reads a partial-cluster write makes -
+//! goes through one path ([`Qcow2Image::read_segs`]), so the same damaged image fails the same
+//! way whichever operation touches it.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use vmdisk_block::{check_range, merge_extents, Extent, ExtentKind};
+use vmdisk_block::{check_range, merge_extents, Extent, ExtentKind, Result as BResult};
 
+use crate::bitmap::Bitmaps;
+use crate::error::{Qcow2Error, Result, Table};
 use crate::meta::{
-    self, check_l1_entry, refcount_get, refcount_max, refcount_set, Header, L2Entry,
-    SnapshotHeader, SubclusterBitmap, SubclusterState, OFLAG_COPIED, OFLAG_ZERO,
+    self, check_l1_entry, decode_table, encode_table, refcount_get, refcount_max, refcount_set,
+    CompressionType, Header, L2Entry, SnapshotHeader, SubclusterBitmap, SubclusterState,
+    OFLAG_COPIED, OFLAG_ZERO,
 };
-use crate::{decompress_cluster, BlockDevice, Error, Qcow2Info, Result};
+use crate::{decompress_cluster, read_meta, BlockDevice, Error, Qcow2Info};
 
 /// Memory for cached L2 tables (bounded whatever the cluster size).
 const L2_CACHE_BYTES: u64 = 32 << 20;
@@ -33,17 +41,89 @@ const RB_CACHE_BYTES: u64 = 8 << 20;
 /// Always keep at least this many tables cached (small images, huge clusters).
 const MIN_CACHE_SLOTS: usize = 16;
 
-struct Slot {
-    /// Raw 64-bit words (2 per entry with extended L2).
-    words: Vec<u64>,
-    dirty: bool,
+/// One cached metadata cluster.
+pub(crate) struct Slot<T> {
+    pub val: T,
+    pub dirty: bool,
     used: u64,
 }
 
-struct RbSlot {
-    data: Vec<u8>,
-    dirty: bool,
-    used: u64,
+/// A bounded write-back cache of metadata clusters keyed by host offset: L2 tables (as
+/// decoded words) and refcount blocks (as bytes) are each held in one of these. Only clean
+/// entries are evicted, least recently used first; when every entry is dirty the owner writes
+/// back first (see [`State::load`]).
+pub(crate) struct Cache<T> {
+    map: HashMap<u64, Slot<T>>,
+    max: usize,
+}
+
+impl<T> Cache<T> {
+    fn new(max: usize) -> Self {
+        Cache {
+            map: HashMap::new(),
+            max,
+        }
+    }
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+    fn needs_room(&self, off: u64) -> bool {
+        !self.map.contains_key(&off) && self.map.len() >= self.max
+    }
+    fn has_clean(&self) -> bool {
+        self.map.values().any(|s| !s.dirty)
+    }
+    /// Drop the least recently used clean entry.
+    fn evict_clean(&mut self) {
+        if let Some((&k, _)) = self
+            .map
+            .iter()
+            .filter(|(_, s)| !s.dirty)
+            .min_by_key(|(_, s)| s.used)
+        {
+            self.map.remove(&k);
+        }
+    }
+    /// Insert (or replace) an entry.
+    fn insert(&mut self, off: u64, val: T, dirty: bool, tick: u64) {
+        self.map.insert(
+            off,
+            Slot {
+                val,
+                dirty,
+                used: tick,
+            },
+        );
+    }
+    fn dirty_count(&self) -> usize {
+        self.map.values().filter(|s| s.dirty).count()
+    }
+    /// End of the last dirty cluster (0 when nothing is dirty).
+    fn dirty_end(&self, cs: u64) -> u64 {
+        self.map
+            .iter()
+            .filter(|(_, s)| s.dirty)
+            .map(|(&off, _)| off + cs)
+            .max()
+            .unwrap_or(0)
+    }
+    fn dirty_mut(&mut self) -> impl Iterator<Item = (u64, &mut Slot<T>)> {
+        self.map
+            .iter_mut()
+            .filter(|(_, s)| s.dirty)
+            .map(|(&k, s)| (k, s))
+    }
+    /// Keep dirty entries only (the on-disk tables changed under the clean ones).
+    fn retain_dirty(&mut self) {
+        self.map.retain(|_, s| s.dirty);
+    }
+}
+
+/// Which cache [`State::load`] fills.
+#[derive(Clone, Copy)]
+enum CacheKind {
+    L2,
+    RefcountBlock,
 }
 
 /// Where a piece of a guest range is.
@@ -67,12 +147,10 @@ pub(crate) struct State {
     pub snaps: Vec<SnapshotHeader>,
     pub l1: Vec<u64>,
     pub l1_dirty: bool,
-    l2: HashMap<u64, Slot>,
-    l2_max: usize,
+    l2: Cache<Vec<u64>>,
     rt: Vec<u64>,
     rt_dirty: bool,
-    rb: HashMap<u64, RbSlot>,
-    rb_max: usize,
+    rb: Cache<Vec<u8>>,
     tick: u64,
     pending_dec: Vec<u64>,
     /// Punch a hole in the host file for every cluster whose refcount reaches zero in the
@@ -88,37 +166,30 @@ pub(crate) struct State {
     /// be longer while writing, see [`State::ensure_host_len`] and [`State::trim_host`].
     file_end: u64,
     pub has_backing: bool,
+    /// Persistent bitmaps (kept valid while writing; see `bitmap.rs`).
+    pub bitmaps: Bitmaps,
 }
 
-fn words_from(buf: &[u8]) -> Vec<u64> {
-    buf.chunks_exact(8)
-        .map(|c| {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(c);
-            u64::from_be_bytes(a)
-        })
-        .collect()
-}
-
-fn bytes_from(words: &[u64]) -> Vec<u8> {
-    let mut b = Vec::with_capacity(words.len() * 8);
-    for w in words {
-        b.extend_from_slice(&w.to_be_bytes());
-    }
-    b
-}
-
-/// Read `len` bytes of metadata at `off`, refusing ranges outside the host file as corrupt.
-pub(crate) fn read_meta(host: &dyn BlockDevice, off: u64, len: u64, what: &str) -> Result<Vec<u8>> {
-    if off.checked_add(len).is_none_or(|e| e > host.len()) {
-        return Err(Error::corrupt(
-            format!("{what} lies beyond the end of the file"),
-            off,
-        ));
-    }
-    let mut buf = vec![0u8; len as usize];
-    host.read_exact_at(&mut buf, off)?;
-    Ok(buf)
+/// The entry at `off` of `cache`, read from the host and decoded when missing.
+fn fill<'c, T>(
+    cache: &'c mut Cache<T>,
+    host: &dyn BlockDevice,
+    off: u64,
+    cs: u64,
+    tick: u64,
+    table: Table,
+    decode: impl FnOnce(&[u8]) -> T,
+) -> Result<&'c mut Slot<T>> {
+    let slot = match cache.map.entry(off) {
+        Entry::Occupied(o) => o.into_mut(),
+        Entry::Vacant(v) => v.insert(Slot {
+            val: decode(&read_meta(host, off, cs, table)?),
+            dirty: false,
+            used: tick,
+        }),
+    };
+    slot.used = tick;
+    Ok(slot)
 }
 
 /// Grow the host ahead of need by at least this much (one ftruncate per step, not per
@@ -126,33 +197,32 @@ pub(crate) fn read_meta(host: &dyn BlockDevice, off: u64, len: u64, what: &str) 
 const HOST_GROW_STEP: u64 = 64 << 20;
 
 impl State {
-    pub fn load(host: &dyn BlockDevice, h: Header, has_backing: bool) -> Result<State> {
+    pub fn open(host: &dyn BlockDevice, h: Header, has_backing: bool) -> Result<State> {
         let cs = h.cluster_size();
-        let l1 = words_from(&read_meta(
+        let l1 = decode_table(&read_meta(
             host,
             h.l1_table_offset,
             u64::from(h.l1_size) * 8,
-            "L1 table",
+            Table::L1,
         )?);
-        let rt = words_from(&read_meta(
+        let rt = decode_table(&read_meta(
             host,
             h.refcount_table_offset,
             u64::from(h.refcount_table_clusters) * cs,
-            "refcount table",
+            Table::RefcountTable,
         )?);
-        let snaps = crate::read_snapshots(host, &h)?;
+        let (snaps, _) = crate::read_snapshots(host, &h)?;
+        let bitmaps = Bitmaps::new(crate::read_bitmaps(host, &h)?, h.size, cs);
         let host_end = host.len().div_ceil(cs) * cs;
         Ok(State {
-            l2_max: ((L2_CACHE_BYTES / cs) as usize).max(MIN_CACHE_SLOTS),
-            rb_max: ((RB_CACHE_BYTES / cs) as usize).max(MIN_CACHE_SLOTS),
             h,
             snaps,
             l1,
             l1_dirty: false,
-            l2: HashMap::new(),
+            l2: Cache::new(((L2_CACHE_BYTES / cs) as usize).max(MIN_CACHE_SLOTS)),
             rt,
             rt_dirty: false,
-            rb: HashMap::new(),
+            rb: Cache::new(((RB_CACHE_BYTES / cs) as usize).max(MIN_CACHE_SLOTS)),
             tick: 0,
             pending_dec: Vec::new(),
             punch_freed: false,
@@ -161,6 +231,7 @@ impl State {
             compressed_tail: 0,
             file_end: host.len(),
             has_backing,
+            bitmaps,
         })
     }
 
@@ -169,7 +240,7 @@ impl State {
     }
 
     /// Make the host at least `end` bytes long, growing it in big steps.
-    fn ensure_host_len(&mut self, host: &dyn BlockDevice, end: u64) -> Result<()> {
+    pub(crate) fn ensure_host_len(&mut self, host: &dyn BlockDevice, end: u64) -> Result<()> {
         self.file_end = self.file_end.max(end);
         let len = host.len();
         if len < end {
@@ -208,52 +279,41 @@ impl State {
 
     /// Drop every cached table (after the on-disk metadata changed under us).
     pub fn invalidate_caches(&mut self) {
-        self.l2.retain(|_, s| s.dirty);
-        self.rb.retain(|_, s| s.dirty);
+        self.l2.retain_dirty();
+        self.rb.retain_dirty();
     }
 
     // ---------------------------------------------------------------- L2 tables
 
-    fn load_l2(&mut self, host: &dyn BlockDevice, off: u64) -> Result<&mut Slot> {
-        self.tick += 1;
-        let tick = self.tick;
-        if !self.l2.contains_key(&off) {
-            if self.l2.len() >= self.l2_max {
-                self.evict_l2(host)?;
+    /// Make sure the cluster at `off` is in the cache `kind`: on a miss, room is made first
+    /// (the least recently used clean entry goes; when everything cached is dirty, all dirty
+    /// metadata is written back before), then the cluster is read from the host.
+    fn load(&mut self, host: &dyn BlockDevice, kind: CacheKind, off: u64) -> Result<()> {
+        let needs_room = match kind {
+            CacheKind::L2 => self.l2.needs_room(off),
+            CacheKind::RefcountBlock => self.rb.needs_room(off),
+        };
+        if needs_room {
+            let has_clean = match kind {
+                CacheKind::L2 => self.l2.has_clean(),
+                CacheKind::RefcountBlock => self.rb.has_clean(),
+            };
+            if !has_clean {
+                self.write_back(host)?;
             }
-            let cs = self.cs();
-            let buf = read_meta(host, off, cs, "L2 table")?;
-            self.l2.insert(
-                off,
-                Slot {
-                    words: words_from(&buf),
-                    dirty: false,
-                    used: tick,
-                },
-            );
+            match kind {
+                CacheKind::L2 => self.l2.evict_clean(),
+                CacheKind::RefcountBlock => self.rb.evict_clean(),
+            }
         }
-        // The key was inserted just above when it was missing.
-        let slot = self
-            .l2
-            .get_mut(&off)
-            .ok_or_else(|| Error::corrupt("L2 cache lost a table", off))?;
-        slot.used = tick;
-        Ok(slot)
+        self.tick += 1;
+        Ok(())
     }
 
-    fn evict_l2(&mut self, host: &dyn BlockDevice) -> Result<()> {
-        if !self.l2.values().any(|s| !s.dirty) {
-            self.write_back(host)?;
-        }
-        if let Some((&k, _)) = self
-            .l2
-            .iter()
-            .filter(|(_, s)| !s.dirty)
-            .min_by_key(|(_, s)| s.used)
-        {
-            self.l2.remove(&k);
-        }
-        Ok(())
+    fn load_l2(&mut self, host: &dyn BlockDevice, off: u64) -> Result<&mut Slot<Vec<u64>>> {
+        self.load(host, CacheKind::L2, off)?;
+        let (tick, cs) = (self.tick, self.cs());
+        fill(&mut self.l2, host, off, cs, tick, Table::L2, decode_table)
     }
 
     /// L2 table offset for L1 index `l1i` (0 when unallocated).
@@ -276,8 +336,8 @@ impl State {
         let wpe = self.wpe();
         let (cbits, ext) = (self.cbits(), self.h.extended_l2());
         let slot = self.load_l2(host, off)?;
-        let raw = slot.words[l2i * wpe];
-        let bm = if wpe == 2 { slot.words[l2i * 2 + 1] } else { 0 };
+        let raw = slot.val[l2i * wpe];
+        let bm = if wpe == 2 { slot.val[l2i * 2 + 1] } else { 0 };
         let at = off + (l2i * wpe * 8) as u64;
         Ok((L2Entry::decode(raw, cbits, ext, at)?, bm, at))
     }
@@ -287,7 +347,7 @@ impl State {
         let wpe = self.wpe();
         let slot = self.load_l2(host, off)?;
         Ok(slot
-            .words
+            .val
             .iter()
             .step_by(wpe)
             .enumerate()
@@ -305,7 +365,7 @@ impl State {
     ) -> Result<()> {
         let wpe = self.wpe();
         let slot = self.load_l2(host, off)?;
-        slot.words[idx * wpe] = raw;
+        slot.val[idx * wpe] = raw;
         slot.dirty = true;
         Ok(())
     }
@@ -327,19 +387,12 @@ impl State {
         let words = if off == 0 {
             vec![0u64; (cs / 8) as usize]
         } else {
-            let w = self.load_l2(host, off)?.words.clone();
+            let w = self.load_l2(host, off)?.val.clone();
             self.pending_dec.push(off);
             w
         };
         self.tick += 1;
-        self.l2.insert(
-            new,
-            Slot {
-                words,
-                dirty: true,
-                used: self.tick,
-            },
-        );
+        self.l2.insert(new, words, true, self.tick);
         self.l1[l1i as usize] = new | OFLAG_COPIED;
         self.l1_dirty = true;
         Ok(new)
@@ -357,9 +410,9 @@ impl State {
         let off = self.l2_writable(host, l1i)?;
         let wpe = self.wpe();
         let slot = self.load_l2(host, off)?;
-        slot.words[l2i * wpe] = raw;
+        slot.val[l2i * wpe] = raw;
         if wpe == 2 {
-            slot.words[l2i * 2 + 1] = bm;
+            slot.val[l2i * 2 + 1] = bm;
         }
         slot.dirty = true;
         Ok(())
@@ -388,40 +441,18 @@ impl State {
         self.h.refcount_block_entries()
     }
 
-    fn load_rb(&mut self, host: &dyn BlockDevice, off: u64) -> Result<&mut RbSlot> {
-        self.tick += 1;
+    fn load_rb(&mut self, host: &dyn BlockDevice, off: u64) -> Result<&mut Slot<Vec<u8>>> {
+        self.load(host, CacheKind::RefcountBlock, off)?;
         let tick = self.tick;
-        if !self.rb.contains_key(&off) {
-            if self.rb.len() >= self.rb_max {
-                if !self.rb.values().any(|s| !s.dirty) {
-                    self.write_back(host)?;
-                }
-                if let Some((&k, _)) = self
-                    .rb
-                    .iter()
-                    .filter(|(_, s)| !s.dirty)
-                    .min_by_key(|(_, s)| s.used)
-                {
-                    self.rb.remove(&k);
-                }
-            }
-            let cs = self.cs();
-            let data = read_meta(host, off, cs, "refcount block")?;
-            self.rb.insert(
-                off,
-                RbSlot {
-                    data,
-                    dirty: false,
-                    used: tick,
-                },
-            );
-        }
-        let s = self
-            .rb
-            .get_mut(&off)
-            .ok_or_else(|| Error::corrupt("refcount cache lost a block", off))?;
-        s.used = tick;
-        Ok(s)
+        fill(
+            &mut self.rb,
+            host,
+            off,
+            self.h.cluster_size(),
+            tick,
+            Table::RefcountBlock,
+            |b| b.to_vec(),
+        )
     }
 
     fn rb_off(&self, bi: u64) -> Result<u64> {
@@ -430,10 +461,9 @@ impl State {
             Some(&e) => {
                 let off = e & meta::REFT_OFFSET_MASK;
                 if !off.is_multiple_of(self.cs()) {
-                    return Err(Error::corrupt(
-                        "refcount table entry not cluster aligned",
-                        self.h.refcount_table_offset + bi * 8,
-                    ));
+                    return Err(Qcow2Error::DecodingRefcountTableEntry {
+                        at: self.h.refcount_table_offset + bi * 8,
+                    });
                 }
                 Ok(off)
             }
@@ -450,7 +480,7 @@ impl State {
         }
         let order = self.h.refcount_order;
         let i = idx % self.rb_entries();
-        Ok(refcount_get(&self.load_rb(host, boff)?.data, i, order))
+        Ok(refcount_get(&self.load_rb(host, boff)?.val, i, order))
     }
 
     /// Set the refcount of the cluster at `off` (the refcount block must exist).
@@ -462,7 +492,7 @@ impl State {
         let order = self.h.refcount_order;
         let i = idx % self.rb_entries();
         let s = self.load_rb(host, boff)?;
-        refcount_set(&mut s.data, i, order, v)?;
+        refcount_set(&mut s.val, i, order, v)?;
         s.dirty = true;
         Ok(())
     }
@@ -472,11 +502,11 @@ impl State {
         let cur = self.refcount(host, off)?;
         let new = if delta < 0 {
             cur.checked_sub(delta.unsigned_abs())
-                .ok_or_else(|| Error::corrupt("refcount would drop below zero", off))?
+                .ok_or(Qcow2Error::DecrementingRefcount { off })?
         } else {
             cur.checked_add(delta as u64)
                 .filter(|&v| v <= refcount_max(self.h.refcount_order))
-                .ok_or(Error::Limit {
+                .ok_or(Qcow2Error::Limit {
                     what: "refcount",
                     needed: cur.saturating_add(1),
                     limit: refcount_max(self.h.refcount_order),
@@ -504,22 +534,14 @@ impl State {
         // block at the first cluster of its own range, counting itself.
         let at = bi * self.rb_entries() * cs;
         if at == 0 {
-            return Err(Error::corrupt(
-                "refcount block 0 is missing",
-                self.h.refcount_table_offset,
-            ));
+            return Err(Qcow2Error::MissingFirstRefcountBlock {
+                at: self.h.refcount_table_offset,
+            });
         }
         let mut data = vec![0u8; cs as usize];
         refcount_set(&mut data, 0, self.h.refcount_order, 1)?;
         self.tick += 1;
-        self.rb.insert(
-            at,
-            RbSlot {
-                data,
-                dirty: true,
-                used: self.tick,
-            },
-        );
+        self.rb.insert(at, data, true, self.tick);
         self.rt[bi as usize] = at;
         self.rt_dirty = true;
         self.host_end = self.host_end.max(at + cs);
@@ -559,7 +581,7 @@ impl State {
             new_entries = (last_bi + 1).max(need_bi + 1) * 2;
         }
         if new_entries * 8 > meta::MAX_REFCOUNT_TABLE_BYTES {
-            return Err(Error::Limit {
+            return Err(Qcow2Error::Limit {
                 what: "refcount table bytes",
                 needed: new_entries * 8,
                 limit: meta::MAX_REFCOUNT_TABLE_BYTES,
@@ -586,7 +608,7 @@ impl State {
             } else {
                 self.rt = rt.clone();
                 let s = self.load_rb(host, boff)?;
-                refcount_set(&mut s.data, i, order, 1)?;
+                refcount_set(&mut s.val, i, order, 1)?;
                 s.dirty = true;
             }
         }
@@ -598,7 +620,7 @@ impl State {
         self.rt = rt;
         self.write_dirty_rbs(host)?;
         host.flush()?;
-        host.write_all_at(&bytes_from(&self.rt), p)?;
+        host.write_all_at(&encode_table(&self.rt), p)?;
         host.flush()?;
         let old_off = self.h.refcount_table_offset;
         let old_clusters = u64::from(self.h.refcount_table_clusters);
@@ -611,14 +633,7 @@ impl State {
         }
         for (at, data) in new_blocks {
             self.tick += 1;
-            self.rb.insert(
-                at,
-                RbSlot {
-                    data,
-                    dirty: false,
-                    used: self.tick,
-                },
-            );
+            self.rb.insert(at, data, false, self.tick);
         }
         self.rt_dirty = false;
         self.host_end = self.host_end.max(p + n_new * cs);
@@ -633,7 +648,7 @@ impl State {
     pub fn alloc_clusters(&mut self, host: &dyn BlockDevice, n: u64) -> Result<u64> {
         let cs = self.cs();
         if n >= self.rb_entries() {
-            return Err(Error::unsupported(format!(
+            return Err(Qcow2Error::refused(format!(
                 "allocating {n} contiguous clusters (at most {} with this cluster size and \
                  refcount width)",
                 self.rb_entries() - 1
@@ -691,18 +706,12 @@ impl State {
     fn write_dirty_rbs(&mut self, host: &dyn BlockDevice) -> Result<bool> {
         let cs = self.cs();
         let mut any = false;
-        let end = self
-            .rb
-            .iter()
-            .filter(|(_, s)| s.dirty)
-            .map(|(&off, _)| off + cs)
-            .max()
-            .unwrap_or(0);
+        let end = self.rb.dirty_end(cs);
         if end > 0 {
             self.ensure_host_len(host, end)?;
         }
-        for (&off, s) in self.rb.iter_mut().filter(|(_, s)| s.dirty) {
-            host.write_all_at(&s.data, off)?;
+        for (off, s) in self.rb.dirty_mut() {
+            host.write_all_at(&s.val, off)?;
             s.dirty = false;
             any = true;
         }
@@ -711,7 +720,7 @@ impl State {
 
     pub fn write_header(&mut self, host: &dyn BlockDevice) -> Result<()> {
         let b = self.h.serialize()?;
-        host.write_all_at(&b, 0)
+        Ok(host.write_all_at(&b, 0)?)
     }
 
     /// Write all dirty metadata in crash-safe order (see the module doc).
@@ -721,23 +730,17 @@ impl State {
             host.flush()?;
         }
         if self.rt_dirty {
-            host.write_all_at(&bytes_from(&self.rt), self.h.refcount_table_offset)?;
+            host.write_all_at(&encode_table(&self.rt), self.h.refcount_table_offset)?;
             host.flush()?;
             self.rt_dirty = false;
         }
         let mut any = false;
-        let end = self
-            .l2
-            .iter()
-            .filter(|(_, s)| s.dirty)
-            .map(|(&off, _)| off + cs)
-            .max()
-            .unwrap_or(0);
+        let end = self.l2.dirty_end(cs);
         if end > 0 {
             self.ensure_host_len(host, end)?;
         }
-        for (&off, s) in self.l2.iter_mut().filter(|(_, s)| s.dirty) {
-            host.write_all_at(&bytes_from(&s.words), off)?;
+        for (off, s) in self.l2.dirty_mut() {
+            host.write_all_at(&encode_table(&s.val), off)?;
             s.dirty = false;
             any = true;
         }
@@ -745,7 +748,7 @@ impl State {
             host.flush()?;
         }
         if self.l1_dirty {
-            host.write_all_at(&bytes_from(&self.l1), self.h.l1_table_offset)?;
+            host.write_all_at(&encode_table(&self.l1), self.h.l1_table_offset)?;
             host.flush()?;
             self.l1_dirty = false;
         }
@@ -782,7 +785,7 @@ impl State {
     }
 
     fn dirty_l2_count(&self) -> usize {
-        self.l2.values().filter(|s| s.dirty).count()
+        self.l2.dirty_count()
     }
 
     // ---------------------------------------------------------------- mapping
@@ -869,6 +872,25 @@ impl State {
     }
 }
 
+/// What the data-read path needs from the metadata state.
+#[derive(Clone, Copy)]
+struct ReadCtx {
+    cs: u64,
+    ctype: CompressionType,
+    /// Bytes of the host file in use (it may be longer while growing ahead).
+    end: u64,
+}
+
+impl State {
+    fn read_ctx(&self) -> ReadCtx {
+        ReadCtx {
+            cs: self.cs(),
+            ctype: self.h.compression_type,
+            end: self.file_end,
+        }
+    }
+}
+
 /// What `zero_clusters` makes of each whole cluster.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Clear {
@@ -906,35 +928,39 @@ impl Qcow2Image {
         host: Arc<dyn BlockDevice>,
         backing: Option<Arc<dyn BlockDevice>>,
         read_only: bool,
-    ) -> Result<Self> {
+    ) -> BResult<Self> {
         let h = crate::read_header_raw(&*host)?;
         let read_only = read_only || host.is_read_only();
         if !read_only {
             if h.corrupt() {
-                return Err(Error::corrupt(
-                    "image is marked corrupt (corrupt bit set); repair it with `vmdisk check -r all` \
-                     before writing",
-                    72,
-                ));
+                return Err(Qcow2Error::OpeningCorruptForWrite.into());
             }
             if h.dirty() {
-                return Err(Error::unsupported(
+                return Err(Qcow2Error::refused(
                     "writing an image whose dirty bit is set (refcounts may be stale); run \
                      `vmdisk check -r all` first",
-                ));
+                )
+                .into());
             }
             if h.extended_l2() {
-                return Err(Error::unsupported(
+                return Err(Qcow2Error::refused(
                     "writing qcow2 images with extended L2 entries (reading is supported)",
-                ));
+                )
+                .into());
             }
         }
-        let mut st = State::load(&*host, h, backing.is_some())?;
+        let mut st = State::open(&*host, h, backing.is_some())?;
         if !read_only {
             let mut changed = false;
-            if st.h.autoclear_features != 0 {
-                // We do not maintain bitmaps: clearing the autoclear bits tells readers so.
-                st.h.autoclear_features = 0;
+            // Autoclear bits we do not maintain must go before the first write (the spec);
+            // the bitmaps bit stays when the bitmaps were read: vmdisk keeps them valid.
+            let keep = if st.bitmaps.is_empty() {
+                0
+            } else {
+                meta::AUTOCLEAR_BITMAPS
+            };
+            if st.h.autoclear_features & !keep != 0 {
+                st.h.autoclear_features &= keep;
                 changed = true;
             }
             if st.h.lazy_refcounts() && st.h.version == 3 {
@@ -964,7 +990,7 @@ impl Qcow2Image {
     pub(crate) fn exclusive<R>(
         &self,
         f: impl FnOnce(&mut State, &dyn BlockDevice) -> Result<R>,
-    ) -> Result<R> {
+    ) -> BResult<R> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
@@ -974,12 +1000,12 @@ impl Qcow2Image {
         st.trim_host(&*self.host)?;
         let r = f(&mut st, &*self.host);
         st.adopt_host_len(&*self.host);
-        r
+        Ok(r?)
     }
 
     pub fn info(&self) -> Qcow2Info {
         let st = self.lock();
-        Qcow2Info::from_header(&st.h, &st.snaps)
+        Qcow2Info::from_header(&st.h, &st.snaps, st.bitmaps.entries())
     }
 
     pub fn cluster_size(&self) -> u64 {
@@ -1015,36 +1041,26 @@ impl Qcow2Image {
         Ok(())
     }
 
-    fn read_compressed(&self, host_off: u64, clen: u64, out: &mut [u8]) -> Result<()> {
-        let hlen = self.host.len();
-        if host_off >= hlen {
-            return Err(Error::corrupt(
-                "compressed cluster beyond the end of the file",
-                host_off,
-            ));
-        }
-        let n = clen.min(hlen - host_off);
-        let mut cbuf = vec![0u8; n as usize];
-        self.host.read_exact_at(&mut cbuf, host_off)?;
-        let ctype = self.lock().h.compression_type;
-        decompress_cluster(ctype, &cbuf, out, host_off)
-    }
-
-    /// Fill `buf` from the mapped segments (no lock held).
-    fn read_segs(&self, segs: &[(u64, u64, Seg)], buf: &mut [u8], base: u64) -> Result<()> {
-        let cs = self.cluster_size();
-        let hlen = self.host.len();
+    /// Fill `buf` (guest bytes from `base`) from mapped segments. The one data-read path:
+    /// plain reads call it without the metadata lock, writes (copy-on-write of a partial
+    /// cluster) with it, so what it needs from the state comes in `ctx`. Host offsets are
+    /// checked against the file's real end, not the length it was grown ahead to.
+    fn read_segs(
+        &self,
+        segs: &[(u64, u64, Seg)],
+        buf: &mut [u8],
+        base: u64,
+        ctx: ReadCtx,
+    ) -> Result<()> {
+        let (cs, ctype, hlen) = (ctx.cs, ctx.ctype, ctx.end);
         for &(o, n, seg) in segs {
             let dst = &mut buf[(o - base) as usize..(o - base + n) as usize];
             match seg {
                 Seg::Zero => dst.fill(0),
                 Seg::Backing => self.read_backing(dst, o)?,
                 Seg::Data { host_off } => {
-                    if host_off + n > hlen {
-                        return Err(Error::corrupt(
-                            "data cluster beyond the end of the file",
-                            host_off,
-                        ));
+                    if host_off.checked_add(n).is_none_or(|e| e > hlen) {
+                        return Err(Qcow2Error::ReadingDataCluster { host_off });
                     }
                     self.host.read_exact_at(dst, host_off)?;
                 }
@@ -1053,8 +1069,13 @@ impl Qcow2Image {
                     clen,
                     in_off,
                 } => {
+                    if host_off >= hlen {
+                        return Err(Qcow2Error::ReadingCompressedCluster { host_off });
+                    }
+                    let mut cbuf = vec![0u8; clen.min(hlen - host_off) as usize];
+                    self.host.read_exact_at(&mut cbuf, host_off)?;
                     let mut c = vec![0u8; cs as usize];
-                    self.read_compressed(host_off, clen, &mut c)?;
+                    decompress_cluster(ctype, &cbuf, &mut c, host_off)?;
                     dst.copy_from_slice(&c[in_off as usize..(in_off + n) as usize]);
                 }
             }
@@ -1065,48 +1086,18 @@ impl Qcow2Image {
     /// Read with the gate already held (used by writes for partial clusters).
     fn read_locked(&self, st: &mut State, buf: &mut [u8], off: u64) -> Result<()> {
         let segs = st.map(&*self.host, off, buf.len() as u64)?;
-        // read_segs takes the state lock for compressed clusters only via compression type;
-        // avoid re-locking by handling compressed here.
-        let cs = st.cs();
-        let ctype = st.h.compression_type;
-        for &(o, n, seg) in &segs {
-            let dst = &mut buf[(o - off) as usize..(o - off + n) as usize];
-            match seg {
-                Seg::Compressed {
-                    host_off,
-                    clen,
-                    in_off,
-                } => {
-                    let hlen = self.host.len();
-                    if host_off >= hlen {
-                        return Err(Error::corrupt(
-                            "compressed cluster beyond the end of the file",
-                            host_off,
-                        ));
-                    }
-                    let mut cbuf = vec![0u8; clen.min(hlen - host_off) as usize];
-                    self.host.read_exact_at(&mut cbuf, host_off)?;
-                    let mut c = vec![0u8; cs as usize];
-                    decompress_cluster(ctype, &cbuf, &mut c, host_off)?;
-                    dst.copy_from_slice(&c[in_off as usize..(in_off + n) as usize]);
-                }
-                Seg::Zero => dst.fill(0),
-                Seg::Backing => self.read_backing(dst, o)?,
-                Seg::Data { host_off } => self.host.read_exact_at(dst, host_off)?,
-            }
-        }
-        Ok(())
+        self.read_segs(&segs, buf, off, st.read_ctx())
     }
 
     fn check_writable(&self) -> Result<()> {
         if self.read_only {
-            return Err(Error::ReadOnly);
+            return Err(Error::ReadOnly.into());
         }
         Ok(())
     }
 
     fn maybe_write_back(&self, st: &mut State) -> Result<()> {
-        if st.l2.len() * 2 >= st.l2_max && st.dirty_l2_count() * 2 >= st.l2_max {
+        if st.l2.len() * 2 >= st.l2.max && st.dirty_l2_count() * 2 >= st.l2.max {
             st.write_back(&*self.host)?;
         }
         Ok(())
@@ -1238,7 +1229,7 @@ impl Qcow2Image {
     /// from the backing file again (zeros without one); `off` and `off + len` must be cluster
     /// boundaries (or the end of the disk). Clusters shared with internal snapshots stay with
     /// them. This is how `commit` empties an overlay, as `qemu-img commit` does.
-    pub fn unallocate(&self, off: u64, len: u64) -> Result<()> {
+    pub fn unallocate(&self, off: u64, len: u64) -> BResult<()> {
         self.check_writable()?;
         check_range(self.len(), off, len)?;
         let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
@@ -1246,12 +1237,12 @@ impl Qcow2Image {
         let cs = st.cs();
         let end = off + len;
         if !off.is_multiple_of(cs) || (!end.is_multiple_of(cs) && end != st.h.size) {
-            return Err(Error::Unsupported {
-                what: format!(
-                    "unallocating {len} bytes at {off}: only whole {cs}-byte clusters can be"
-                ),
-            });
+            return Err(Qcow2Error::refused(format!(
+                "unallocating {len} bytes at {off}: only whole {cs}-byte clusters can be"
+            ))
+            .into());
         }
+        st.note_write(&*self.host, off, len)?;
         self.zero_clusters(&mut st, off / cs, end.div_ceil(cs), Clear::Unallocate)?;
         st.punch_freed = true;
         let done = st.write_back(&*self.host);
@@ -1266,7 +1257,7 @@ impl Qcow2Image {
     /// write after all pending metadata is on disk; the guest view changes with it unless the
     /// caller first copied what differs (a safe rebase). The new backing is used from the
     /// next open on: until then this handle keeps reading the old one.
-    pub fn set_backing(&self, file: Option<&str>, format: Option<&str>) -> Result<()> {
+    pub fn set_backing(&self, file: Option<&str>, format: Option<&str>) -> BResult<()> {
         self.check_writable()?;
         let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
         let mut st = self.lock();
@@ -1298,6 +1289,7 @@ impl Qcow2Image {
         };
         if first >= last {
             if !discard {
+                st.note_write(&*self.host, off, len)?;
                 let z = vec![0u8; len as usize];
                 self.write_locked(&mut st, &z, off)?;
             }
@@ -1313,13 +1305,14 @@ impl Qcow2Image {
                 self.write_locked(&mut st, &vec![0u8; (end - tail_start) as usize], tail_start)?;
             }
         }
+        st.note_write(&*self.host, off, len)?;
         let clear = if discard { Clear::Discard } else { Clear::Zero };
         self.zero_clusters(&mut st, first, last, clear)
     }
 
     /// Store one whole guest cluster already compressed by `compress_cluster`
     /// (the guest cluster must be unallocated in this image).
-    pub fn write_compressed(&self, guest_off: u64, compressed: &[u8]) -> Result<()> {
+    pub fn write_compressed(&self, guest_off: u64, compressed: &[u8]) -> BResult<()> {
         self.write_compressed_batch(&[(guest_off, compressed)])
     }
 
@@ -1327,7 +1320,7 @@ impl Qcow2Image {
     /// strictly increasing guest order (each guest cluster must be unallocated in this
     /// image). They are packed back to back and written with one host write per
     /// contiguous stretch.
-    pub fn write_compressed_batch(&self, items: &[(u64, &[u8])]) -> Result<()> {
+    pub fn write_compressed_batch(&self, items: &[(u64, &[u8])]) -> BResult<()> {
         self.check_writable()?;
         let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
         let mut st = self.lock();
@@ -1338,14 +1331,15 @@ impl Qcow2Image {
         for &(guest_off, compressed) in items {
             check_range(st.h.size, guest_off, 1)?;
             if !guest_off.is_multiple_of(cs) {
-                return Err(Error::unsupported(
-                    "compressed write not at a cluster boundary",
-                ));
+                return Err(
+                    Qcow2Error::refused("compressed write not at a cluster boundary").into(),
+                );
             }
             if prev.is_some_and(|p| p >= guest_off) {
-                return Err(Error::unsupported(
+                return Err(Qcow2Error::refused(
                     "compressed batch not in strictly increasing guest order",
-                ));
+                )
+                .into());
             }
             prev = Some(guest_off);
             let len = compressed.len() as u64;
@@ -1357,10 +1351,14 @@ impl Qcow2Image {
                 });
             }
             if st.entry(host, guest_off / cs)?.0 != L2Entry::Unallocated {
-                return Err(Error::unsupported(
+                return Err(Qcow2Error::refused(
                     "compressed write to a cluster that is already allocated",
-                ));
+                )
+                .into());
             }
+        }
+        for &(guest_off, _) in items {
+            st.note_write(host, guest_off, cs)?;
         }
         // 1. Place (allocate, count references); 2. write the data; 3. point L2 at it, so
         // no entry can reach the disk before its data.
@@ -1447,6 +1445,7 @@ impl Qcow2Image {
         let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
         let mut st = self.lock();
         st.write_back(&*self.host)?;
+        st.sync_bitmaps(&*self.host)?;
         st.trim_host(&*self.host)?;
         self.host.flush()?;
         if st.h.dirty() {
@@ -1458,8 +1457,8 @@ impl Qcow2Image {
     }
 
     /// Flush metadata and data, clear the dirty bit; also done (best effort) on Drop.
-    pub fn close(self) -> Result<()> {
-        self.finish()
+    pub fn close(self) -> BResult<()> {
+        Ok(self.finish()?)
     }
 }
 
@@ -1474,7 +1473,7 @@ impl BlockDevice for Qcow2Image {
         self.lock().h.size
     }
 
-    fn read_exact_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+    fn read_exact_at(&self, buf: &mut [u8], off: u64) -> BResult<()> {
         let _g = self.gate.read().unwrap_or_else(|e| e.into_inner());
         let segs = {
             let mut st = self.lock();
@@ -1482,12 +1481,12 @@ impl BlockDevice for Qcow2Image {
             if buf.is_empty() {
                 return Ok(());
             }
-            st.map(&*self.host, off, buf.len() as u64)?
+            (st.map(&*self.host, off, buf.len() as u64)?, st.read_ctx())
         };
-        self.read_segs(&segs, buf, off)
+        Ok(self.read_segs(&segs.0, buf, off, segs.1)?)
     }
 
-    fn write_all_at(&self, buf: &[u8], off: u64) -> Result<()> {
+    fn write_all_at(&self, buf: &[u8], off: u64) -> BResult<()> {
         self.check_writable()?;
         let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
         let mut st = self.lock();
@@ -1495,10 +1494,11 @@ impl BlockDevice for Qcow2Image {
         if buf.is_empty() {
             return Ok(());
         }
-        self.write_locked(&mut st, buf, off)
+        st.note_write(&*self.host, off, buf.len() as u64)?;
+        Ok(self.write_locked(&mut st, buf, off)?)
     }
 
-    fn flush(&self) -> Result<()> {
+    fn flush(&self) -> BResult<()> {
         if self.read_only {
             return Ok(());
         }
@@ -1509,7 +1509,7 @@ impl BlockDevice for Qcow2Image {
         self.host.flush()
     }
 
-    fn block_status(&self, off: u64, len: u64) -> Result<Vec<Extent>> {
+    fn block_status(&self, off: u64, len: u64) -> BResult<Vec<Extent>> {
         let _g = self.gate.read().unwrap_or_else(|e| e.into_inner());
         let segs = {
             let mut st = self.lock();
@@ -1548,23 +1548,23 @@ impl BlockDevice for Qcow2Image {
         Ok(merge_extents(out))
     }
 
-    fn write_zeroes(&self, off: u64, len: u64, may_unmap: bool) -> Result<()> {
+    fn write_zeroes(&self, off: u64, len: u64, may_unmap: bool) -> BResult<()> {
         let _ = may_unmap;
         self.check_writable()?;
         check_range(self.len(), off, len)?;
         if len == 0 {
             return Ok(());
         }
-        self.zero_range(off, len, false)
+        Ok(self.zero_range(off, len, false)?)
     }
 
-    fn discard(&self, off: u64, len: u64) -> Result<()> {
+    fn discard(&self, off: u64, len: u64) -> BResult<()> {
         self.check_writable()?;
         check_range(self.len(), off, len)?;
         if len == 0 {
             return Ok(());
         }
-        self.zero_range(off, len, true)
+        Ok(self.zero_range(off, len, true)?)
     }
 
     fn is_read_only(&self) -> bool {
@@ -1576,7 +1576,7 @@ impl BlockDevice for Qcow2Image {
 /// unwritten, extended L2 subclusters marked allocated): `preallocation=metadata`, as qemu.
 pub(crate) fn preallocate_metadata(host: &dyn BlockDevice) -> Result<()> {
     let h = crate::read_header_raw(host)?;
-    let mut st = State::load(host, h, false)?;
+    let mut st = State::open(host, h, false)?;
     let cs = st.cs();
     let bm = if st.h.extended_l2() {
         u64::from(u32::MAX)
@@ -1592,14 +1592,14 @@ pub(crate) fn preallocate_metadata(host: &dyn BlockDevice) -> Result<()> {
         for i in 0..k {
             st.set_entry_bm(host, g + i, (new + i * cs) | OFLAG_COPIED, bm)?;
         }
-        if st.l2.len() * 2 >= st.l2_max {
+        if st.l2.len() * 2 >= st.l2.max {
             st.write_back(host)?;
         }
         g += k;
     }
     st.write_back(host)?;
     st.trim_host(host)?;
-    host.flush()
+    Ok(host.flush()?)
 }
 
 #[cfg(test)]

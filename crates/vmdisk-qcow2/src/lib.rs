@@ -21,25 +21,40 @@
 //!  COPIED flag (bit 63) in L1/L2 entries <=> refcount of the pointed-to cluster is exactly 1
 //! ```
 //!
-//! Errors are [`vmdisk_block::Error`] variants, kept distinct:
+//! Errors: inside the engine every step returns [`Qcow2Error`], one variant per failed step
+//! (`ReadingHeader`, `InvalidClusterBits { bits }`, `DecodingL2Entry { raw, at }`, ...). Every
+//! public entry point returns [`vmdisk_block::Error`]; the one mapping (`From<Qcow2Error>`,
+//! in [`error`]) keeps the classes distinct:
 //! - `Corrupt { what, off }`: metadata is inconsistent; `off` is the host offset of the bad
 //!   structure (header field, L1/L2 entry, refcount block, snapshot table entry);
-//! - `Unsupported { what }`: a feature we refuse (encryption: never returned as ciphertext;
-//!   external data files; unknown incompatible bits; writes to extended-L2 images);
-//! - `Limit { what, needed, limit }`: an untrusted size above a named limit in [`meta`];
-//! - `Io { .. }` from the host device, `OutOfRange` for requests beyond the virtual size,
-//!   `ReadOnly` for writes to an image opened read-only.
+//! - `Unsupported { what }`: a feature or request we refuse (encryption: never returned as
+//!   ciphertext; external data files; unknown incompatible bits; writes to extended-L2
+//!   images; snapshot names qemu would cut short);
+//! - `Limit { what, needed, limit }`: an untrusted size above a named limit in [`meta`] —
+//!   never reported as corrupt;
+//! - `Io { .. }` and `OutOfRange` from the host device pass through unchanged; `OutOfRange`
+//!   is also a guest request beyond the virtual size; `ReadOnly` for writes to an image
+//!   opened read-only.
+//!
+//! Persistent dirty bitmaps (the "bitmaps" extension) are kept valid, as qemu's spec asks of
+//! every writer (see `bitmap.rs`): IN_USE while the image is being written, the
+//! "auto" bitmaps updated for every guest change and released on close.
 
+mod bitmap;
 pub mod check;
 mod create;
+pub mod error;
 mod image;
 pub mod meta;
 pub mod snapshot;
 
 pub use create::create;
+pub use error::Qcow2Error;
 pub use image::Qcow2Image;
 pub use meta::CompressionType;
 pub use vmdisk_block::{BlockDevice, Error, Result};
+
+use error::Result as QResult;
 
 /// How `create` preallocates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -99,6 +114,19 @@ pub struct Qcow2Info {
     pub backing_file: Option<String>,
     pub backing_format: Option<String>,
     pub snapshots: Vec<SnapshotInfo>,
+    /// Persistent bitmaps (only when the extension is marked consistent), as `qemu-img info`
+    /// lists them.
+    pub bitmaps: Vec<BitmapInfo>,
+}
+
+/// One persistent dirty bitmap, as `qemu-img info` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapInfo {
+    pub name: String,
+    /// Bytes of guest disk per bit.
+    pub granularity: u64,
+    /// qemu's flag names: "in-use", "auto".
+    pub flags: Vec<&'static str>,
 }
 
 /// One internal snapshot, as `qemu-img snapshot -l` lists it.
@@ -128,7 +156,11 @@ impl SnapshotInfo {
 }
 
 impl Qcow2Info {
-    pub(crate) fn from_header(h: &meta::Header, snaps: &[meta::SnapshotHeader]) -> Self {
+    pub(crate) fn from_header(
+        h: &meta::Header,
+        snaps: &[meta::SnapshotHeader],
+        bitmaps: &[meta::BitmapEntry],
+    ) -> Self {
         Qcow2Info {
             version: h.version,
             virtual_size: h.size,
@@ -142,6 +174,14 @@ impl Qcow2Info {
             backing_file: h.backing_file.clone(),
             backing_format: h.backing_format.clone(),
             snapshots: snaps.iter().map(SnapshotInfo::from_header).collect(),
+            bitmaps: bitmaps
+                .iter()
+                .map(|b| BitmapInfo {
+                    name: b.name.clone(),
+                    granularity: b.granularity(),
+                    flags: b.flag_names(),
+                })
+                .collect(),
         }
     }
 }
@@ -152,61 +192,104 @@ pub fn probe(first_bytes: &[u8]) -> bool {
 }
 
 /// Read and validate the header (first cluster) of the qcow2 on `host`.
-pub(crate) fn read_header_raw(host: &dyn BlockDevice) -> Result<meta::Header> {
+pub(crate) fn read_header_raw(host: &dyn BlockDevice) -> QResult<meta::Header> {
     let len = host.len();
-    let mut first = vec![0u8; len.min(meta::V3_HEADER_LEN as u64) as usize];
+    let mut first = vec![0u8; len.min(u64::from(meta::V3_HEADER_LEN)) as usize];
     host.read_exact_at(&mut first, 0)?;
-    if first.len() < 24 || !probe(&first) {
-        return Err(Error::corrupt("not a qcow2 image (bad magic)", 0));
-    }
-    let bits = u32::from_be_bytes([first[20], first[21], first[22], first[23]]);
-    if !(meta::MIN_CLUSTER_BITS..=meta::MAX_CLUSTER_BITS).contains(&bits) {
-        return Err(Error::corrupt(
-            format!("cluster_bits {bits} outside 9..=21"),
-            20,
-        ));
-    }
+    let bits = meta::peek_cluster_bits(&first)?;
     let mut buf = vec![0u8; len.min(1u64 << bits) as usize];
     host.read_exact_at(&mut buf, 0)?;
     meta::Header::parse(&buf)
 }
 
-/// Read the snapshot table described by `h`.
+/// Read `len` bytes of metadata at `off`, refusing ranges outside the host file as corrupt
+/// (the one way every table is read from the host).
+pub(crate) fn read_meta(
+    host: &dyn BlockDevice,
+    off: u64,
+    len: u64,
+    table: error::Table,
+) -> QResult<Vec<u8>> {
+    if off.checked_add(len).is_none_or(|e| e > host.len()) {
+        return Err(Qcow2Error::TableBeyondEnd { table, off });
+    }
+    let mut buf = vec![0u8; len as usize];
+    host.read_exact_at(&mut buf, off)?;
+    Ok(buf)
+}
+
+/// Read the snapshot table described by `h`: the entries, and the table's length in bytes as
+/// qemu counts it (up to the end of the last entry). The one reader of the snapshot table:
+/// it grows its buffer only to what the already-validated entry lengths ask for.
 pub(crate) fn read_snapshots(
     host: &dyn BlockDevice,
     h: &meta::Header,
-) -> Result<Vec<meta::SnapshotHeader>> {
+) -> QResult<(Vec<meta::SnapshotHeader>, u64)> {
     if h.nb_snapshots == 0 {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), 0));
     }
-    // Read incrementally: each entry is at least 40 bytes, at most 40 + extra + 2 * 64 KiB.
-    let hlen = host.len();
-    let want = (u64::from(h.nb_snapshots) * 1024)
-        .min(meta::MAX_SNAPSHOT_TABLE_BYTES)
-        .min(hlen.saturating_sub(h.snapshots_offset));
-    let mut size = want.max(4096).min(hlen.saturating_sub(h.snapshots_offset));
+    let base = h.snapshots_offset;
+    let avail = host.len().saturating_sub(base);
+    // A first guess that fits most tables in one read (qemu's entries are ~64 bytes).
+    let mut buf = Vec::new();
+    let mut want = (u64::from(h.nb_snapshots) * 64).clamp(4096, 1 << 20);
     loop {
-        let mut buf = vec![0u8; size as usize];
-        host.read_exact_at(&mut buf, h.snapshots_offset)?;
-        match meta::SnapshotHeader::parse_table(&buf, h.nb_snapshots, h.snapshots_offset) {
-            Ok(t) => return Ok(t),
-            Err(Error::Corrupt { .. })
-                if size < meta::MAX_SNAPSHOT_TABLE_BYTES && h.snapshots_offset + size < hlen =>
-            {
-                size = (size * 4)
-                    .min(meta::MAX_SNAPSHOT_TABLE_BYTES)
-                    .min(hlen - h.snapshots_offset);
+        let have = buf.len() as u64;
+        let upto = want.min(avail).min(meta::MAX_SNAPSHOT_TABLE_BYTES);
+        if upto > have {
+            buf.resize(upto as usize, 0);
+            host.read_exact_at(&mut buf[have as usize..], base + have)?;
+        }
+        match meta::SnapshotHeader::table_extent(&buf, h.nb_snapshots, base)? {
+            meta::TableExtent::Complete { len } => {
+                let snaps = meta::SnapshotHeader::parse_table(&buf, h.nb_snapshots, base)?;
+                return Ok((snaps, len));
             }
-            Err(e) => return Err(e),
+            meta::TableExtent::NeedMore { len } if len > avail => {
+                return Err(Qcow2Error::ParsingSnapshotTable {
+                    what: "snapshot table",
+                    at: base + avail,
+                });
+            }
+            meta::TableExtent::NeedMore { len } if len > meta::MAX_SNAPSHOT_TABLE_BYTES => {
+                return Err(Qcow2Error::Limit {
+                    what: "snapshot table bytes",
+                    needed: len,
+                    limit: meta::MAX_SNAPSHOT_TABLE_BYTES,
+                });
+            }
+            // Grows every round: `len` is above what the buffer holds and within both bounds.
+            meta::TableExtent::NeedMore { len } => want = len.max(want.saturating_mul(2)),
         }
     }
+}
+
+/// Read the persistent-bitmap directory of `h` (empty without a consistent extension).
+pub(crate) fn read_bitmaps(
+    host: &dyn BlockDevice,
+    h: &meta::Header,
+) -> QResult<Vec<meta::BitmapEntry>> {
+    let Some(ext) = h.bitmaps()? else {
+        return Ok(Vec::new());
+    };
+    if ext.nb_bitmaps == 0 {
+        return Ok(Vec::new());
+    }
+    let dir = read_meta(
+        host,
+        ext.directory_offset,
+        ext.directory_size,
+        error::Table::BitmapDirectory,
+    )?;
+    meta::BitmapEntry::parse_directory(&dir, ext.nb_bitmaps, ext.directory_offset)
 }
 
 /// Parse the header of a qcow2 without opening it (backing name/format for the factory).
 pub fn read_header(host: &dyn BlockDevice) -> Result<Qcow2Info> {
     let h = read_header_raw(host)?;
-    let snaps = read_snapshots(host, &h)?;
-    Ok(Qcow2Info::from_header(&h, &snaps))
+    let (snaps, _) = read_snapshots(host, &h)?;
+    let bitmaps = read_bitmaps(host, &h)?;
+    Ok(Qcow2Info::from_header(&h, &snaps, &bitmaps))
 }
 
 /// Compress one cluster for this image type; `None` when it does not shrink.
@@ -241,22 +324,30 @@ pub fn compress_cluster(
             let mut out = Vec::with_capacity(cluster_size as usize);
             let st = c
                 .compress_vec(data, &mut out, flate2::FlushCompress::Finish)
-                .map_err(|e| Error::io("compressing a cluster", 0, e.into()))?;
+                .map_err(|e| Qcow2Error::CompressingCluster {
+                    codec: "zlib",
+                    source: e.into(),
+                })?;
             // Not at the stream end: did not fit in a cluster, it does not shrink.
-            Ok::<_, Error>((st == flate2::Status::StreamEnd).then_some(out))
+            Ok::<_, Qcow2Error>((st == flate2::Status::StreamEnd).then_some(out))
         })?,
         CompressionType::Zstd => ZSTD.with(|cell| {
             let mut slot = cell.borrow_mut();
             let c = match &mut *slot {
                 Some(c) => c,
-                None => slot.insert(
-                    zstd::bulk::Compressor::new(0)
-                        .map_err(|e| Error::io("compressing a cluster (zstd)", 0, e))?,
-                ),
+                None => slot.insert(zstd::bulk::Compressor::new(0).map_err(|source| {
+                    Qcow2Error::CompressingCluster {
+                        codec: "zstd",
+                        source,
+                    }
+                })?),
             };
             c.compress(data)
                 .map(Some)
-                .map_err(|e| Error::io("compressing a cluster (zstd)", 0, e))
+                .map_err(|source| Qcow2Error::CompressingCluster {
+                    codec: "zstd",
+                    source,
+                })
         })?,
     };
     let Some(out) = out else {
@@ -274,8 +365,8 @@ pub(crate) fn decompress_cluster(
     input: &[u8],
     out: &mut [u8],
     at: u64,
-) -> Result<()> {
-    let bad = |why: &str| Error::corrupt(format!("compressed cluster: {why}"), at);
+) -> QResult<()> {
+    let bad = |why: &'static str| Qcow2Error::DecompressingCluster { why, at };
     match ctype {
         CompressionType::Zlib => {
             let mut d = flate2::Decompress::new_with_window_bits(false, 12);

@@ -2,12 +2,20 @@
 //!
 //! Everything that reads a raw field of the format lives in this module: the header and its
 //! extensions ([`Header`]), L1 and L2 entries ([`l1_entry_offset`], [`L2Entry`],
-//! [`SubclusterBitmap`]), refcount entries of every width ([`refcount_get`], [`refcount_set`])
-//! and the snapshot table ([`SnapshotHeader`]). Parsers are total: they never panic, and every
+//! [`SubclusterBitmap`]), refcount entries of every width ([`refcount_get`], [`refcount_set`]),
+//! big-endian u64 tables ([`decode_table`], [`encode_table`]), the snapshot table
+//! ([`SnapshotHeader`]) and the persistent-bitmap directory ([`BitmapsExtension`],
+//! [`BitmapEntry`]). Fixed-layout structures are explicit-endian `zerocopy` structs, so no
+//! field is addressed by a byte-offset literal. Parsers are total: they never panic, and every
 //! size read from an image is checked against a named limit below before memory is allocated.
-//! Errors carry the host offset of the structure that failed (`Error::Corrupt { what, off }`).
+//! Errors are [`Qcow2Error`] variants carrying the host offset of the structure that failed.
 
-use crate::{Error, Result};
+use std::mem::{offset_of, size_of};
+
+use zerocopy::byteorder::big_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+use crate::error::{Qcow2Error, Result, Table};
 
 /// "QFI\xfb".
 pub const MAGIC: u32 = 0x5146_49fb;
@@ -19,11 +27,11 @@ pub const MAX_CLUSTER_BITS: u32 = 21;
 /// Refcount widths 1..=64 bits (refcount_order 0..=6).
 pub const MAX_REFCOUNT_ORDER: u32 = 6;
 /// Size of the fixed v2 header.
-pub const V2_HEADER_LEN: u32 = 72;
+pub const V2_HEADER_LEN: u32 = offset_of!(RawHeader, incompatible_features) as u32;
 /// Size of the v3 header without the compression type field.
-pub const V3_HEADER_MIN_LEN: u32 = 104;
+pub const V3_HEADER_MIN_LEN: u32 = offset_of!(RawHeader, compression_type) as u32;
 /// v3 header with the compression type byte, padded to 8 (what qemu writes).
-pub const V3_HEADER_LEN: u32 = 112;
+pub const V3_HEADER_LEN: u32 = size_of::<RawHeader>() as u32;
 /// qemu refuses L1 tables above 32 MiB; so do we (it bounds the allocation at open).
 pub const MAX_L1_BYTES: u64 = 32 << 20;
 /// qemu refuses refcount tables above 8 MiB; so do we.
@@ -34,6 +42,11 @@ pub const MAX_SNAPSHOTS: u32 = 65536;
 pub const MAX_SNAPSHOT_TABLE_BYTES: u64 = 64 << 20;
 /// qemu's limit on per-snapshot extra data.
 pub const MAX_SNAPSHOT_EXTRA_DATA: u32 = 1024;
+/// Longest snapshot name qemu keeps: its `QEMUSnapshotInfo.name` is a 256-byte C string, so
+/// `qemu-img snapshot -c` silently cuts longer names to 255 bytes. vmdisk refuses them.
+pub const MAX_SNAPSHOT_NAME_BYTES: usize = 255;
+/// Longest snapshot id qemu keeps (`QEMUSnapshotInfo.id_str` is a 128-byte C string).
+pub const MAX_SNAPSHOT_ID_BYTES: usize = 127;
 /// Backing file names longer than this are refused (qemu: 1023).
 pub const MAX_BACKING_FILE_NAME: u32 = 1023;
 /// Virtual sizes up to 2^56: host offsets in L1/L2 entries have 56 bits, nothing bigger is
@@ -41,6 +54,20 @@ pub const MAX_BACKING_FILE_NAME: u32 = 1023;
 pub const MAX_VIRTUAL_SIZE: u64 = 1 << 56;
 /// Subclusters per cluster in images with extended L2 entries.
 pub const SUBCLUSTERS: u32 = 32;
+
+/// qemu's limit on the number of persistent bitmaps in one image.
+pub const MAX_BITMAPS: u32 = 65535;
+/// qemu's bound on the bitmap directory (1 KiB per bitmap).
+pub const MAX_BITMAP_DIRECTORY_BYTES: u64 = 1024 * MAX_BITMAPS as u64;
+/// qemu's bound on one bitmap's table (entries).
+pub const MAX_BITMAP_TABLE_ENTRIES: u32 = 0x800_0000;
+/// qemu's bound on one bitmap's data in bytes (what it would hold in memory).
+pub const MAX_BITMAP_DATA_BYTES: u64 = 0x2000_0000;
+/// Bitmap granularities qemu supports: 512 B ..= 2 GiB per bit.
+pub const MIN_BITMAP_GRANULARITY_BITS: u8 = 9;
+pub const MAX_BITMAP_GRANULARITY_BITS: u8 = 31;
+/// qemu's limit on a bitmap name.
+pub const MAX_BITMAP_NAME_BYTES: u16 = 1023;
 
 /// Incompatible feature bits.
 pub const INCOMPAT_DIRTY: u64 = 1 << 0;
@@ -76,6 +103,168 @@ pub const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 pub const L2E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Bits 9..=55 of a refcount table entry.
 pub const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+/// Bitmap table entry: bits 9..=55 are the data cluster offset.
+pub const BME_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Bitmap table entry bits that must be zero.
+pub const BME_RESERVED_MASK: u64 = 0xff00_0000_0000_01fe;
+/// Bitmap table entry without a data cluster: the whole cluster reads as ones.
+pub const BME_ALL_ONES: u64 = 1;
+/// Bitmap directory entry flags.
+pub const BME_FLAG_IN_USE: u32 = 1 << 0;
+pub const BME_FLAG_AUTO: u32 = 1 << 1;
+pub const BME_FLAG_EXTRA_DATA_COMPATIBLE: u32 = 1 << 2;
+/// The only bitmap type: dirty tracking.
+pub const BITMAP_TYPE_DIRTY_TRACKING: u8 = 1;
+
+// ---------------------------------------------------------------- fixed on-disk layouts
+
+/// The fixed header (v2 uses the first [`V2_HEADER_LEN`] bytes).
+#[derive(Debug, Clone, Default, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+#[repr(C)]
+pub struct RawHeader {
+    pub magic: U32,
+    pub version: U32,
+    pub backing_file_offset: U64,
+    pub backing_file_size: U32,
+    pub cluster_bits: U32,
+    pub size: U64,
+    pub crypt_method: U32,
+    pub l1_size: U32,
+    pub l1_table_offset: U64,
+    pub refcount_table_offset: U64,
+    pub refcount_table_clusters: U32,
+    pub nb_snapshots: U32,
+    pub snapshots_offset: U64,
+    pub incompatible_features: U64,
+    pub compatible_features: U64,
+    pub autoclear_features: U64,
+    pub refcount_order: U32,
+    pub header_length: U32,
+    pub compression_type: u8,
+    pub padding: [u8; 7],
+}
+
+/// Header byte offsets named in errors and written in place.
+pub const HEADER_OFF_BACKING_FILE: u64 = offset_of!(RawHeader, backing_file_offset) as u64;
+pub const HEADER_OFF_BACKING_SIZE: u64 = offset_of!(RawHeader, backing_file_size) as u64;
+pub const HEADER_OFF_CLUSTER_BITS: u64 = offset_of!(RawHeader, cluster_bits) as u64;
+pub const HEADER_OFF_L1_SIZE: u64 = offset_of!(RawHeader, l1_size) as u64;
+pub const HEADER_OFF_L1_TABLE: u64 = offset_of!(RawHeader, l1_table_offset) as u64;
+pub const HEADER_OFF_REFCOUNT_TABLE: u64 = offset_of!(RawHeader, refcount_table_offset) as u64;
+pub const HEADER_OFF_REFCOUNT_CLUSTERS: u64 = offset_of!(RawHeader, refcount_table_clusters) as u64;
+pub const HEADER_OFF_SNAPSHOTS: u64 = offset_of!(RawHeader, snapshots_offset) as u64;
+pub const HEADER_OFF_INCOMPAT: u64 = offset_of!(RawHeader, incompatible_features) as u64;
+pub const HEADER_OFF_REFCOUNT_ORDER: u64 = offset_of!(RawHeader, refcount_order) as u64;
+pub const HEADER_OFF_HEADER_LENGTH: u64 = offset_of!(RawHeader, header_length) as u64;
+pub const HEADER_OFF_COMPRESSION: u64 = offset_of!(RawHeader, compression_type) as u64;
+
+/// Type and length in front of every header extension.
+#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+#[repr(C)]
+struct RawExtensionHeader {
+    kind: U32,
+    len: U32,
+}
+
+/// One entry of the feature name table extension.
+#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+#[repr(C)]
+struct RawFeatureName {
+    kind: u8,
+    bit: u8,
+    name: [u8; 46],
+}
+
+/// The fixed part of a snapshot table entry.
+#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+#[repr(C)]
+pub struct RawSnapshotEntry {
+    pub l1_table_offset: U64,
+    pub l1_size: U32,
+    pub id_len: U16,
+    pub name_len: U16,
+    pub date_sec: U32,
+    pub date_nsec: U32,
+    pub vm_clock_nsec: U64,
+    pub vm_state_size: U32,
+    pub extra_len: U32,
+}
+
+/// The extra data of a snapshot entry vmdisk knows (each field optional, in this order).
+#[derive(Default, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+#[repr(C)]
+struct RawSnapshotExtra {
+    vm_state_size: U64,
+    disk_size: U64,
+    icount: U64,
+}
+
+/// The bitmaps header extension.
+#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+#[repr(C)]
+struct RawBitmapsExtension {
+    nb_bitmaps: U32,
+    reserved: U32,
+    directory_size: U64,
+    directory_offset: U64,
+}
+
+/// The fixed part of a bitmap directory entry.
+#[derive(FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+#[repr(C)]
+struct RawBitmapEntry {
+    table_offset: U64,
+    table_size: U32,
+    flags: U32,
+    kind: u8,
+    granularity_bits: u8,
+    name_size: U16,
+    extra_size: U32,
+}
+
+/// Byte offset of the flags inside a bitmap directory entry (updated in place).
+pub const BITMAP_ENTRY_OFF_FLAGS: u64 = offset_of!(RawBitmapEntry, flags) as u64;
+
+/// Decode a table of big-endian u64 entries (L1, L2, refcount and bitmap tables); a trailing
+/// partial entry is ignored.
+pub fn decode_table(buf: &[u8]) -> Vec<u64> {
+    let whole = buf.len() / 8 * 8;
+    match <[U64]>::ref_from_bytes(&buf[..whole]) {
+        Ok(t) => t.iter().map(|e| e.get()).collect(),
+        // Unreachable: `whole` is a multiple of the (unaligned) entry size.
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Encode a table of u64 entries as big-endian bytes.
+pub fn encode_table(words: &[u64]) -> Vec<u8> {
+    words
+        .iter()
+        .map(|&w| U64::new(w))
+        .collect::<Vec<_>>()
+        .as_bytes()
+        .to_vec()
+}
+
+/// Read a fixed-layout struct from the front of `buf` (None when too short).
+fn read_struct<T: FromBytes>(buf: &[u8]) -> Option<T> {
+    T::read_from_prefix(buf).ok().map(|(t, _)| t)
+}
+
+/// `buf` zero-extended (or cut) to `n` bytes: fields past the end read as 0 ("not present").
+fn padded(buf: &[u8], n: usize) -> Vec<u8> {
+    let mut v = buf[..buf.len().min(n)].to_vec();
+    v.resize(n, 0);
+    v
+}
+
+fn limit(what: &'static str, needed: u64, limit: u64) -> Qcow2Error {
+    Qcow2Error::Limit {
+        what,
+        needed,
+        limit,
+    }
+}
 
 /// Compression method stored in the header (v3 field at byte 104).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -143,28 +332,6 @@ pub struct Header {
     pub other_extensions: Vec<RawExtension>,
 }
 
-fn be16(b: &[u8], at: usize) -> u16 {
-    let mut a = [0u8; 2];
-    a.copy_from_slice(&b[at..at + 2]);
-    u16::from_be_bytes(a)
-}
-fn be32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_be_bytes(a)
-}
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(a)
-}
-fn put32(b: &mut [u8], at: usize, v: u32) {
-    b[at..at + 4].copy_from_slice(&v.to_be_bytes());
-}
-fn put64(b: &mut [u8], at: usize, v: u64) {
-    b[at..at + 8].copy_from_slice(&v.to_be_bytes());
-}
-
 fn align8(n: usize) -> usize {
     (n + 7) & !7
 }
@@ -179,6 +346,27 @@ pub fn l1_entries_for(size: u64, cluster_bits: u32, extended_l2: bool) -> u64 {
 /// log2 of the number of entries in one L2 table.
 pub fn l2_bits(cluster_bits: u32, extended_l2: bool) -> u32 {
     cluster_bits - if extended_l2 { 4 } else { 3 }
+}
+
+/// Check `cluster_bits` from a header (or its first 24 bytes).
+pub fn check_cluster_bits(bits: u32) -> Result<u32> {
+    if (MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&bits) {
+        Ok(bits)
+    } else {
+        Err(Qcow2Error::InvalidClusterBits { bits })
+    }
+}
+
+/// The magic and cluster size from the first bytes of an image (enough to know how much of
+/// the first cluster to read before [`Header::parse`]).
+pub fn peek_cluster_bits(first: &[u8]) -> Result<u32> {
+    let end = offset_of!(RawHeader, cluster_bits) + 4;
+    if first.len() < end || first[..4] != MAGIC.to_be_bytes() {
+        return Err(Qcow2Error::CheckingMagic);
+    }
+    let raw: RawHeader =
+        read_struct(&padded(first, size_of::<RawHeader>())).ok_or(Qcow2Error::CheckingMagic)?;
+    check_cluster_bits(raw.cluster_bits.get())
 }
 
 impl Header {
@@ -217,40 +405,48 @@ impl Header {
         (self.cluster_size() * 8) >> self.refcount_order
     }
 
+    /// The bitmaps extension, when present and marked consistent by the autoclear bit (the
+    /// spec: without the bit its data "must be considered inconsistent").
+    pub fn bitmaps(&self) -> Result<Option<BitmapsExtension>> {
+        if self.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
+            return Ok(None);
+        }
+        match self.other_extensions.iter().find(|e| e.kind == EXT_BITMAPS) {
+            None => Ok(None),
+            Some(e) => BitmapsExtension::parse(&e.data, self.cluster_size()).map(Some),
+        }
+    }
+
     /// Parse and validate a header from the first bytes of an image (ideally the whole first
     /// cluster: extensions and the backing file name must lie inside it).
     pub fn parse(buf: &[u8]) -> Result<Header> {
         if buf.len() < V2_HEADER_LEN as usize {
-            return Err(Error::corrupt("image too short for a qcow2 header", 0));
+            return Err(Qcow2Error::ReadingHeader { what: "header" });
         }
-        if be32(buf, 0) != MAGIC {
-            return Err(Error::corrupt("bad qcow2 magic", 0));
+        let raw: RawHeader = read_struct(&padded(buf, size_of::<RawHeader>()))
+            .ok_or(Qcow2Error::ReadingHeader { what: "header" })?;
+        if raw.magic.get() != MAGIC {
+            return Err(Qcow2Error::CheckingMagic);
         }
-        let version = be32(buf, 4);
+        let version = raw.version.get();
         if version != 2 && version != 3 {
-            return Err(Error::unsupported(format!("qcow2 version {version}")));
+            return Err(Qcow2Error::UnsupportedVersion { version });
         }
-        let cluster_bits = be32(buf, 20);
-        if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
-            return Err(Error::corrupt(
-                format!("cluster_bits {cluster_bits} outside 9..=21"),
-                20,
-            ));
-        }
+        let cluster_bits = check_cluster_bits(raw.cluster_bits.get())?;
         let cs = 1u64 << cluster_bits;
         let mut h = Header {
             version,
-            backing_file_offset: be64(buf, 8),
-            backing_file_size: be32(buf, 16),
+            backing_file_offset: raw.backing_file_offset.get(),
+            backing_file_size: raw.backing_file_size.get(),
             cluster_bits,
-            size: be64(buf, 24),
-            crypt_method: be32(buf, 32),
-            l1_size: be32(buf, 36),
-            l1_table_offset: be64(buf, 40),
-            refcount_table_offset: be64(buf, 48),
-            refcount_table_clusters: be32(buf, 56),
-            nb_snapshots: be32(buf, 60),
-            snapshots_offset: be64(buf, 64),
+            size: raw.size.get(),
+            crypt_method: raw.crypt_method.get(),
+            l1_size: raw.l1_size.get(),
+            l1_table_offset: raw.l1_table_offset.get(),
+            refcount_table_offset: raw.refcount_table_offset.get(),
+            refcount_table_clusters: raw.refcount_table_clusters.get(),
+            nb_snapshots: raw.nb_snapshots.get(),
+            snapshots_offset: raw.snapshots_offset.get(),
             incompatible_features: 0,
             compatible_features: 0,
             autoclear_features: 0,
@@ -265,125 +461,127 @@ impl Header {
         };
         if version == 3 {
             if buf.len() < V3_HEADER_MIN_LEN as usize {
-                return Err(Error::corrupt("image too short for a qcow2 v3 header", 0));
+                return Err(Qcow2Error::ReadingHeader { what: "v3 header" });
             }
-            h.incompatible_features = be64(buf, 72);
-            h.compatible_features = be64(buf, 80);
-            h.autoclear_features = be64(buf, 88);
-            h.refcount_order = be32(buf, 96);
-            h.header_length = be32(buf, 100);
+            h.incompatible_features = raw.incompatible_features.get();
+            h.compatible_features = raw.compatible_features.get();
+            h.autoclear_features = raw.autoclear_features.get();
+            h.refcount_order = raw.refcount_order.get();
+            h.header_length = raw.header_length.get();
+            let bad_len = |why| Qcow2Error::InvalidHeaderLength {
+                len: h.header_length,
+                why,
+            };
             if h.header_length < V3_HEADER_MIN_LEN {
-                return Err(Error::corrupt(
-                    format!("header_length {} below 104", h.header_length),
-                    100,
-                ));
+                return Err(bad_len("below 104"));
             }
             if u64::from(h.header_length) > cs {
-                return Err(Error::corrupt("header_length larger than a cluster", 100));
+                return Err(bad_len("larger than a cluster"));
             }
             if h.header_length as usize > buf.len() {
-                return Err(Error::corrupt("header runs past the bytes given", 100));
+                return Err(bad_len("header runs past the bytes given"));
             }
             if h.refcount_order > MAX_REFCOUNT_ORDER {
-                return Err(Error::corrupt(
-                    format!("refcount_order {} above 6", h.refcount_order),
-                    96,
-                ));
+                return Err(Qcow2Error::InvalidRefcountOrder {
+                    order: h.refcount_order,
+                });
             }
         }
-        let ctype_byte = if h.header_length > 104 { buf[104] } else { 0 };
+        let ctype_byte = if h.header_length > V3_HEADER_MIN_LEN {
+            raw.compression_type
+        } else {
+            0
+        };
         h.compression_type = if h.incompatible_features & INCOMPAT_COMPRESSION != 0 {
             match ctype_byte {
                 0 => CompressionType::Zlib,
                 1 => CompressionType::Zstd,
-                t => return Err(Error::unsupported(format!("compression type {t}"))),
+                kind => return Err(Qcow2Error::UnsupportedCompressionType { kind }),
             }
         } else if ctype_byte != 0 {
-            return Err(Error::corrupt(
-                "compression type set without the compression incompatible bit",
-                104,
-            ));
+            return Err(Qcow2Error::CompressionTypeWithoutFeatureBit);
         } else {
             CompressionType::Zlib
         };
         if h.crypt_method != 0 {
-            return Err(Error::unsupported(format!(
-                "encrypted image (crypt_method {}): vmdisk refuses to return ciphertext",
-                h.crypt_method
-            )));
+            return Err(Qcow2Error::Encrypted {
+                how: format!("crypt_method {}", h.crypt_method),
+            });
         }
         if h.size > MAX_VIRTUAL_SIZE {
-            return Err(Error::Limit {
-                what: "qcow2 virtual size",
-                needed: h.size,
-                limit: MAX_VIRTUAL_SIZE,
-            });
+            return Err(limit("qcow2 virtual size", h.size, MAX_VIRTUAL_SIZE));
         }
         let al = |v: u64| v.is_multiple_of(cs);
         let l1_bytes = u64::from(h.l1_size) * 8;
         if l1_bytes > MAX_L1_BYTES {
-            return Err(Error::Limit {
-                what: "L1 table bytes",
-                needed: l1_bytes,
-                limit: MAX_L1_BYTES,
-            });
+            return Err(limit("L1 table bytes", l1_bytes, MAX_L1_BYTES));
         }
         let needed = l1_entries_for(h.size, cluster_bits, h.extended_l2());
         if u64::from(h.l1_size) < needed {
-            return Err(Error::corrupt(
-                format!(
-                    "L1 table has {} entries, the size needs {needed}",
-                    h.l1_size
-                ),
-                36,
+            return Err(Qcow2Error::L1TooSmall {
+                entries: h.l1_size,
+                needed,
+            });
+        }
+        let misaligned = |table, off, field| Qcow2Error::MisalignedTable { table, off, field };
+        if h.l1_size > 0 && (h.l1_table_offset == 0 || !al(h.l1_table_offset)) {
+            return Err(misaligned(
+                Table::L1,
+                h.l1_table_offset,
+                HEADER_OFF_L1_TABLE,
             ));
         }
-        if h.l1_size > 0 && (h.l1_table_offset == 0 || !al(h.l1_table_offset)) {
-            return Err(Error::corrupt("L1 table offset not cluster aligned", 40));
-        }
         if h.refcount_table_offset == 0 || !al(h.refcount_table_offset) {
-            return Err(Error::corrupt(
-                "refcount table offset not cluster aligned",
-                48,
+            return Err(misaligned(
+                Table::RefcountTable,
+                h.refcount_table_offset,
+                HEADER_OFF_REFCOUNT_TABLE,
             ));
         }
         let rt_bytes = u64::from(h.refcount_table_clusters) * cs;
         if rt_bytes > MAX_REFCOUNT_TABLE_BYTES {
-            return Err(Error::Limit {
-                what: "refcount table bytes",
-                needed: rt_bytes,
-                limit: MAX_REFCOUNT_TABLE_BYTES,
-            });
-        }
-        if h.refcount_table_clusters == 0 {
-            return Err(Error::corrupt("refcount table has no clusters", 56));
-        }
-        if h.nb_snapshots > MAX_SNAPSHOTS {
-            return Err(Error::Limit {
-                what: "number of snapshots",
-                needed: u64::from(h.nb_snapshots),
-                limit: u64::from(MAX_SNAPSHOTS),
-            });
-        }
-        if h.nb_snapshots > 0 && (h.snapshots_offset == 0 || !al(h.snapshots_offset)) {
-            return Err(Error::corrupt(
-                "snapshot table offset not cluster aligned",
-                64,
+            return Err(limit(
+                "refcount table bytes",
+                rt_bytes,
+                MAX_REFCOUNT_TABLE_BYTES,
             ));
         }
-        for (off, v) in [
-            (40u64, h.l1_table_offset),
-            (48, h.refcount_table_offset),
-            (64, h.snapshots_offset),
+        if h.refcount_table_clusters == 0 {
+            return Err(Qcow2Error::EmptyRefcountTable);
+        }
+        if h.nb_snapshots > MAX_SNAPSHOTS {
+            return Err(limit(
+                "number of snapshots",
+                u64::from(h.nb_snapshots),
+                u64::from(MAX_SNAPSHOTS),
+            ));
+        }
+        if h.nb_snapshots > 0 && (h.snapshots_offset == 0 || !al(h.snapshots_offset)) {
+            return Err(misaligned(
+                Table::SnapshotTable,
+                h.snapshots_offset,
+                HEADER_OFF_SNAPSHOTS,
+            ));
+        }
+        for (table, field, v) in [
+            (Table::L1, HEADER_OFF_L1_TABLE, h.l1_table_offset),
+            (
+                Table::RefcountTable,
+                HEADER_OFF_REFCOUNT_TABLE,
+                h.refcount_table_offset,
+            ),
+            (
+                Table::SnapshotTable,
+                HEADER_OFF_SNAPSHOTS,
+                h.snapshots_offset,
+            ),
         ] {
             if v > MAX_VIRTUAL_SIZE {
-                return Err(Error::corrupt("table offset beyond 2^56", off));
+                return Err(Qcow2Error::TableOffsetTooLarge { table, field });
             }
         }
         if h.incompatible_features & INCOMPAT_DATA_FILE != 0 {
-            return Err(Error::unsupported(
-                "qcow2 with an external data file (data-file)",
-            ));
+            return Err(Qcow2Error::ExternalDataFile);
         }
 
         // Header extensions.
@@ -393,22 +591,21 @@ impl Header {
         } else {
             buf.len().min(cs as usize)
         };
-        loop {
-            if pos + 8 > ext_end {
-                // v2 images without extensions may end right at the header; qemu tolerates it.
-                break;
-            }
-            let kind = be32(buf, pos);
-            let len = be32(buf, pos + 4) as usize;
+        // v2 images without extensions may end right at the header; qemu tolerates it.
+        while let Some(eh) = buf
+            .get(pos..ext_end)
+            .and_then(read_struct::<RawExtensionHeader>)
+        {
+            let (kind, len) = (eh.kind.get(), eh.len.get() as usize);
             if kind == EXT_END {
                 break;
             }
-            let data_at = pos + 8;
+            let data_at = pos + size_of::<RawExtensionHeader>();
             if len > ext_end.saturating_sub(data_at) {
-                return Err(Error::corrupt(
-                    format!("header extension {kind:#x} runs past its space"),
-                    pos as u64,
-                ));
+                return Err(Qcow2Error::ParsingHeaderExtension {
+                    kind,
+                    at: pos as u64,
+                });
             }
             let data = &buf[data_at..data_at + len];
             match kind {
@@ -416,20 +613,22 @@ impl Header {
                     h.backing_format = Some(String::from_utf8_lossy(data).into_owned());
                 }
                 EXT_FEATURE_TABLE => {
-                    for e in data.chunks_exact(48) {
-                        let name_end = e[2..].iter().position(|&b| b == 0).unwrap_or(46);
+                    for e in data.chunks_exact(size_of::<RawFeatureName>()) {
+                        let Some(f) = read_struct::<RawFeatureName>(e) else {
+                            break;
+                        };
+                        let name_end = f.name.iter().position(|&b| b == 0).unwrap_or(46);
                         h.feature_names.push(FeatureName {
-                            kind: e[0],
-                            bit: e[1],
-                            name: String::from_utf8_lossy(&e[2..2 + name_end]).into_owned(),
+                            kind: f.kind,
+                            bit: f.bit,
+                            name: String::from_utf8_lossy(&f.name[..name_end]).into_owned(),
                         });
                     }
                 }
                 EXT_FULL_DISK_ENCRYPTION => {
-                    return Err(Error::unsupported(
-                        "encrypted image (LUKS header extension): vmdisk refuses to return \
-                         ciphertext",
-                    ));
+                    return Err(Qcow2Error::Encrypted {
+                        how: "LUKS header extension".into(),
+                    });
                 }
                 EXT_DATA_FILE => {
                     h.data_file = Some(String::from_utf8_lossy(data).into_owned());
@@ -442,9 +641,7 @@ impl Header {
             pos = data_at + align8(len);
         }
         if h.data_file.is_some() {
-            return Err(Error::unsupported(
-                "qcow2 with an external data file (data-file)",
-            ));
+            return Err(Qcow2Error::ExternalDataFile);
         }
         let unknown = h.incompatible_features & !INCOMPAT_KNOWN;
         if unknown != 0 {
@@ -458,27 +655,23 @@ impl Header {
                         .unwrap_or_else(|| format!("bit {b}"))
                 })
                 .collect();
-            return Err(Error::unsupported(format!(
-                "unknown incompatible qcow2 features: {}",
-                names.join(", ")
-            )));
+            return Err(Qcow2Error::UnknownIncompatibleFeatures {
+                names: names.join(", "),
+            });
         }
 
         if h.backing_file_offset != 0 {
             if h.backing_file_size > MAX_BACKING_FILE_NAME {
-                return Err(Error::Limit {
-                    what: "backing file name length",
-                    needed: u64::from(h.backing_file_size),
-                    limit: u64::from(MAX_BACKING_FILE_NAME),
-                });
+                return Err(limit(
+                    "backing file name length",
+                    u64::from(h.backing_file_size),
+                    u64::from(MAX_BACKING_FILE_NAME),
+                ));
             }
             let start = h.backing_file_offset;
             let end = start.saturating_add(u64::from(h.backing_file_size));
             if end > cs || end > buf.len() as u64 {
-                return Err(Error::corrupt(
-                    "backing file name outside the first cluster",
-                    8,
-                ));
+                return Err(Qcow2Error::ReadingBackingFileName);
             }
             h.backing_file =
                 Some(String::from_utf8_lossy(&buf[start as usize..end as usize]).into_owned());
@@ -495,34 +688,39 @@ impl Header {
         } else {
             (self.header_length.max(V3_HEADER_MIN_LEN)) as usize
         };
-        let mut b = vec![0u8; hlen];
-        put32(&mut b, 0, MAGIC);
-        put32(&mut b, 4, self.version);
-        put32(&mut b, 20, self.cluster_bits);
-        put64(&mut b, 24, self.size);
-        put32(&mut b, 32, self.crypt_method);
-        put32(&mut b, 36, self.l1_size);
-        put64(&mut b, 40, self.l1_table_offset);
-        put64(&mut b, 48, self.refcount_table_offset);
-        put32(&mut b, 56, self.refcount_table_clusters);
-        put32(&mut b, 60, self.nb_snapshots);
-        put64(&mut b, 64, self.snapshots_offset);
-        if self.version == 3 {
-            put64(&mut b, 72, self.incompatible_features);
-            put64(&mut b, 80, self.compatible_features);
-            put64(&mut b, 88, self.autoclear_features);
-            put32(&mut b, 96, self.refcount_order);
-            put32(&mut b, 100, hlen as u32);
-            if hlen > 104 {
-                b[104] = match self.compression_type {
-                    CompressionType::Zlib => 0,
-                    CompressionType::Zstd => 1,
-                };
-            }
-        }
+        let v3 = self.version == 3;
+        let raw = RawHeader {
+            magic: MAGIC.into(),
+            version: self.version.into(),
+            backing_file_offset: 0.into(),
+            backing_file_size: 0.into(),
+            cluster_bits: self.cluster_bits.into(),
+            size: self.size.into(),
+            crypt_method: self.crypt_method.into(),
+            l1_size: self.l1_size.into(),
+            l1_table_offset: self.l1_table_offset.into(),
+            refcount_table_offset: self.refcount_table_offset.into(),
+            refcount_table_clusters: self.refcount_table_clusters.into(),
+            nb_snapshots: self.nb_snapshots.into(),
+            snapshots_offset: self.snapshots_offset.into(),
+            incompatible_features: if v3 { self.incompatible_features } else { 0 }.into(),
+            compatible_features: if v3 { self.compatible_features } else { 0 }.into(),
+            autoclear_features: if v3 { self.autoclear_features } else { 0 }.into(),
+            refcount_order: if v3 { self.refcount_order } else { 0 }.into(),
+            header_length: if v3 { hlen as u32 } else { 0 }.into(),
+            compression_type: match self.compression_type {
+                CompressionType::Zlib => 0,
+                CompressionType::Zstd => 1,
+            },
+            padding: [0; 7],
+        };
+        let mut b = padded(raw.as_bytes(), hlen);
         let push_ext = |b: &mut Vec<u8>, kind: u32, data: &[u8]| {
-            b.extend_from_slice(&kind.to_be_bytes());
-            b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            let eh = RawExtensionHeader {
+                kind: kind.into(),
+                len: (data.len() as u32).into(),
+            };
+            b.extend_from_slice(eh.as_bytes());
             b.extend_from_slice(data);
             b.resize(align8(b.len()), 0);
         };
@@ -532,12 +730,14 @@ impl Header {
         if !self.feature_names.is_empty() {
             let mut t = Vec::with_capacity(self.feature_names.len() * 48);
             for f in &self.feature_names {
-                let mut e = [0u8; 48];
-                e[0] = f.kind;
-                e[1] = f.bit;
-                let n = f.name.len().min(46);
-                e[2..2 + n].copy_from_slice(&f.name.as_bytes()[..n]);
-                t.extend_from_slice(&e);
+                let mut e = RawFeatureName {
+                    kind: f.kind,
+                    bit: f.bit,
+                    name: [0; 46],
+                };
+                let n = f.name.len().min(e.name.len());
+                e.name[..n].copy_from_slice(&f.name.as_bytes()[..n]);
+                t.extend_from_slice(e.as_bytes());
             }
             push_ext(&mut b, EXT_FEATURE_TABLE, &t);
         }
@@ -547,28 +747,32 @@ impl Header {
         for e in &self.other_extensions {
             push_ext(&mut b, e.kind, &e.data);
         }
-        if self.version == 3 || self.backing_format.is_some() || !self.other_extensions.is_empty() {
+        if v3 || self.backing_format.is_some() || !self.other_extensions.is_empty() {
             push_ext(&mut b, EXT_END, &[]);
         }
         if let Some(name) = &self.backing_file {
             if name.len() > MAX_BACKING_FILE_NAME as usize {
-                return Err(Error::Limit {
-                    what: "backing file name length",
-                    needed: name.len() as u64,
-                    limit: u64::from(MAX_BACKING_FILE_NAME),
-                });
+                return Err(limit(
+                    "backing file name length",
+                    name.len() as u64,
+                    u64::from(MAX_BACKING_FILE_NAME),
+                ));
             }
             let off = b.len() as u64;
-            put64(&mut b, 8, off);
-            put32(&mut b, 16, name.len() as u32);
+            let (o, n) = (
+                HEADER_OFF_BACKING_FILE as usize,
+                HEADER_OFF_BACKING_SIZE as usize,
+            );
+            b[o..o + 8].copy_from_slice(&off.to_be_bytes());
+            b[n..n + 4].copy_from_slice(&(name.len() as u32).to_be_bytes());
             b.extend_from_slice(name.as_bytes());
         }
         if b.len() as u64 > self.cluster_size() {
-            return Err(Error::Limit {
-                what: "qcow2 header with extensions",
-                needed: b.len() as u64,
-                limit: self.cluster_size(),
-            });
+            return Err(limit(
+                "qcow2 header with extensions",
+                b.len() as u64,
+                self.cluster_size(),
+            ));
         }
         Ok(b)
     }
@@ -602,10 +806,7 @@ pub fn l1_entry_offset(raw: u64) -> u64 {
 pub fn check_l1_entry(raw: u64, cluster_size: u64, at: u64) -> Result<u64> {
     let off = l1_entry_offset(raw);
     if !off.is_multiple_of(cluster_size) {
-        return Err(Error::corrupt(
-            format!("L1 entry {raw:#x} points at an unaligned L2 table"),
-            at,
-        ));
+        return Err(Qcow2Error::DecodingL1Entry { raw, at });
     }
     Ok(off)
 }
@@ -637,10 +838,7 @@ impl L2Entry {
         let copied = raw & OFLAG_COPIED != 0;
         let host_off = raw & L2E_OFFSET_MASK;
         if host_off & ((1u64 << cluster_bits) - 1) != 0 {
-            return Err(Error::corrupt(
-                format!("L2 entry {raw:#x} points at an unaligned cluster"),
-                at,
-            ));
+            return Err(Qcow2Error::DecodingL2Entry { raw, at });
         }
         if !extended_l2 && raw & OFLAG_ZERO != 0 {
             return Ok(L2Entry::Zero { host_off, copied });
@@ -700,7 +898,10 @@ impl SubclusterBitmap {
         let (a, z) = (self.alloc & bit != 0, self.zero & bit != 0);
         match entry {
             L2Entry::Normal { host_off, .. } => match (a, z) {
-                (true, true) => Err(Error::corrupt("subcluster both allocated and zero", at)),
+                (true, true) => Err(Qcow2Error::DecodingSubclusterBitmap {
+                    why: "subcluster both allocated and zero",
+                    at,
+                }),
                 (true, false) => Ok(SubclusterState::Data {
                     host_off: host_off + u64::from(sc) * sc_size,
                 }),
@@ -709,10 +910,10 @@ impl SubclusterBitmap {
             },
             L2Entry::Unallocated | L2Entry::Zero { .. } => {
                 if a {
-                    return Err(Error::corrupt(
-                        "allocated subcluster in an unallocated cluster",
+                    return Err(Qcow2Error::DecodingSubclusterBitmap {
+                        why: "allocated subcluster in an unallocated cluster",
                         at,
-                    ));
+                    });
                 }
                 Ok(if z {
                     SubclusterState::Zero
@@ -756,15 +957,11 @@ pub fn refcount_max(order: u32) -> u64 {
     }
 }
 
-/// Set refcount entry `index`. Fails with `Error::Limit` when `value` does not fit the width,
+/// Set refcount entry `index`. Fails with `Qcow2Error::Limit` when `value` does not fit the width,
 /// and `OutOfRange` when the index is outside the block.
 pub fn refcount_set(block: &mut [u8], index: u64, order: u32, value: u64) -> Result<()> {
     if value > refcount_max(order) {
-        return Err(Error::Limit {
-            what: "refcount",
-            needed: value,
-            limit: refcount_max(order),
-        });
+        return Err(limit("refcount", value, refcount_max(order)));
     }
     let bits = 1u64 << order;
     let bit_pos = index.saturating_mul(bits);
@@ -773,11 +970,11 @@ pub fn refcount_set(block: &mut [u8], index: u64, order: u32, value: u64) -> Res
     match order {
         0..=2 => {
             let Some(v) = block.get_mut(byte) else {
-                return Err(Error::OutOfRange {
+                return Err(Qcow2Error::Host(vmdisk_block::Error::OutOfRange {
                     off: index,
                     len: 1,
                     size: blen,
-                });
+                }));
             };
             let shift = (bit_pos % 8) as u32;
             let mask = (((1u16 << bits) - 1) as u8) << shift;
@@ -786,11 +983,11 @@ pub fn refcount_set(block: &mut [u8], index: u64, order: u32, value: u64) -> Res
         _ => {
             let n = (bits / 8) as usize;
             let Some(s) = block.get_mut(byte..byte + n) else {
-                return Err(Error::OutOfRange {
+                return Err(Qcow2Error::Host(vmdisk_block::Error::OutOfRange {
                     off: index,
                     len: 1,
                     size: blen,
-                });
+                }));
             };
             let be = value.to_be_bytes();
             s.copy_from_slice(&be[8 - n..]);
@@ -819,92 +1016,148 @@ pub struct SnapshotHeader {
     pub extra_tail: Vec<u8>,
 }
 
+/// Bytes of the fixed part of a snapshot table entry.
+pub const SNAPSHOT_ENTRY_FIXED: usize = size_of::<RawSnapshotEntry>();
+
+/// How much of a snapshot table a buffer holds (see [`SnapshotHeader::table_extent`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableExtent {
+    /// The whole table: `len` bytes up to the end of the last entry (qemu's table size).
+    Complete { len: u64 },
+    /// The buffer ends inside the table: at least `len` bytes are needed.
+    NeedMore { len: u64 },
+}
+
 impl SnapshotHeader {
+    /// Walk the entry lengths of a table of `nb` entries whose first `buf.len()` bytes are
+    /// given (`base`: its host offset). Checks the named limits on the way, so a reader can
+    /// grow its buffer to `NeedMore { len }` without trusting anything unchecked.
+    pub fn table_extent(buf: &[u8], nb: u32, base: u64) -> Result<TableExtent> {
+        if nb > MAX_SNAPSHOTS {
+            return Err(limit(
+                "number of snapshots",
+                u64::from(nb),
+                u64::from(MAX_SNAPSHOTS),
+            ));
+        }
+        let mut pos = 0u64;
+        let mut end = 0u64;
+        for _ in 0..nb {
+            let Some(fixed) = buf
+                .get(pos as usize..)
+                .and_then(read_struct::<RawSnapshotEntry>)
+            else {
+                return Ok(TableExtent::NeedMore {
+                    len: pos + SNAPSHOT_ENTRY_FIXED as u64,
+                });
+            };
+            let extra = fixed.extra_len.get();
+            if extra > MAX_SNAPSHOT_EXTRA_DATA {
+                return Err(limit(
+                    "snapshot extra data",
+                    u64::from(extra),
+                    u64::from(MAX_SNAPSHOT_EXTRA_DATA),
+                ));
+            }
+            end = pos
+                + SNAPSHOT_ENTRY_FIXED as u64
+                + u64::from(extra)
+                + u64::from(fixed.id_len.get())
+                + u64::from(fixed.name_len.get());
+            if end > MAX_SNAPSHOT_TABLE_BYTES {
+                return Err(limit("snapshot table bytes", end, MAX_SNAPSHOT_TABLE_BYTES));
+            }
+            if end > buf.len() as u64 {
+                return Ok(TableExtent::NeedMore { len: end });
+            }
+            pos = end.next_multiple_of(8);
+        }
+        let _ = base;
+        Ok(TableExtent::Complete { len: end })
+    }
+
     /// Parse `nb` entries from `buf` (the table's bytes); `base` is its host offset.
     pub fn parse_table(buf: &[u8], nb: u32, base: u64) -> Result<Vec<SnapshotHeader>> {
-        if nb > MAX_SNAPSHOTS {
-            return Err(Error::Limit {
-                what: "number of snapshots",
-                needed: u64::from(nb),
-                limit: u64::from(MAX_SNAPSHOTS),
-            });
-        }
+        let len = match Self::table_extent(buf, nb, base)? {
+            TableExtent::Complete { len } => len,
+            TableExtent::NeedMore { .. } => {
+                return Err(Qcow2Error::ParsingSnapshotTable {
+                    what: "snapshot table",
+                    at: base + buf.len() as u64,
+                })
+            }
+        };
+        let buf = &buf[..len as usize];
         let mut out = Vec::with_capacity(nb.min(1024) as usize);
         let mut pos = 0usize;
         for _ in 0..nb {
             let at = base + pos as u64;
-            if buf.len() < pos + 40 {
-                return Err(Error::corrupt("snapshot table truncated", at));
-            }
             let e = &buf[pos..];
-            let l1_table_offset = be64(e, 0);
-            let l1_size = be32(e, 8);
-            let id_len = be16(e, 12) as usize;
-            let name_len = be16(e, 14) as usize;
-            let date_sec = be32(e, 16);
-            let date_nsec = be32(e, 20);
-            let vm_clock_nsec = be64(e, 24);
-            let vm_state_32 = be32(e, 32);
-            let extra_len = be32(e, 36);
-            if extra_len > MAX_SNAPSHOT_EXTRA_DATA {
-                return Err(Error::Limit {
-                    what: "snapshot extra data",
-                    needed: u64::from(extra_len),
-                    limit: u64::from(MAX_SNAPSHOT_EXTRA_DATA),
+            // table_extent proved every entry (fixed part, extra, id, name) is inside `buf`.
+            let Some(fixed) = read_struct::<RawSnapshotEntry>(e) else {
+                return Err(Qcow2Error::ParsingSnapshotTable {
+                    what: "snapshot table",
+                    at,
                 });
-            }
-            let extra_len = extra_len as usize;
-            let total = 40 + extra_len + id_len + name_len;
+            };
+            let extra_len = fixed.extra_len.get() as usize;
+            let (id_len, name_len) = (
+                usize::from(fixed.id_len.get()),
+                usize::from(fixed.name_len.get()),
+            );
+            let total = SNAPSHOT_ENTRY_FIXED + extra_len + id_len + name_len;
             if e.len() < total {
-                return Err(Error::corrupt("snapshot table entry truncated", at));
-            }
-            if u64::from(l1_size) * 8 > MAX_L1_BYTES {
-                return Err(Error::Limit {
-                    what: "snapshot L1 table bytes",
-                    needed: u64::from(l1_size) * 8,
-                    limit: MAX_L1_BYTES,
+                return Err(Qcow2Error::ParsingSnapshotTable {
+                    what: "snapshot table",
+                    at,
                 });
             }
-            let extra = &e[40..40 + extra_len];
-            let mut vm_state_size = u64::from(vm_state_32);
-            let mut disk_size = None;
-            let mut icount = None;
-            if extra.len() >= 8 {
-                vm_state_size = be64(extra, 0);
+            let l1_size = fixed.l1_size.get();
+            if u64::from(l1_size) * 8 > MAX_L1_BYTES {
+                return Err(limit(
+                    "snapshot L1 table bytes",
+                    u64::from(l1_size) * 8,
+                    MAX_L1_BYTES,
+                ));
             }
-            if extra.len() >= 16 {
-                disk_size = Some(be64(extra, 8));
-            }
-            if extra.len() >= 24 {
-                let v = be64(extra, 16);
-                icount = (v != u64::MAX).then_some(v);
-            }
-            let extra_tail = extra.get(24..).unwrap_or(&[]).to_vec();
-            let id_at = 40 + extra_len;
+            let extra = &e[SNAPSHOT_ENTRY_FIXED..SNAPSHOT_ENTRY_FIXED + extra_len];
+            let known: RawSnapshotExtra =
+                read_struct(&padded(extra, size_of::<RawSnapshotExtra>())).unwrap_or_default();
+            let has = |field_end: usize| extra.len() >= field_end;
+            let vm_state_size = if has(8) {
+                known.vm_state_size.get()
+            } else {
+                u64::from(fixed.vm_state_size.get())
+            };
+            let disk_size = has(16).then(|| known.disk_size.get());
+            let icount = if has(24) {
+                let v = known.icount.get();
+                (v != u64::MAX).then_some(v)
+            } else {
+                None
+            };
+            let extra_tail = extra
+                .get(size_of::<RawSnapshotExtra>()..)
+                .unwrap_or(&[])
+                .to_vec();
+            let id_at = SNAPSHOT_ENTRY_FIXED + extra_len;
             let id = String::from_utf8_lossy(&e[id_at..id_at + id_len]).into_owned();
             let name =
                 String::from_utf8_lossy(&e[id_at + id_len..id_at + id_len + name_len]).into_owned();
             out.push(SnapshotHeader {
-                l1_table_offset,
+                l1_table_offset: fixed.l1_table_offset.get(),
                 l1_size,
                 id,
                 name,
-                date_sec,
-                date_nsec,
-                vm_clock_nsec,
+                date_sec: fixed.date_sec.get(),
+                date_nsec: fixed.date_nsec.get(),
+                vm_clock_nsec: fixed.vm_clock_nsec.get(),
                 vm_state_size,
                 disk_size,
                 icount,
                 extra_tail,
             });
-            pos += align8(total);
-            if pos as u64 > MAX_SNAPSHOT_TABLE_BYTES {
-                return Err(Error::Limit {
-                    what: "snapshot table bytes",
-                    needed: pos as u64,
-                    limit: MAX_SNAPSHOT_TABLE_BYTES,
-                });
-            }
+            pos = align8(pos + total);
         }
         Ok(out)
     }
@@ -915,28 +1168,238 @@ impl SnapshotHeader {
         let mut b = Vec::new();
         for s in snaps {
             let start = b.len();
-            let mut extra = Vec::with_capacity(24 + s.extra_tail.len());
-            extra.extend_from_slice(&s.vm_state_size.to_be_bytes());
-            extra.extend_from_slice(&s.disk_size.unwrap_or(0).to_be_bytes());
-            extra.extend_from_slice(&s.icount.unwrap_or(u64::MAX).to_be_bytes());
-            extra.extend_from_slice(&s.extra_tail);
-            b.extend_from_slice(&s.l1_table_offset.to_be_bytes());
-            b.extend_from_slice(&s.l1_size.to_be_bytes());
-            b.extend_from_slice(&(s.id.len() as u16).to_be_bytes());
-            b.extend_from_slice(&(s.name.len() as u16).to_be_bytes());
-            b.extend_from_slice(&s.date_sec.to_be_bytes());
-            b.extend_from_slice(&s.date_nsec.to_be_bytes());
-            b.extend_from_slice(&s.vm_clock_nsec.to_be_bytes());
-            let vm32 = u32::try_from(s.vm_state_size).unwrap_or(0);
-            b.extend_from_slice(&vm32.to_be_bytes());
-            b.extend_from_slice(&(extra.len() as u32).to_be_bytes());
-            b.extend_from_slice(&extra);
+            let extra = RawSnapshotExtra {
+                vm_state_size: s.vm_state_size.into(),
+                disk_size: s.disk_size.unwrap_or(0).into(),
+                icount: s.icount.unwrap_or(u64::MAX).into(),
+            };
+            let fixed = RawSnapshotEntry {
+                l1_table_offset: s.l1_table_offset.into(),
+                l1_size: s.l1_size.into(),
+                id_len: (s.id.len() as u16).into(),
+                name_len: (s.name.len() as u16).into(),
+                date_sec: s.date_sec.into(),
+                date_nsec: s.date_nsec.into(),
+                vm_clock_nsec: s.vm_clock_nsec.into(),
+                vm_state_size: u32::try_from(s.vm_state_size).unwrap_or(0).into(),
+                extra_len: ((size_of::<RawSnapshotExtra>() + s.extra_tail.len()) as u32).into(),
+            };
+            b.extend_from_slice(fixed.as_bytes());
+            b.extend_from_slice(extra.as_bytes());
+            b.extend_from_slice(&s.extra_tail);
             b.extend_from_slice(s.id.as_bytes());
             b.extend_from_slice(s.name.as_bytes());
             let pad = align8(b.len() - start) + start;
             b.resize(pad, 0);
         }
         b
+    }
+}
+
+/// Refuse a snapshot name or id qemu would cut short (or that does not fit the table).
+pub fn check_snapshot_name(field: &'static str, s: &str) -> Result<()> {
+    let limit = if field == "id" {
+        MAX_SNAPSHOT_ID_BYTES
+    } else {
+        MAX_SNAPSHOT_NAME_BYTES
+    };
+    if s.len() > limit {
+        return Err(Qcow2Error::SnapshotNameTooLong {
+            field,
+            len: s.len(),
+            limit,
+        });
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- persistent bitmaps
+
+/// The bitmaps header extension: where the bitmap directory is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BitmapsExtension {
+    pub nb_bitmaps: u32,
+    pub directory_size: u64,
+    pub directory_offset: u64,
+}
+
+impl BitmapsExtension {
+    /// Parse and validate the extension data (`cs`: cluster size).
+    pub fn parse(data: &[u8], cs: u64) -> Result<Self> {
+        let bad = |why: String| Qcow2Error::ParsingBitmapsExtension { why, at: 0 };
+        let raw: RawBitmapsExtension =
+            read_struct(data).ok_or_else(|| bad(format!("{} bytes, needs 24", data.len())))?;
+        let e = BitmapsExtension {
+            nb_bitmaps: raw.nb_bitmaps.get(),
+            directory_size: raw.directory_size.get(),
+            directory_offset: raw.directory_offset.get(),
+        };
+        if e.nb_bitmaps > MAX_BITMAPS {
+            return Err(limit(
+                "number of bitmaps",
+                u64::from(e.nb_bitmaps),
+                u64::from(MAX_BITMAPS),
+            ));
+        }
+        if e.directory_size > MAX_BITMAP_DIRECTORY_BYTES {
+            return Err(limit(
+                "bitmap directory bytes",
+                e.directory_size,
+                MAX_BITMAP_DIRECTORY_BYTES,
+            ));
+        }
+        if e.nb_bitmaps > 0 && !e.directory_offset.is_multiple_of(cs) {
+            return Err(bad(format!(
+                "directory offset {:#x} not cluster aligned",
+                e.directory_offset
+            )));
+        }
+        Ok(e)
+    }
+}
+
+/// One bitmap of the bitmap directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapEntry {
+    pub table_offset: u64,
+    pub table_size: u32,
+    pub flags: u32,
+    pub kind: u8,
+    pub granularity_bits: u8,
+    pub name: String,
+    pub extra_data_size: u32,
+    /// Host offset of this directory entry (its flags are updated in place).
+    pub at: u64,
+}
+
+/// What one bitmap table entry says about its cluster of bitmap data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BitmapCluster {
+    Zeros,
+    Ones,
+    Data { host_off: u64 },
+}
+
+impl BitmapEntry {
+    pub fn in_use(&self) -> bool {
+        self.flags & BME_FLAG_IN_USE != 0
+    }
+    pub fn auto(&self) -> bool {
+        self.flags & BME_FLAG_AUTO != 0
+    }
+    /// Bytes of the guest disk one bit covers (granularity_bits is at most 255: saturates).
+    pub fn granularity(&self) -> u64 {
+        1u64.checked_shl(u32::from(self.granularity_bits))
+            .unwrap_or(u64::MAX)
+    }
+    /// Flags as `qemu-img info` names them.
+    pub fn flag_names(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.in_use() {
+            v.push("in-use");
+        }
+        if self.auto() {
+            v.push("auto");
+        }
+        v
+    }
+
+    /// Why vmdisk cannot keep this bitmap up to date itself (None: it can), for a disk of
+    /// `size` bytes with clusters of `cs` bytes.
+    pub fn unmaintainable(&self, size: u64, cs: u64) -> Option<&'static str> {
+        if self.kind != BITMAP_TYPE_DIRTY_TRACKING {
+            return Some("not a dirty-tracking bitmap");
+        }
+        if !(MIN_BITMAP_GRANULARITY_BITS..=MAX_BITMAP_GRANULARITY_BITS)
+            .contains(&self.granularity_bits)
+        {
+            return Some("granularity outside 512 B ..= 2 GiB");
+        }
+        if self.extra_data_size != 0 && self.flags & BME_FLAG_EXTRA_DATA_COMPATIBLE == 0 {
+            return Some("unknown extra data");
+        }
+        if self.flags & !(BME_FLAG_IN_USE | BME_FLAG_AUTO | BME_FLAG_EXTRA_DATA_COMPATIBLE) != 0 {
+            return Some("reserved flags set");
+        }
+        let data = self.data_bytes(size);
+        if data > MAX_BITMAP_DATA_BYTES {
+            return Some("bitmap data above qemu's size limit");
+        }
+        if u64::from(self.table_size) < data.div_ceil(cs)
+            || self.table_size > MAX_BITMAP_TABLE_ENTRIES
+        {
+            return Some("bitmap table does not match the disk size");
+        }
+        if self.table_offset == 0 || !self.table_offset.is_multiple_of(cs) {
+            return Some("bitmap table not cluster aligned");
+        }
+        None
+    }
+
+    /// Bytes of bitmap data for a disk of `size` bytes.
+    pub fn data_bytes(&self, size: u64) -> u64 {
+        size.div_ceil(self.granularity()).div_ceil(8)
+    }
+
+    /// Parse the `nb` entries of a bitmap directory (`buf`, at host offset `base`).
+    pub fn parse_directory(buf: &[u8], nb: u32, base: u64) -> Result<Vec<BitmapEntry>> {
+        if nb > MAX_BITMAPS {
+            return Err(limit(
+                "number of bitmaps",
+                u64::from(nb),
+                u64::from(MAX_BITMAPS),
+            ));
+        }
+        let mut out = Vec::with_capacity(nb.min(1024) as usize);
+        let mut pos = 0usize;
+        for _ in 0..nb {
+            let at = base + pos as u64;
+            let bad = |why: &str| Qcow2Error::ParsingBitmapDirectory {
+                why: why.to_string(),
+                at,
+            };
+            let raw: RawBitmapEntry = buf
+                .get(pos..)
+                .and_then(read_struct)
+                .ok_or_else(|| bad("bitmap directory truncated"))?;
+            let name_size = raw.name_size.get();
+            let extra = raw.extra_size.get();
+            if name_size == 0 || name_size > MAX_BITMAP_NAME_BYTES {
+                return Err(bad("bitmap name empty or longer than 1023 bytes"));
+            }
+            let fixed = size_of::<RawBitmapEntry>();
+            let name_at = (pos + fixed)
+                .checked_add(extra as usize)
+                .ok_or_else(|| bad("bitmap directory truncated"))?;
+            let name = buf
+                .get(name_at..name_at + usize::from(name_size))
+                .ok_or_else(|| bad("bitmap directory truncated"))?;
+            out.push(BitmapEntry {
+                table_offset: raw.table_offset.get(),
+                table_size: raw.table_size.get(),
+                flags: raw.flags.get(),
+                kind: raw.kind,
+                granularity_bits: raw.granularity_bits,
+                name: String::from_utf8_lossy(name).into_owned(),
+                extra_data_size: extra,
+                at,
+            });
+            pos = align8(name_at + usize::from(name_size));
+        }
+        Ok(out)
+    }
+
+    /// Decode one bitmap table entry (`at`: its host offset) for clusters of `cs` bytes.
+    pub fn decode_table_entry(raw: u64, cs: u64, at: u64) -> Result<BitmapCluster> {
+        let off = raw & BME_OFFSET_MASK;
+        if raw & BME_RESERVED_MASK != 0 || !off.is_multiple_of(cs) {
+            return Err(Qcow2Error::DecodingBitmapTableEntry { raw, at });
+        }
+        Ok(match (off, raw & BME_ALL_ONES) {
+            (0, 0) => BitmapCluster::Zeros,
+            (0, _) => BitmapCluster::Ones,
+            (host_off, _) => BitmapCluster::Data { host_off },
+        })
     }
 }
 
@@ -989,31 +1452,76 @@ mod tests {
         }
     }
 
+    fn put(b: &mut [u8], at: u64, v: &[u8]) {
+        b[at as usize..at as usize + v.len()].copy_from_slice(v);
+    }
+
     #[test]
     fn refuses_bad_headers() {
         let mut b = sample(3).serialize().unwrap();
         b.resize(65536, 0);
         let mut enc = b.clone();
-        put32(&mut enc, 32, 1);
+        put(
+            &mut enc,
+            offset_of!(RawHeader, crypt_method) as u64,
+            &1u32.to_be_bytes(),
+        );
         assert!(matches!(
             Header::parse(&enc),
-            Err(Error::Unsupported { .. })
+            Err(Qcow2Error::Encrypted { .. })
         ));
         let mut unk = b.clone();
-        put64(&mut unk, 72, 1 << 20);
+        put(&mut unk, HEADER_OFF_INCOMPAT, &(1u64 << 20).to_be_bytes());
         assert!(matches!(
             Header::parse(&unk),
-            Err(Error::Unsupported { .. })
+            Err(Qcow2Error::UnknownIncompatibleFeatures { .. })
         ));
         let mut cb = b.clone();
-        put32(&mut cb, 20, 22);
-        assert!(matches!(Header::parse(&cb), Err(Error::Corrupt { .. })));
+        put(&mut cb, HEADER_OFF_CLUSTER_BITS, &22u32.to_be_bytes());
+        assert!(matches!(
+            Header::parse(&cb),
+            Err(Qcow2Error::InvalidClusterBits { bits: 22 })
+        ));
         let mut l1 = b.clone();
-        put32(&mut l1, 36, u32::MAX);
-        assert!(matches!(Header::parse(&l1), Err(Error::Limit { .. })));
+        put(&mut l1, HEADER_OFF_L1_SIZE, &u32::MAX.to_be_bytes());
+        assert!(matches!(Header::parse(&l1), Err(Qcow2Error::Limit { .. })));
         for n in 0..b.len().min(300) {
             let _ = Header::parse(&b[..n]);
         }
+    }
+
+    #[test]
+    fn header_layout_matches_the_spec() {
+        // qcow2.txt: v2 header is 72 bytes, v3 at least 104, compression type at 104.
+        assert_eq!(V2_HEADER_LEN, 72);
+        assert_eq!(V3_HEADER_MIN_LEN, 104);
+        assert_eq!(V3_HEADER_LEN, 112);
+        assert_eq!(HEADER_OFF_CLUSTER_BITS, 20);
+        assert_eq!(HEADER_OFF_INCOMPAT, 72);
+        assert_eq!(SNAPSHOT_ENTRY_FIXED, 40);
+        assert_eq!(size_of::<RawBitmapEntry>(), 24);
+        assert_eq!(size_of::<RawBitmapsExtension>(), 24);
+        assert_eq!(BITMAP_ENTRY_OFF_FLAGS, 12);
+    }
+
+    #[test]
+    fn tables_roundtrip() {
+        let w = vec![0u64, 1, u64::MAX, 0x0102_0304_0506_0708];
+        let b = encode_table(&w);
+        assert_eq!(&b[24..], &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(decode_table(&b), w);
+        assert_eq!(decode_table(&b[..31]), w[..3]);
+    }
+
+    #[test]
+    fn snapshot_names_longer_than_qemus_are_refused() {
+        assert!(check_snapshot_name("name", &"x".repeat(255)).is_ok());
+        assert!(matches!(
+            check_snapshot_name("name", &"x".repeat(256)),
+            Err(Qcow2Error::SnapshotNameTooLong { limit: 255, .. })
+        ));
+        assert!(check_snapshot_name("id", &"1".repeat(127)).is_ok());
+        assert!(check_snapshot_name("id", &"1".repeat(128)).is_err());
     }
 
     #[test]

@@ -10,23 +10,10 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::image::{read_meta, State};
-use crate::meta::{self, L2Entry, SnapshotHeader, OFLAG_COPIED};
-use crate::{BlockDevice, Error, Qcow2Image, Result, SnapshotInfo};
-
-fn words(buf: &[u8]) -> Vec<u64> {
-    buf.chunks_exact(8)
-        .map(|c| {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(c);
-            u64::from_be_bytes(a)
-        })
-        .collect()
-}
-
-fn bytes(w: &[u64]) -> Vec<u8> {
-    w.iter().flat_map(|x| x.to_be_bytes()).collect()
-}
+use crate::error::{Qcow2Error, Result, Table};
+use crate::image::State;
+use crate::meta::{self, decode_table, encode_table, L2Entry, SnapshotHeader, OFLAG_COPIED};
+use crate::{read_meta, BlockDevice, Qcow2Image, SnapshotInfo};
 
 /// Find a snapshot by id first, then by name (as qemu does).
 fn find(snaps: &[SnapshotHeader], name_or_id: &str) -> Result<usize> {
@@ -34,7 +21,7 @@ fn find(snaps: &[SnapshotHeader], name_or_id: &str) -> Result<usize> {
         .iter()
         .position(|s| s.id == name_or_id)
         .or_else(|| snaps.iter().position(|s| s.name == name_or_id))
-        .ok_or_else(|| Error::unsupported(format!("no snapshot named or numbered '{name_or_id}'")))
+        .ok_or_else(|| Qcow2Error::refused(format!("no snapshot named or numbered '{name_or_id}'")))
 }
 
 /// Refuse up front when adding 1 to every refcount reachable from `l1` would overflow the
@@ -70,7 +57,7 @@ fn check_headroom(st: &mut State, host: &dyn BlockDevice, l1: &[u64]) -> Result<
     for (c, n) in inc {
         let cur = st.refcount(host, c)?;
         if cur.saturating_add(n) > max {
-            return Err(Error::Limit {
+            return Err(Qcow2Error::Limit {
                 what: "refcount (too many snapshots for this refcount width)",
                 needed: cur.saturating_add(n),
                 limit: max,
@@ -182,20 +169,21 @@ fn replace_table(st: &mut State, host: &dyn BlockDevice, snaps: Vec<SnapshotHead
 }
 
 /// Take an internal snapshot of the active state named `name`; returns its id.
-pub fn create(img: &Qcow2Image, name: &str) -> Result<String> {
+pub fn create(img: &Qcow2Image, name: &str) -> vmdisk_block::Result<String> {
     img.exclusive(|st, host| {
+        meta::check_snapshot_name("name", name)?;
         if st.h.refcount_order == 0 {
-            return Err(Error::unsupported(
+            return Err(Qcow2Error::refused(
                 "snapshots need refcount_bits of at least 2",
             ));
         }
         if st.snaps.iter().any(|s| s.name == name) {
-            return Err(Error::unsupported(format!(
+            return Err(Qcow2Error::refused(format!(
                 "a snapshot named '{name}' already exists"
             )));
         }
         if st.snaps.len() as u32 >= meta::MAX_SNAPSHOTS {
-            return Err(Error::Limit {
+            return Err(Qcow2Error::Limit {
                 what: "number of snapshots",
                 needed: st.snaps.len() as u64 + 1,
                 limit: u64::from(meta::MAX_SNAPSHOTS),
@@ -206,7 +194,7 @@ pub fn create(img: &Qcow2Image, name: &str) -> Result<String> {
         check_headroom(st, host, &active)?;
         let cs = st.cs();
         let l1: Vec<u64> = st.l1.iter().map(|e| e & !OFLAG_COPIED).collect();
-        let l1_bytes = bytes(&l1);
+        let l1_bytes = encode_table(&l1);
         let n = (l1_bytes.len() as u64).div_ceil(cs);
         let l1_off = if n > 0 {
             let at = st.alloc_clusters(host, n)?;
@@ -229,6 +217,7 @@ pub fn create(img: &Qcow2Image, name: &str) -> Result<String> {
             .max()
             .unwrap_or(0)
             + 1;
+        meta::check_snapshot_name("id", &id.to_string())?;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
@@ -258,33 +247,51 @@ pub fn list(img: &Qcow2Image) -> Vec<SnapshotInfo> {
 
 fn read_l1(st: &State, host: &dyn BlockDevice, sn: &SnapshotHeader) -> Result<Vec<u64>> {
     if sn.l1_size > st.h.l1_size {
-        return Err(Error::unsupported(
+        return Err(Qcow2Error::refused(
             "applying a snapshot with a larger L1 table than the active one",
         ));
     }
     if !sn.l1_table_offset.is_multiple_of(st.cs()) {
-        return Err(Error::corrupt(
-            "snapshot L1 table not cluster aligned",
-            sn.l1_table_offset,
-        ));
+        return Err(Qcow2Error::MisalignedTable {
+            table: Table::SnapshotL1,
+            off: sn.l1_table_offset,
+            field: sn.l1_table_offset,
+        });
     }
-    let mut l1 = words(&read_meta(
+    let mut l1 = decode_table(&read_meta(
         host,
         sn.l1_table_offset,
         u64::from(sn.l1_size) * 8,
-        "snapshot L1 table",
+        Table::SnapshotL1,
     )?);
     l1.resize(st.h.l1_size as usize, 0);
     Ok(l1)
 }
 
 /// Revert the active state to snapshot `name_or_id`.
-pub fn apply(img: &Qcow2Image, name_or_id: &str) -> Result<()> {
+pub fn apply(img: &Qcow2Image, name_or_id: &str) -> vmdisk_block::Result<()> {
     img.exclusive(|st, host| {
         let i = find(&st.snaps, name_or_id)?;
         let sn = st.snaps[i].clone();
+        if !st.bitmaps.is_empty() {
+            // qemu refuses too (bdrv_snapshot_goto: "Device has active dirty bitmaps"), for
+            // enabled and disabled bitmaps alike: what a bitmap recorded would no longer
+            // describe the disk.
+            let names: Vec<&str> = st
+                .bitmaps
+                .entries()
+                .iter()
+                .map(|b| b.name.as_str())
+                .collect();
+            return Err(Qcow2Error::refused(format!(
+                "applying a snapshot to an image with persistent dirty bitmaps ({}), which \
+                 qemu-img refuses as well; remove them first with `qemu-img bitmap --remove \
+                 IMAGE NAME`, then apply the snapshot",
+                names.join(", ")
+            )));
+        }
         if sn.disk_size.is_some_and(|d| d != st.h.size) {
-            return Err(Error::unsupported(
+            return Err(Qcow2Error::refused(
                 "applying a snapshot taken at a different disk size",
             ));
         }
@@ -309,16 +316,16 @@ pub fn apply(img: &Qcow2Image, name_or_id: &str) -> Result<()> {
 }
 
 /// Delete snapshot `name_or_id`, releasing what only it referenced.
-pub fn delete(img: &Qcow2Image, name_or_id: &str) -> Result<()> {
+pub fn delete(img: &Qcow2Image, name_or_id: &str) -> vmdisk_block::Result<()> {
     img.exclusive(|st, host| {
         let i = find(&st.snaps, name_or_id)?;
         let sn = st.snaps[i].clone();
         st.write_back(host)?;
-        let l1 = words(&read_meta(
+        let l1 = decode_table(&read_meta(
             host,
             sn.l1_table_offset,
             u64::from(sn.l1_size) * 8,
-            "snapshot L1 table",
+            Table::SnapshotL1,
         )?);
         let mut snaps = st.snaps.clone();
         snaps.remove(i);

@@ -589,3 +589,47 @@ fn snapshots_interop() {
     let l = run(Command::new(qemu_img()).args(["snapshot", "-l"]).arg(&p));
     assert!(!String::from_utf8_lossy(&l.stdout).contains("ours"));
 }
+
+/// Regression (issue 13): a data cluster past the end of the file used to be `Corrupt` on a
+/// plain read but `OutOfRange` (the host's error) on the copy-on-write read a partial write
+/// makes. Both now go through one read path and fail the same way.
+#[test]
+fn damaged_data_cluster_fails_alike_on_read_and_copy_on_write() {
+    use vmdisk_qcow2::meta::{Header, L1E_OFFSET_MASK};
+    let host = Arc::new(MemDisk::new(0));
+    create(
+        &*host,
+        &CreateOptions {
+            size: 1 << 20,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let img = Qcow2Image::open(host.clone(), None, false).unwrap();
+    img.write_all_at(&[7u8; 65536], 0).unwrap();
+    img.close().unwrap();
+    // Point guest cluster 0 at a cluster far past the end, without COPIED (so a partial write
+    // must read the old cluster first).
+    let mut head = vec![0u8; 65536];
+    host.read_exact_at(&mut head, 0).unwrap();
+    let h = Header::parse(&head).unwrap();
+    let mut e = [0u8; 8];
+    host.read_exact_at(&mut e, h.l1_table_offset).unwrap();
+    let l2 = u64::from_be_bytes(e) & L1E_OFFSET_MASK;
+    let beyond = (host.len() / 65536 + 16) * 65536;
+    host.write_all_at(&beyond.to_be_bytes(), l2).unwrap();
+
+    let img = Qcow2Image::open(host.clone(), None, false).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let read = img.read_exact_at(&mut buf, 0).unwrap_err();
+    let cow = img.write_all_at(&[1u8; 512], 512).unwrap_err();
+    assert!(
+        matches!(read, vmdisk_block::Error::Corrupt { off, .. } if off == beyond),
+        "plain read: {read:?}"
+    );
+    assert!(
+        matches!(cow, vmdisk_block::Error::Corrupt { off, .. } if off == beyond),
+        "copy-on-write read: {cow:?}"
+    );
+    assert_eq!(read.to_string(), cow.to_string());
+}

@@ -684,7 +684,10 @@ fn all_errors(bytes: Vec<u8>) -> Vec<(&'static str, Result<(), Error>)> {
     vec![
         (
             "parse",
-            Header::parse(&bytes[..bytes.len().min(2 << 20)]).map(|_| ()),
+            // meta speaks the engine's own error; this is its mapping at the crate edge.
+            Header::parse(&bytes[..bytes.len().min(2 << 20)])
+                .map(|_| ())
+                .map_err(Error::from),
         ),
         ("read_header", read_header(&*host).map(|_| ())),
         (
