@@ -4,6 +4,8 @@
 //! generated from `flags.rs`, where every flag is defined. Each command is one module with
 //! `fn run(self, sh: &Shell) -> Result<()>`.
 
+#![forbid(unsafe_code)]
+
 mod bench;
 mod ci;
 mod deps;

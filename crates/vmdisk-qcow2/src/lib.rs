@@ -30,6 +30,8 @@
 //! - `Io { .. }` from the host device, `OutOfRange` for requests beyond the virtual size,
 //!   `ReadOnly` for writes to an image opened read-only.
 
+#![forbid(unsafe_code)]
+
 pub mod check;
 mod create;
 mod image;
