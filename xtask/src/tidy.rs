@@ -445,6 +445,65 @@ fn bench_names_match_the_driver() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The lints apply everywhere.
+
+/// Whether `code` (from `code_only`) uses the `unsafe` keyword.
+fn uses_unsafe(code: &str) -> bool {
+    let b = code.as_bytes();
+    code.match_indices("unsafe").any(|(at, _)| {
+        let before = at.checked_sub(1).map(|p| b[p]);
+        let after = b.get(at + "unsafe".len()).copied();
+        !before.is_some_and(is_ident) && !after.is_some_and(is_ident)
+    })
+}
+
+#[test]
+fn every_crate_uses_the_workspace_lints() {
+    let repo = std::fs::canonicalize(root()).expect("the repository root exists");
+    let mut problems = Vec::new();
+    for member in workspace_members() {
+        let manifest = format!("{}/Cargo.toml", member.dir);
+        let text = read(&manifest);
+        let inherits = text
+            .split("\n[")
+            .any(|t| t.starts_with("lints]") && t.lines().any(|l| l.trim() == "workspace = true"));
+        if !inherits {
+            problems.push(format!("{manifest} lacks `[lints] workspace = true`"));
+        }
+        for t in &member.targets {
+            let g = module_graph(&t.src);
+            let any_unsafe = g.files.values().any(|f| {
+                let text = std::fs::read_to_string(f).unwrap_or_default();
+                uses_unsafe(&code_only(&text))
+            });
+            let root_code = code_only(&std::fs::read_to_string(&t.src).unwrap_or_default());
+            let forbids = root_code.contains("#![forbid(unsafe_code)]");
+            let rel = t
+                .src
+                .strip_prefix(&repo)
+                .unwrap_or(&t.src)
+                .display()
+                .to_string();
+            if !any_unsafe && !forbids {
+                problems.push(format!(
+                    "{rel} ({} {}) has no unsafe code: add `#![forbid(unsafe_code)]`",
+                    member.name, t.kind
+                ));
+            }
+        }
+    }
+    report("workspace lints", &problems);
+}
+
+#[test]
+fn unsafe_is_found_as_a_keyword() {
+    assert!(uses_unsafe("fn f() { unsafe { g() } }"));
+    assert!(uses_unsafe("unsafe impl Send for X {}"));
+    assert!(!uses_unsafe("let unsafe_header_only = true; is_unsafe();"));
+    assert!(!uses_unsafe(&code_only("// unsafe\nlet s = \"unsafe\";")));
+}
+
+// ---------------------------------------------------------------------------------------------
 // No import circle inside a crate.
 
 /// Import circles that exist today, to be removed. Each is a crate root (relative to the
