@@ -1,33 +1,38 @@
 //! `cargo xtask`: the project's own automation, thin over cargo and the tools it installs.
 //!
-//! ```text
-//! cargo xtask vmtest [NAME...] [--quick]   build vmdisk, build test VM disks with it, boot, report
-//! cargo xtask test [--ci] [--no-install]   install test tools, fmt check, clippy, every test
-//! cargo xtask ci                           exactly what .ci/run runs (test --ci)
-//! cargo xtask bench convert [ARGS...]      vmdisk vs qemu-img side by side (release builds)
-//! cargo xtask deps [--check]               install (or list) the Debian packages tests need
-//! ```
+//! `cargo xtask --help` lists the commands and `cargo xtask CMD --help` their flags; both are
+//! generated from `flags.rs`, where every flag is defined. Each command is one module with
+//! `fn run(self, sh: &Shell) -> Result<()>`.
+
+#![forbid(unsafe_code)]
 
 mod bench;
+mod ci;
 mod deps;
 mod flags;
 mod test;
+#[cfg(test)]
+mod tidy;
 mod vmtest;
 
 use anyhow::Result;
+use clap::{CommandFactory, Parser};
 use xshell::Shell;
 
+use flags::Command;
+
 fn main() -> Result<()> {
-    let flags = flags::Xtask::from_env()?;
+    let flags = flags::Xtask::parse();
     let sh = Shell::new()?;
     sh.change_dir(project_root());
-    match flags {
-        flags::Xtask::Vmtest(cmd) => cmd.run(&sh),
-        flags::Xtask::Test(cmd) => cmd.run(&sh),
-        flags::Xtask::Bench(cmd) => cmd.run(&sh),
-        flags::Xtask::Deps(cmd) => cmd.run(&sh),
-        flags::Xtask::Help => {
-            print!("{}", flags::HELP);
+    match flags.command {
+        Some(Command::Vmtest(cmd)) => cmd.run(&sh),
+        Some(Command::Test(cmd)) => cmd.run(&sh),
+        Some(Command::Ci(cmd)) => cmd.run(&sh),
+        Some(Command::Bench(cmd)) => cmd.run(&sh),
+        Some(Command::Deps(cmd)) => cmd.run(&sh),
+        None => {
+            flags::Xtask::command().print_help()?;
             Ok(())
         }
     }

@@ -37,6 +37,8 @@
 //!
 //! [ext4-view]: https://docs.rs/ext4-view
 
+#![forbid(unsafe_code)]
+
 mod crc;
 mod edit;
 mod ondisk;

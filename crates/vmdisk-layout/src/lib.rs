@@ -25,6 +25,8 @@
 //! failures (`SpawningTool`, `ToolFailed`), scratch files (`Scratch`) also come before the
 //! target is touched; only device errors (`Block`) can happen while writing.
 
+#![forbid(unsafe_code)]
+
 mod apply;
 mod error;
 mod ext;

@@ -75,6 +75,8 @@
 //! [`ServeStats::tls_failures`]). Building the TLS configuration has its own
 //! [`tls::TlsError`], the client its own [`client::Error`].
 
+#![forbid(unsafe_code)]
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};

@@ -25,12 +25,7 @@
 //! data, so they leave every bitmap as it is, as qemu does; snapshot apply is refused while
 //! the image has bitmaps, as qemu refuses it ("Device has active dirty bitmaps").
 
-use crate::error::{Result, Table};
-use crate::image::State;
-use crate::meta::{
-    decode_table, encode_table, BitmapCluster, BitmapEntry, BITMAP_ENTRY_OFF_FLAGS, BME_FLAG_IN_USE,
-};
-use crate::{read_meta, BlockDevice};
+use crate::meta::BitmapEntry;
 
 /// Memory for the in-memory record of changed guest ranges, whatever the disk size (a
 /// 1 TiB disk is recorded at 32 KiB granularity, finer than qemu's 64 KiB default).
@@ -39,17 +34,17 @@ pub const MAX_DIRTY_RECORD_BYTES: u64 = 4 << 20;
 /// The bitmap directory of an open image and what vmdisk does with each bitmap.
 pub(crate) struct Bitmaps {
     /// Directory entries, flags as they are on disk.
-    entries: Vec<BitmapEntry>,
+    pub(crate) entries: Vec<BitmapEntry>,
     /// Entries that are `auto` and were consistent at open: they must follow every change.
-    targets: Vec<usize>,
+    pub(crate) targets: Vec<usize>,
     /// Of those, the ones vmdisk updates itself (the others just stay IN_USE).
-    maintained: Vec<usize>,
+    pub(crate) maintained: Vec<usize>,
     /// IN_USE has been written for the targets.
-    marked: bool,
+    pub(crate) marked: bool,
     /// One bit per `1 << chunk_bits` guest bytes changed since open (allocated lazily).
-    dirty: Vec<u64>,
-    chunk_bits: u32,
-    size: u64,
+    pub(crate) dirty: Vec<u64>,
+    pub(crate) chunk_bits: u32,
+    pub(crate) size: u64,
 }
 
 impl Bitmaps {
@@ -91,7 +86,7 @@ impl Bitmaps {
     }
 
     /// Record a change of guest bytes `[off, off + len)`.
-    fn record(&mut self, off: u64, len: u64) {
+    pub(crate) fn record(&mut self, off: u64, len: u64) {
         if self.maintained.is_empty() || len == 0 || off >= self.size {
             return;
         }
@@ -122,7 +117,7 @@ impl Bitmaps {
     }
 
     /// The next run `[a, b)` of dirty chunks starting at or after `from`, below `to`.
-    fn next_run(&self, from: u64, to: u64) -> Option<(u64, u64)> {
+    pub(crate) fn next_run(&self, from: u64, to: u64) -> Option<(u64, u64)> {
         let mut i = from;
         while i < to {
             let w = self.dirty.get((i / 64) as usize).copied().unwrap_or(0);
@@ -144,7 +139,7 @@ impl Bitmaps {
 }
 
 /// Set bits `[lo, hi)` of `buf` (bit k is bit k % 8 of byte k / 8, least significant first).
-fn set_bits(buf: &mut [u8], lo: u64, hi: u64) {
+pub(crate) fn set_bits(buf: &mut [u8], lo: u64, hi: u64) {
     let mut k = lo;
     while k < hi {
         let byte = (k / 8) as usize;
@@ -156,145 +151,6 @@ fn set_bits(buf: &mut [u8], lo: u64, hi: u64) {
             buf[byte] |= 1 << (k % 8);
             k += 1;
         }
-    }
-}
-
-impl State {
-    /// Guest bytes `[off, off + len)` are about to change: mark the auto bitmaps IN_USE (once,
-    /// durably, before any data is written) and record the range.
-    pub(crate) fn note_write(&mut self, host: &dyn BlockDevice, off: u64, len: u64) -> Result<()> {
-        if self.bitmaps.targets.is_empty() || len == 0 {
-            return Ok(());
-        }
-        if !self.bitmaps.marked {
-            for k in 0..self.bitmaps.targets.len() {
-                let i = self.bitmaps.targets[k];
-                self.write_bitmap_flags(host, i, true)?;
-            }
-            host.flush()?;
-            self.bitmaps.marked = true;
-        }
-        self.bitmaps.record(off, len);
-        Ok(())
-    }
-
-    fn write_bitmap_flags(&mut self, host: &dyn BlockDevice, i: usize, in_use: bool) -> Result<()> {
-        let e = &mut self.bitmaps.entries[i];
-        if in_use {
-            e.flags |= BME_FLAG_IN_USE;
-        } else {
-            e.flags &= !BME_FLAG_IN_USE;
-        }
-        host.write_all_at(&e.flags.to_be_bytes(), e.at + BITMAP_ENTRY_OFF_FLAGS)?;
-        Ok(())
-    }
-
-    /// Write the recorded changes into the maintained bitmaps and clear their IN_USE flags
-    /// (see the module doc for the order). Called on close, after the guest metadata is
-    /// written back.
-    pub(crate) fn sync_bitmaps(&mut self, host: &dyn BlockDevice) -> Result<()> {
-        if !self.bitmaps.marked {
-            return Ok(());
-        }
-        let cs = self.cs();
-        let mut new_tables = Vec::new();
-        for k in 0..self.bitmaps.maintained.len() {
-            let i = self.bitmaps.maintained[k];
-            let e = self.bitmaps.entries[i].clone();
-            if let Some(t) = self.update_bitmap(host, &e, cs)? {
-                new_tables.push((e.table_offset, t));
-            }
-        }
-        if !new_tables.is_empty() {
-            // New data clusters: their refcounts (and data) are durable before any table
-            // points at them.
-            self.write_back(host)?;
-            host.flush()?;
-            for (off, t) in &new_tables {
-                host.write_all_at(&encode_table(t), *off)?;
-            }
-        }
-        host.flush()?;
-        for k in 0..self.bitmaps.maintained.len() {
-            let i = self.bitmaps.maintained[k];
-            self.write_bitmap_flags(host, i, false)?;
-        }
-        host.flush()?;
-        self.bitmaps.marked = false;
-        self.bitmaps.dirty.clear();
-        Ok(())
-    }
-
-    /// OR the recorded changes into bitmap `e`; returns its new table when clusters were
-    /// allocated (existing data clusters are rewritten in place, IN_USE being set).
-    fn update_bitmap(
-        &mut self,
-        host: &dyn BlockDevice,
-        e: &BitmapEntry,
-        cs: u64,
-    ) -> Result<Option<Vec<u64>>> {
-        if self.bitmaps.dirty.is_empty() {
-            return Ok(None);
-        }
-        let g = u32::from(e.granularity_bits);
-        let c = self.bitmaps.chunk_bits;
-        let size = self.bitmaps.size;
-        let entries = e.data_bytes(size).div_ceil(cs);
-        let mut table = decode_table(&read_meta(
-            host,
-            e.table_offset,
-            entries * 8,
-            Table::BitmapTable,
-        )?);
-        let mut changed_table = false;
-        // Guest bytes covered by one cluster of bitmap data.
-        let span = (cs * 8) << g;
-        let chunks = size.div_ceil(1 << c);
-        for ci in 0..entries {
-            let g_lo = ci * span;
-            let g_hi = (g_lo + span).min(size);
-            let (c_lo, c_hi) = (g_lo >> c, g_hi.div_ceil(1 << c).min(chunks));
-            let Some(mut run) = self.bitmaps.next_run(c_lo, c_hi) else {
-                continue;
-            };
-            let at = e.table_offset + ci * 8;
-            let raw = table[ci as usize];
-            let (mut data, dst) = match BitmapEntry::decode_table_entry(raw, cs, at)? {
-                BitmapCluster::Ones => continue,
-                BitmapCluster::Zeros => (vec![0u8; cs as usize], None),
-                BitmapCluster::Data { host_off } => (
-                    read_meta(host, host_off, cs, Table::BitmapData)?,
-                    Some(host_off),
-                ),
-            };
-            let bit0 = ci * cs * 8;
-            loop {
-                // Chunks [a, b) -> guest bytes -> bits of this bitmap, clipped to the cluster.
-                let (a, b) = run;
-                let lo = (a << c).max(g_lo);
-                let hi = (b << c).min(g_hi);
-                if hi > lo {
-                    let (b_lo, b_hi) = (lo >> g, ((hi - 1) >> g) + 1);
-                    set_bits(&mut data, b_lo - bit0, b_hi - bit0);
-                }
-                match self.bitmaps.next_run(b, c_hi) {
-                    Some(r) => run = r,
-                    None => break,
-                }
-            }
-            let host_off = match dst {
-                Some(o) => o,
-                None => {
-                    let o = self.alloc_clusters(host, 1)?;
-                    self.ensure_host_len(host, o + cs)?;
-                    table[ci as usize] = o;
-                    changed_table = true;
-                    o
-                }
-            };
-            host.write_all_at(&data, host_off)?;
-        }
-        Ok(changed_table.then_some(table))
     }
 }
 

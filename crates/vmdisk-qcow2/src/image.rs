@@ -26,6 +26,8 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use vmdisk_block::{check_range, merge_extents, Extent, ExtentKind, Result as BResult};
 
 use crate::bitmap::Bitmaps;
+
+mod bitmap_sync;
 use crate::error::{Qcow2Error, Result, Table};
 use crate::meta::{
     self, check_l1_entry, decode_table, encode_table, refcount_get, refcount_max, refcount_set,

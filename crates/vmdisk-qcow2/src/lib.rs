@@ -40,6 +40,8 @@
 //! every writer (see `bitmap.rs`): IN_USE while the image is being written, the
 //! "auto" bitmaps updated for every guest change and released on close.
 
+#![forbid(unsafe_code)]
+
 mod bitmap;
 pub mod check;
 mod create;

@@ -4,6 +4,8 @@
 //!
 //! usage: qcow2-workload IMAGE SEED CLUSTER_SIZE
 
+#![forbid(unsafe_code)]
+
 use std::io::Write as _;
 use std::path::PathBuf;
 
