@@ -339,9 +339,26 @@ fn hostile_bytes_never_break_the_server() {
     assert_eq!(stats.panics, 0);
 }
 
+/// Where client `i` of `five_hundred_simultaneous_clients` writes: 4 KiB ranges 8 KiB apart,
+/// all below 4 MiB, so no two overlap.
+fn client_off(i: usize) -> u64 {
+    i as u64 * 8192
+}
+
+/// What client `i` writes: a pattern with `i` stamped into every 512-byte sector, so no two
+/// clients write the same bytes (the pattern alone repeats every 256 clients).
+fn client_data(i: usize) -> Vec<u8> {
+    let mut d = pattern(4096, i as u8);
+    for sector in d.chunks_mut(512) {
+        sector[..8].copy_from_slice(&(i as u64).to_be_bytes());
+    }
+    d
+}
+
 #[test]
 fn five_hundred_simultaneous_clients() {
     const N: usize = 500;
+    assert!(client_off(N - 1) + 4096 <= 4 * MIB);
     let srv = TestServer::start(Arc::new(MemDisk::new(4 * MIB)), persistent(N + 10));
     let sock = srv.sock.clone();
     let t0 = Instant::now();
@@ -354,14 +371,35 @@ fn five_hundred_simultaneous_clients() {
                 .stack_size(256 * 1024)
                 .spawn(move || {
                     start.wait();
-                    let mut c = Client::connect_unix(&sock, &ConnectOptions::default())
-                        .unwrap_or_else(|e| panic!("client {i}: {e}"));
-                    let off = (i as u64 * 8192) % (4 * MIB);
-                    let data = pattern(4096, i as u8);
-                    c.write(off, &data, false).unwrap();
+                    // Everything before the barrier reports instead of panicking, so one
+                    // failing client cannot leave the others waiting on the barrier forever.
+                    let opened = (|| {
+                        let mut c = Client::connect_unix(&sock, &ConnectOptions::default())
+                            .map_err(|e| format!("connect: {e}"))?;
+                        let data = client_data(i);
+                        c.write(client_off(i), &data, false)
+                            .map_err(|e| format!("write: {e}"))?;
+                        let mut back = vec![0u8; 4096];
+                        c.read(client_off(i), &mut back)
+                            .map_err(|e| format!("read: {e}"))?;
+                        if back != data {
+                            return Err("read back differs from its write".to_string());
+                        }
+                        Ok(c)
+                    })();
+                    all_open.wait(); // every connection is open (and has written) here
+                    let mut c = opened.unwrap_or_else(|e| panic!("client {i}: {e}"));
+                    // Nobody else wrote over this client's range, and another connection's
+                    // write is visible here: each connection reaches the one shared device.
                     let mut back = vec![0u8; 4096];
-                    c.read(off, &mut back).unwrap();
-                    all_open.wait(); // every connection is open at once here
+                    let j = (i + 1) % N;
+                    for (k, what) in [(i, "its own"), (j, "a neighbour's")] {
+                        c.read(client_off(k), &mut back).unwrap();
+                        assert!(
+                            back == client_data(k),
+                            "client {i}: {what} range ({k}) changed after every write"
+                        );
+                    }
                     c.block_status(0, 4 * MIB, false).unwrap();
                     c.disconnect().unwrap();
                 })
