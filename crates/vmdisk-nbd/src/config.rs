@@ -11,7 +11,9 @@ pub struct ServerConfig {
     pub read_only: bool,
     /// Keep serving after the last client leaves (qemu-nbd `--persistent`).
     pub persistent: bool,
-    /// Clients served at once (qemu-nbd `--shared`); 0 counts as 1.
+    /// Clients in the transmission phase at once (qemu-nbd `--shared`); 0 counts as 1. Clients
+    /// still negotiating do not count; one that has negotiated while all are taken waits for a
+    /// slot.
     pub max_connections: usize,
     /// Unix sockets only: peer uids allowed to connect (`SO_PEERCRED`); `None` allows any
     /// peer that can open the 0600 socket.

@@ -59,9 +59,14 @@
 //! [`MAX_BUFFERED_BYTES`] (besides that, a connection keeps a 128 KiB input buffer and at most
 //! 4 MiB of idle buffers for reuse); at most [`MAX_IO_JOBS`] device calls run at once, inline
 //! ones included. Negotiation must finish (TLS handshake included) within
-//! [`limits::HANDSHAKE_TIMEOUT`]. Beyond [`ServerConfig::max_connections`] the server stops
-//! accepting, so further clients wait in the listen backlog until a slot frees (as with
-//! qemu-nbd `--shared`; libnbd's multi-conn clients rely on it). A bad magic number ends the
+//! [`limits::HANDSHAKE_TIMEOUT`], and a negotiating client holds no slot:
+//! [`ServerConfig::max_connections`] counts clients in the transmission phase only. A client
+//! that has negotiated while every slot is taken waits for one (its GO is answered, or its
+//! EXPORT_NAME export data sent, only then), so clients beyond the limit queue rather than
+//! being dropped (as with qemu-nbd `--shared`; libnbd's multi-conn clients rely on it), and
+//! an idle or half-negotiated client keeps nobody out (qemu-nbd counts those too, until its
+//! 10 s handshake limit). At most [`limits::MAX_PENDING_CLIENTS`] clients beyond the limit
+//! are accepted at once; further ones wait in the listen backlog. A bad magic number ends the
 //! connection (there is nothing left to resynchronise on); every other malformed request gets
 //! the protocol's error reply. Out-of-range requests of every kind get EINVAL (as qemu-nbd
 //! does; the protocol would also allow ENOSPC for writes) and touch nothing.
@@ -69,8 +74,9 @@
 //! # Modules
 //!
 //! `negotiate` is option negotiation as a pure state machine (bytes in, replies and a decision
-//! out); `server` drives it over a stream and switches to TLS; `transmit` is the transmission
-//! phase; `shared` holds what all connections share; [`limits`] every limit.
+//! out); `server` drives it over a stream, switches to TLS and waits for a slot; `transmit`
+//! is the transmission phase; `shared` holds what all connections share; [`limits`] every
+//! limit.
 //! Imports point one way: lib -> server -> {transmit, negotiate, shared} -> {limits, proto}.
 //!
 //! # Errors
@@ -109,7 +115,7 @@ pub use limits::{MAX_BUFFERED_BYTES, MAX_IO_JOBS, MAX_REQUEST_LEN, SHUTDOWN_GRAC
 /// The TLS library the server's configuration type comes from ([`ServerConfig::tls`]).
 pub use rustls;
 
-use limits::ACCEPT_BACKOFF;
+use limits::{ACCEPT_BACKOFF, MAX_PENDING_CLIENTS};
 
 /// Where to listen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -304,6 +310,7 @@ pub async fn serve_listener(
         cfg,
         mem_budget: Arc::new(Semaphore::new(MAX_BUFFERED_BYTES)),
         io_slots: Arc::new(Semaphore::new(MAX_IO_JOBS)),
+        slots: Arc::new(Semaphore::new(max_conns)),
         counters: shared::Counters::default(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -323,8 +330,9 @@ pub async fn serve_listener(
                     break;
                 }
             }
-            // At the limit, stop accepting: new clients queue in the kernel's backlog.
-            accepted = accept(&listener), if conns.len() < max_conns => {
+            // Negotiating clients hold no slot, so accept beyond the limit; past
+            // MAX_PENDING_CLIENTS more, new clients queue in the kernel's backlog.
+            accepted = accept(&listener), if conns.len() < max_conns + MAX_PENDING_CLIENTS => {
                 let Some(conn) = accepted else {
                     // EMFILE and friends: back off instead of spinning.
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
@@ -414,7 +422,9 @@ fn peer_allowed(conn: &Accepted, cfg: &ServerConfig) -> bool {
 }
 
 /// Serve from a fresh multi-threaded runtime until SIGINT/SIGTERM (or, one-shot, until the
-/// last client leaves); the device is flushed before returning.
+/// last client leaves); the device is flushed before returning. The signal handlers are in
+/// place before the listener is bound, so once the socket exists (or the port accepts) a
+/// SIGTERM stops the server cleanly: the socket is the readiness signal.
 pub fn serve_blocking(
     dev: Arc<dyn BlockDevice>,
     listen: Listen,

@@ -14,8 +14,14 @@ use std::time::Duration;
 pub const MAX_OPTION_LEN: usize = 64 * 1024;
 /// Options one client may send before it must pick an export (stops endless haggling).
 pub const MAX_OPTIONS: usize = 256;
-/// Time a client has to finish negotiation (slots are not held by idle handshakes).
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time a client has to finish negotiation, TLS handshake included (qemu-nbd's default
+/// `--handshake-limit`). A client that has negotiated and waits for a `--shared` slot is no
+/// longer timed.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Clients accepted beyond the `--shared` limit at once: negotiating, or negotiated and
+/// waiting for a slot. Each costs a thread and three descriptors; past it, new clients wait
+/// in the listen backlog.
+pub const MAX_PENDING_CLIENTS: usize = 64;
 /// Longest string (export name, query, message) the protocol allows.
 pub const MAX_STRING_LEN: usize = 4096;
 

@@ -1,11 +1,14 @@
 //! One connection: the async driver of the negotiation state machine (`negotiate.rs`), the
-//! switch to TLS, then the transmission phase
+//! switch to TLS, the wait for a transmission slot, then the transmission phase
 //! (`transmit.rs`).
 //!
 //! The connection is generic over any async byte stream so tests can drive it over
 //! `tokio::io::duplex` as well as sockets, and so the same code runs over a plaintext socket
 //! or, after NBD_OPT_STARTTLS, over the TLS stream wrapped around it. Negotiation (TLS
-//! handshake included) must end within [`HANDSHAKE_TIMEOUT`].
+//! handshake included) must end within [`HANDSHAKE_TIMEOUT`]; it holds no `--shared` slot.
+//! A client that has negotiated then waits, untimed, for a slot (`Shared::slots`) before it
+//! gets its final reply, so clients beyond the limit queue instead of being dropped, and an
+//! idle or half-negotiated client never keeps another out.
 
 use std::io;
 use std::sync::atomic::Ordering;
@@ -136,6 +139,13 @@ pub(crate) async fn handle_connection<S>(
     if matches!(est, Established::Closed) {
         return;
     }
+    // Negotiated: wait (untimed) for a transmission slot; a stopping server ends the wait.
+    let slot = tokio::select! {
+        s = sh.slots.clone().acquire_owned() => s,
+        _ = stopped(&mut stop) => return,
+    };
+    // The semaphore is never closed while connections run.
+    let Ok(_slot) = slot else { return };
     match est {
         Established::Plain(mut s, neg, reply) => {
             if send_final(&mut s, &reply).await {
@@ -252,5 +262,173 @@ where
         // `drive` has shut the session down. (A second STARTTLS is refused by the machine,
         // so StartTls cannot come back from inside TLS.)
         Drive::Closed | Drive::StartTls => Ok(Established::Closed),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The driver over an in-memory duplex stream, on tokio's paused clock: timeouts are
+    //! checked without waiting for them.
+    use std::time::Duration;
+
+    use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt, DuplexStream};
+    use tokio::sync::Semaphore;
+    use tokio::time::Instant;
+    use vmdisk_block::MemDisk;
+
+    use super::*;
+    use crate::config::ServerConfig;
+    use crate::limits::{MAX_BUFFERED_BYTES, MAX_IO_JOBS};
+    use crate::proto::*;
+    use crate::shared::Counters;
+
+    fn shared(max_connections: usize) -> Arc<Shared> {
+        Arc::new(Shared {
+            dev: Arc::new(MemDisk::new(1 << 20)),
+            cfg: ServerConfig {
+                max_connections,
+                ..ServerConfig::default()
+            },
+            read_only: false,
+            size: 1 << 20,
+            mem_budget: Arc::new(Semaphore::new(MAX_BUFFERED_BYTES)),
+            io_slots: Arc::new(Semaphore::new(MAX_IO_JOBS)),
+            slots: Arc::new(Semaphore::new(max_connections)),
+            counters: Counters::default(),
+        })
+    }
+
+    /// Read the greeting, send the client flags and a GO for the default export.
+    async fn send_go(c: &mut DuplexStream) {
+        let mut g = [0u8; GREETING_LEN];
+        c.read_exact(&mut g).await.unwrap();
+        assert_eq!(
+            decode_greeting(&g),
+            Some(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
+        );
+        c.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())
+            .await
+            .unwrap();
+        let data = encode_info_request(&InfoRequest {
+            name: String::new(),
+            infos: vec![],
+        });
+        let h = encode_option_header(OptionHeader {
+            option: OPT_GO,
+            len: data.len() as u32,
+        });
+        c.write_all(&h).await.unwrap();
+        c.write_all(&data).await.unwrap();
+    }
+
+    /// Read GO replies up to and including the ACK.
+    async fn read_go_replies(c: &mut DuplexStream) {
+        loop {
+            let mut h = [0u8; OPTION_REPLY_HEADER_LEN];
+            c.read_exact(&mut h).await.unwrap();
+            let h = decode_option_reply_header(&h).unwrap();
+            let mut d = vec![0u8; h.len as usize];
+            c.read_exact(&mut d).await.unwrap();
+            if h.reply == REP_ACK {
+                return;
+            }
+            assert_eq!(h.reply, REP_INFO);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_is_dropped_at_the_handshake_limit() {
+        let sh = shared(1);
+        let (_client, server) = duplex(1 << 16);
+        let (_stop_tx, stop) = watch::channel(false);
+        let t0 = Instant::now();
+        handle_connection(sh.clone(), server, stop, false).await;
+        let took = t0.elapsed();
+        assert!(
+            took >= HANDSHAKE_TIMEOUT && took < HANDSHAKE_TIMEOUT + Duration::from_secs(1),
+            "{took:?}"
+        );
+        assert_eq!(sh.counters.protocol_errors.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_half_way_through_an_option_is_dropped_at_the_limit() {
+        let sh = shared(1);
+        let (mut client, server) = duplex(1 << 16);
+        let (_stop_tx, stop) = watch::channel(false);
+        let conn = tokio::spawn(handle_connection(sh.clone(), server, stop, false));
+        let mut g = [0u8; GREETING_LEN];
+        client.read_exact(&mut g).await.unwrap();
+        client
+            .write_all(&FLAG_C_FIXED_NEWSTYLE.to_be_bytes())
+            .await
+            .unwrap();
+        let h = encode_option_header(OptionHeader {
+            option: OPT_GO,
+            len: 100,
+        });
+        client.write_all(&h).await.unwrap();
+        client.write_all(&[0u8; 40]).await.unwrap();
+        let t0 = Instant::now();
+        conn.await.unwrap();
+        assert!(t0.elapsed() <= HANDSHAKE_TIMEOUT, "{:?}", t0.elapsed());
+        // The server's end is gone: EOF.
+        assert_eq!(client.read(&mut [0u8; 16]).await.unwrap(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_negotiated_client_waits_for_a_slot_without_a_deadline() {
+        let sh = shared(1);
+        let held = sh.slots.clone().try_acquire_owned().unwrap();
+        let (mut client, server) = duplex(1 << 16);
+        let (_stop_tx, stop) = watch::channel(false);
+        let conn = tokio::spawn(handle_connection(sh.clone(), server, stop, false));
+        send_go(&mut client).await;
+        // No reply while the only slot is taken, long past the handshake limit.
+        let mut b = [0u8; 1];
+        let waited = tokio::time::timeout(3 * HANDSHAKE_TIMEOUT, client.read(&mut b)).await;
+        assert!(waited.is_err(), "a reply came without a slot: {waited:?}");
+        assert_eq!(sh.counters.protocol_errors.load(Ordering::Relaxed), 0);
+        drop(held);
+        read_go_replies(&mut client).await;
+        // Transmission works, then ends on DISC.
+        let req = Request {
+            flags: 0,
+            cmd: CMD_READ,
+            cookie: 7,
+            off: 0,
+            len: 512,
+        };
+        client.write_all(&encode_request(&req)).await.unwrap();
+        let mut r = [0u8; SIMPLE_REPLY_LEN + 512];
+        client.read_exact(&mut r).await.unwrap();
+        assert_eq!(&r[..SIMPLE_REPLY_LEN], &encode_simple_reply(0, 7));
+        let disc = Request {
+            cmd: CMD_DISC,
+            len: 0,
+            ..req
+        };
+        client.write_all(&encode_request(&disc)).await.unwrap();
+        conn.await.unwrap();
+        // The slot is free again.
+        assert_eq!(sh.slots.available_permits(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stopping_server_ends_the_wait_for_a_slot() {
+        let sh = shared(1);
+        let _held = sh.slots.clone().try_acquire_owned().unwrap();
+        let (mut client, server) = duplex(1 << 16);
+        let (stop_tx, stop) = watch::channel(false);
+        let conn = tokio::spawn(handle_connection(sh.clone(), server, stop, false));
+        send_go(&mut client).await;
+        // The paused clock moves only once every task is idle: the GO has been taken in and
+        // the connection sits in the slot wait when this times out.
+        let mut b = [0u8; 1];
+        let waited = tokio::time::timeout(2 * HANDSHAKE_TIMEOUT, client.read(&mut b)).await;
+        assert!(waited.is_err(), "a reply came without a slot: {waited:?}");
+        stop_tx.send(true).unwrap();
+        conn.await.unwrap();
+        assert_eq!(client.read(&mut [0u8; 16]).await.unwrap(), 0);
     }
 }

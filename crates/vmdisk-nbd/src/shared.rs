@@ -34,6 +34,9 @@ pub(crate) struct Shared {
     pub mem_budget: Arc<Semaphore>,
     /// Device calls that may run at once, server-wide.
     pub io_slots: Arc<Semaphore>,
+    /// Connections in the transmission phase at once (`max_connections` permits): taken when
+    /// negotiation has finished, before the final reply, held until the connection ends.
+    pub slots: Arc<Semaphore>,
     pub counters: Counters,
 }
 
