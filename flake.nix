@@ -28,6 +28,7 @@
   #   qemu-nbd              qemu                all
   #   nbdinfo               libnbd              linux
   #   nbdcopy               libnbd              linux
+  #   nbdsh                 libnbd              linux
   #   mke2fs                e2fsprogs           all
   #   e2fsck                e2fsprogs           all
   #   debugfs               e2fsprogs           all

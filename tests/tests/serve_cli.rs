@@ -10,6 +10,19 @@ use std::time::Duration;
 use tests::*;
 
 const EXIT: Duration = Duration::from_secs(20);
+/// How long the server may take to close a connection its client has left.
+const SERVER_IDLE: Duration = Duration::from_secs(20);
+
+/// Sockets process `pid` has open (its listener, its runtime's wakeup pair, one per client).
+fn socket_fds(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+                .filter(|t| t.to_string_lossy().starts_with("socket:"))
+                .count()
+        })
+        .unwrap_or(0)
+}
 
 /// A 64 MiB qcow2 over a qcow2 backing file, both made by qemu: data in each layer, zero
 /// clusters, a discard, unaligned writes. Returns (base, top).
@@ -491,9 +504,10 @@ fn sigterm_when_idle_exits_zero_and_flushes() {
     let img = d.join("img.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "64M"]).ok();
 
-    // Never connected to.
+    // Never connected to. Serve::start returns once the socket exists, and vmdisk serve
+    // creates it only after its SIGINT/SIGTERM handlers are in place: that is the readiness
+    // this needs (a probe connection would make the one-shot server exit by itself).
     let mut srv = Serve::start(&img, &[], d);
-    std::thread::sleep(Duration::from_millis(200));
     srv.sigterm();
     srv.assert_exits_ok(EXIT, "SIGTERM before any client");
     assert!(!srv.socket.exists(), "the socket was left behind");
@@ -501,6 +515,8 @@ fn sigterm_when_idle_exits_zero_and_flushes() {
 
     // Written to, then idle.
     let mut srv = Serve::start(&img, &["--persistent"], d);
+    let pid = srv.bg.child.id();
+    let idle_fds = socket_fds(pid);
     let r = run(Command::new(require_tool("qemu-io"))
         .args([
             "-f",
@@ -512,12 +528,34 @@ fn sigterm_when_idle_exits_zero_and_flushes() {
         ])
         .arg(srv.uri()));
     assert!(r.success() && !r.stderr.contains("failed"), "qemu-io:\n{r}");
-    std::thread::sleep(Duration::from_millis(300));
+    // Readiness: the server has closed its end of qemu-io's connection (a one-shot server
+    // would exit right there); then it must still be up and serve the next client.
+    let closed = wait_until(SERVER_IDLE, || socket_fds(pid) <= idle_fds);
     assert!(
-        srv.bg.alive(),
-        "--persistent server exited:\n{}",
+        closed,
+        "the server still holds {} sockets (idle: {idle_fds}) {} s after qemu-io left:\n{}",
+        socket_fds(pid),
+        SERVER_IDLE.as_secs(),
         srv.describe()
     );
+    assert!(
+        srv.bg.alive(),
+        "--persistent server exited after its client left:\n{}",
+        srv.describe()
+    );
+    {
+        use vmdisk_nbd::client::{Client, ConnectOptions};
+        let mut c = Client::connect_unix(&srv.socket, &ConnectOptions::default())
+            .unwrap_or_else(|e| panic!("--persistent server refused a second client: {e}"));
+        let mut buf = vec![0u8; 4096];
+        c.read(1 << 20, &mut buf).unwrap();
+        assert_eq!(
+            buf,
+            vec![0x77u8; 4096],
+            "second client reads the first one's write"
+        );
+        c.disconnect().unwrap();
+    }
     srv.sigterm();
     srv.assert_exits_ok(EXIT, "SIGTERM when idle");
     assert_qemu_check_clean(&img, "after SIGTERM (idle)");

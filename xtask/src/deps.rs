@@ -41,6 +41,8 @@ pub const TOOLS: &[(&str, &str)] = &[
     // the flake checks: tests/tests/flake.rs parses flake.nix and evaluates its pure parts
     ("nix-instantiate", "nix-bin"),
     ("sha256sum", "coreutils"),
+    // libnbd's Python shell: the NBD client of tests/tests/nbd_*.rs (runs the system python3)
+    ("nbdsh", "python3-libnbd"),
 ];
 
 /// Shared libraries of Debian 12's qemu-system-x86 7.2. The harness unpacks that package into

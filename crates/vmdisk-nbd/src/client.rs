@@ -6,11 +6,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
+use crate::limits::MAX_REPLY_LEN;
 use crate::proto::*;
-
-/// Longest option reply or reply chunk the client accepts (a read of the server's maximum
-/// request length plus headers fits).
-pub const MAX_REPLY_LEN: usize = crate::MAX_REQUEST_LEN + 4096;
 
 /// What went wrong on the client side.
 #[derive(Debug, thiserror::Error)]

@@ -52,19 +52,32 @@
 //!
 //! # Limits and hostile clients
 //!
-//! A request larger than [`MAX_REQUEST_LEN`] gets EINVAL (a WRITE that large is answered and
-//! the connection closed, since its payload cannot be skipped cheaply). Each connection has at
-//! most [`server::MAX_IN_FLIGHT`] requests outstanding; all request buffers together stay below
+//! Every limit is a named constant in [`limits`], with its reason. A request larger than
+//! [`MAX_REQUEST_LEN`] gets EINVAL (a WRITE that large is answered and the connection closed,
+//! since its payload cannot be skipped cheaply). Each connection has at most
+//! [`limits::MAX_IN_FLIGHT`] requests outstanding; all request buffers together stay below
 //! [`MAX_BUFFERED_BYTES`] (besides that, a connection keeps a 128 KiB input buffer and at most
 //! 4 MiB of idle buffers for reuse); at most [`MAX_IO_JOBS`] device calls run at once, inline
-//! ones included; negotiation must
-//! finish (TLS handshake included) within [`server::HANDSHAKE_TIMEOUT`]. Beyond
-//! [`ServerConfig::max_connections`] the server stops accepting, so further clients wait in the
-//! listen backlog until a slot frees (as with qemu-nbd `--shared`; libnbd's multi-conn clients
-//! rely on it). A bad magic number ends
-//! the connection (there is nothing left to resynchronise on); every other malformed request
-//! gets the protocol's error reply. Out-of-range requests of every kind get EINVAL (as
-//! qemu-nbd does; the protocol would also allow ENOSPC for writes) and touch nothing.
+//! ones included. Negotiation must finish (TLS handshake included) within
+//! [`limits::HANDSHAKE_TIMEOUT`], and a negotiating client holds no slot:
+//! [`ServerConfig::max_connections`] counts clients in the transmission phase only. A client
+//! that has negotiated while every slot is taken waits for one (its GO is answered, or its
+//! EXPORT_NAME export data sent, only then), so clients beyond the limit queue rather than
+//! being dropped (as with qemu-nbd `--shared`; libnbd's multi-conn clients rely on it), and
+//! an idle or half-negotiated client keeps nobody out (qemu-nbd counts those too, until its
+//! 10 s handshake limit). At most [`limits::MAX_PENDING_CLIENTS`] clients beyond the limit
+//! are accepted at once; further ones wait in the listen backlog. A bad magic number ends the
+//! connection (there is nothing left to resynchronise on); every other malformed request gets
+//! the protocol's error reply. Out-of-range requests of every kind get EINVAL (as qemu-nbd
+//! does; the protocol would also allow ENOSPC for writes) and touch nothing.
+//!
+//! # Modules
+//!
+//! `negotiate` is option negotiation as a pure state machine (bytes in, replies and a decision
+//! out); `server` drives it over a stream, switches to TLS and waits for a slot; `transmit`
+//! is the transmission phase; `shared` holds what all connections share; [`limits`] every
+//! limit.
+//! Imports point one way: lib -> server -> {transmit, negotiate, shared} -> {limits, proto}.
 //!
 //! # Errors
 //!
@@ -83,7 +96,6 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{watch, Semaphore};
@@ -91,60 +103,21 @@ use tokio::task::JoinSet;
 use vmdisk_block::BlockDevice;
 
 pub mod client;
+mod config;
+pub mod limits;
+mod negotiate;
 pub mod proto;
-pub mod server;
+mod server;
+mod shared;
 pub mod tls;
 mod transmit;
 
+pub use config::ServerConfig;
+pub use limits::{MAX_BUFFERED_BYTES, MAX_IO_JOBS, MAX_REQUEST_LEN, SHUTDOWN_GRACE};
 /// The TLS library the server's configuration type comes from ([`ServerConfig::tls`]).
 pub use rustls;
 
-/// Longest READ or WRITE the server accepts (advertised as the maximum block size).
-pub const MAX_REQUEST_LEN: usize = 32 << 20;
-/// Request and reply buffers held at once, server-wide (bounds memory under any load).
-pub const MAX_BUFFERED_BYTES: usize = 256 << 20;
-/// Device calls running at once, server-wide (bounds blocking threads).
-pub const MAX_IO_JOBS: usize = 32;
-/// How long a stopping server waits for connections to finish their requests.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
-
-/// What to export and how.
-#[derive(Debug, Clone)]
-pub struct ServerConfig {
-    /// Name clients must ask for (qemu's default is the empty name).
-    pub export_name: String,
-    /// Refuse writes (also implied by a read-only device).
-    pub read_only: bool,
-    /// Keep serving after the last client leaves (qemu-nbd `--persistent`).
-    pub persistent: bool,
-    /// Clients served at once (qemu-nbd `--shared`); 0 counts as 1.
-    pub max_connections: usize,
-    /// Unix sockets only: peer uids allowed to connect (`SO_PEERCRED`); `None` allows any
-    /// peer that can open the 0600 socket.
-    pub allow_uids: Option<Vec<u32>>,
-    /// Human description sent with LIST and INFO.
-    pub description: Option<String>,
-    /// Allow TCP addresses other than loopback.
-    pub allow_remote: bool,
-    /// Require TLS with this configuration (see [`tls::server_config`]). There is no
-    /// plaintext fallback: a client must send NBD_OPT_STARTTLS before anything else.
-    pub tls: Option<Arc<rustls::ServerConfig>>,
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        ServerConfig {
-            export_name: String::new(),
-            read_only: false,
-            persistent: false,
-            max_connections: 1,
-            allow_uids: None,
-            description: None,
-            allow_remote: false,
-            tls: None,
-        }
-    }
-}
+use limits::{ACCEPT_BACKOFF, MAX_PENDING_CLIENTS};
 
 /// Where to listen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -332,14 +305,15 @@ pub async fn serve_listener(
     shutdown: impl Future<Output = ()>,
 ) -> Result<ServeStats> {
     let max_conns = cfg.max_connections.max(1);
-    let sh = Arc::new(server::Shared {
+    let sh = Arc::new(shared::Shared {
         read_only: cfg.read_only || dev.is_read_only(),
         size: dev.len(),
         dev,
         cfg,
         mem_budget: Arc::new(Semaphore::new(MAX_BUFFERED_BYTES)),
         io_slots: Arc::new(Semaphore::new(MAX_IO_JOBS)),
-        counters: server::Counters::default(),
+        slots: Arc::new(Semaphore::new(max_conns)),
+        counters: shared::Counters::default(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     // Ends connections still running when the grace period is over.
@@ -358,11 +332,12 @@ pub async fn serve_listener(
                     break;
                 }
             }
-            // At the limit, stop accepting: new clients queue in the kernel's backlog.
-            accepted = accept(&listener), if conns.len() < max_conns => {
+            // Negotiating clients hold no slot, so accept beyond the limit; past
+            // MAX_PENDING_CLIENTS more, new clients queue in the kernel's backlog.
+            accepted = accept(&listener), if conns.len() < max_conns + MAX_PENDING_CLIENTS => {
                 let Some(conn) = accepted else {
                     // EMFILE and friends: back off instead of spinning.
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 };
                 if !peer_allowed(&conn, &sh.cfg) {
@@ -449,7 +424,9 @@ fn peer_allowed(conn: &Accepted, cfg: &ServerConfig) -> bool {
 }
 
 /// Serve from a fresh multi-threaded runtime until SIGINT/SIGTERM (or, one-shot, until the
-/// last client leaves); the device is flushed before returning.
+/// last client leaves); the device is flushed before returning. The signal handlers are in
+/// place before the listener is bound, so once the socket exists (or the port accepts) a
+/// SIGTERM stops the server cleanly: the socket is the readiness signal.
 pub fn serve_blocking(
     dev: Arc<dyn BlockDevice>,
     listen: Listen,
@@ -472,4 +449,98 @@ pub fn serve_blocking(
         };
         serve(dev, listen, cfg, stop).await
     })
+}
+
+#[cfg(test)]
+mod tests {
+    /// Each module's source, by module name ("lib" is the crate root).
+    const SOURCES: &[(&str, &str)] = &[
+        ("lib", include_str!("lib.rs")),
+        ("client", include_str!("client.rs")),
+        ("config", include_str!("config.rs")),
+        ("limits", include_str!("limits.rs")),
+        ("negotiate", include_str!("negotiate.rs")),
+        ("proto", include_str!("proto.rs")),
+        ("server", include_str!("server.rs")),
+        ("shared", include_str!("shared.rs")),
+        ("tls", include_str!("tls.rs")),
+        ("transmit", include_str!("transmit.rs")),
+    ];
+
+    /// The modules `src` names through `crate::` paths (in `use` lines, code or doc links);
+    /// an item of the root itself (`crate::Error`) counts as "lib".
+    fn deps(src: &str) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        for (at, _) in src.match_indices("crate::") {
+            let rest = &src[at + "crate::".len()..];
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect();
+            let module = SOURCES
+                .iter()
+                .map(|(m, _)| *m)
+                .find(|m| *m == name && *m != "lib")
+                .unwrap_or("lib");
+            if !out.contains(&module) {
+                out.push(module);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn module_imports_form_no_cycle() {
+        // lib.rs declares every module; only the other direction would be an import.
+        let graph: Vec<(&str, Vec<&str>)> = SOURCES
+            .iter()
+            .map(|(m, src)| {
+                let mut d = deps(src);
+                if *m == "lib" {
+                    d.clear();
+                    for (other, _) in SOURCES.iter().filter(|(o, _)| *o != "lib") {
+                        d.push(other);
+                    }
+                }
+                d.retain(|x| x != m);
+                (*m, d)
+            })
+            .collect();
+        // Depth-first search for a back edge.
+        fn visit<'a>(
+            m: &'a str,
+            graph: &[(&'a str, Vec<&'a str>)],
+            path: &mut Vec<&'a str>,
+            done: &mut Vec<&'a str>,
+        ) {
+            if done.contains(&m) {
+                return;
+            }
+            assert!(
+                !path.contains(&m),
+                "import cycle: {} -> {m}",
+                path.join(" -> ")
+            );
+            path.push(m);
+            let edges = graph.iter().find(|(n, _)| *n == m).map(|(_, d)| d.clone());
+            for d in edges.unwrap_or_default() {
+                visit(d, graph, path, done);
+            }
+            path.pop();
+            done.push(m);
+        }
+        let mut done = Vec::new();
+        visit("lib", &graph, &mut Vec::new(), &mut done);
+        assert_eq!(done.len(), SOURCES.len());
+        // And the layering the docs promise: the state machine does no IO and needs only
+        // the wire format and the limits.
+        let neg = graph.iter().find(|(m, _)| *m == "negotiate").unwrap();
+        let mut d = neg.1.clone();
+        d.sort();
+        assert_eq!(d, ["limits", "proto"]);
+        assert!(
+            !SOURCES[4].1.contains("tokio"),
+            "negotiate.rs must not touch tokio"
+        );
+    }
 }

@@ -118,7 +118,7 @@ pub const SIMPLE_REPLY_LEN: usize = 16;
 /// Size of a structured reply chunk header: magic, flags, type, cookie, length.
 pub const CHUNK_HEADER_LEN: usize = 20;
 /// Longest string (export name, query, message) the protocol allows.
-pub const MAX_STRING_LEN: usize = 4096;
+pub use crate::limits::MAX_STRING_LEN;
 
 fn be16(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?))

@@ -1,135 +1,38 @@
-//! One connection: fixed-newstyle negotiation, then the transmission phase (`transmit.rs`).
+//! One connection: the async driver of the negotiation state machine (`negotiate.rs`), the
+//! switch to TLS, the wait for a transmission slot, then the transmission phase
+//! (`transmit.rs`).
 //!
 //! The connection is generic over any async byte stream so tests can drive it over
 //! `tokio::io::duplex` as well as sockets, and so the same code runs over a plaintext socket
-//! or, after NBD_OPT_STARTTLS, over the TLS stream wrapped around it. Device calls run on
-//! tokio's blocking pool (`spawn_blocking`), bounded by the server-wide `io_slots` semaphore;
-//! request buffers are paid for from the server-wide `mem_budget` semaphore (bytes) before
-//! they are allocated, and each connection has at most [`MAX_IN_FLIGHT`] requests outstanding.
+//! or, after NBD_OPT_STARTTLS, over the TLS stream wrapped around it. Negotiation (TLS
+//! handshake included) must end within [`HANDSHAKE_TIMEOUT`]; it holds no `--shared` slot.
+//! A client that has negotiated then waits, untimed, for a slot (`Shared::slots`) before it
+//! gets its final reply, so clients beyond the limit queue instead of being dropped, and an
+//! idle or half-negotiated client never keeps another out.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
-use vmdisk_block::BlockDevice;
 
-use crate::proto::*;
+use crate::limits::{HANDSHAKE_TIMEOUT, MAX_IN_FLIGHT};
+use crate::negotiate::{Event, Handshake, Negotiated, Next, Step};
+use crate::shared::{stopped, Shared};
 use crate::transmit::transmission;
-use crate::{ServerConfig, MAX_REQUEST_LEN};
-
-/// Requests one connection may have in flight; the reader stops reading when it is reached.
-pub const MAX_IN_FLIGHT: usize = 16;
-/// Option data longer than this is answered with NBD_REP_ERR_TOO_BIG and the connection is
-/// closed (the longest legal option is a few 4 KiB strings).
-pub const MAX_OPTION_LEN: usize = 64 * 1024;
-/// Options one client may send before it must pick an export (stops endless haggling).
-pub const MAX_OPTIONS: usize = 256;
-/// Time a client has to finish negotiation (slots are not held by idle handshakes).
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Bytes one BLOCK_STATUS reply describes at most (bounds the device query; the protocol
-/// lets a reply cover less than was asked).
-pub const MAX_BLOCK_STATUS_LEN: u64 = 1 << 30;
-/// Descriptors in one BLOCK_STATUS reply at most.
-pub const MAX_BLOCK_STATUS_DESCRIPTORS: usize = 1 << 14;
-/// Preferred block size advertised with NBD_INFO_BLOCK_SIZE.
-pub const PREFERRED_BLOCK_SIZE: u32 = 4096;
-
-/// Counters shared by all connections.
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub connections: AtomicU64,
-    pub refused: AtomicU64,
-    pub tls_failures: AtomicU64,
-    pub requests: AtomicU64,
-    pub request_errors: AtomicU64,
-    pub protocol_errors: AtomicU64,
-    pub panics: AtomicU64,
-    pub bytes_read: AtomicU64,
-    pub bytes_written: AtomicU64,
-}
-
-/// What every connection shares.
-pub(crate) struct Shared {
-    pub dev: Arc<dyn BlockDevice>,
-    pub cfg: ServerConfig,
-    pub read_only: bool,
-    pub size: u64,
-    /// Bytes of request/reply buffers that may exist at once, server-wide.
-    pub mem_budget: Arc<Semaphore>,
-    /// Device calls that may run at once, server-wide.
-    pub io_slots: Arc<Semaphore>,
-    pub counters: Counters,
-}
-
-impl Shared {
-    fn tflags(&self, structured: bool) -> u16 {
-        let mut f = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA;
-        // Every connection shares one device and FLUSH is device-wide, so multi-conn is
-        // safe; advertise it only when more than one connection will actually be accepted.
-        if self.cfg.max_connections > 1 {
-            f |= TFLAG_CAN_MULTI_CONN;
-        }
-        if self.read_only {
-            f |= TFLAG_READ_ONLY;
-        } else {
-            f |= TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES;
-        }
-        if structured {
-            f |= TFLAG_SEND_DF;
-        }
-        f
-    }
-}
-
-/// What negotiation settled.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Negotiated {
-    pub structured: bool,
-    pub base_allocation: bool,
-}
-
-/// Resolve when `stop` turns true (never, if the sender is gone without saying so).
-pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
-    loop {
-        if *stop.borrow_and_update() {
-            return;
-        }
-        if stop.changed().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    }
-}
 
 /// How negotiation ended.
 enum Established<S> {
-    /// Enter transmission on the plaintext stream (no TLS configured).
-    Plain(S, Negotiated),
-    /// Enter transmission inside TLS.
-    Tls(Box<TlsStream<S>>, Negotiated),
+    /// Enter transmission on the plaintext stream (no TLS configured) once `final_reply`
+    /// (the GO replies or the EXPORT_NAME export data) is sent.
+    Plain(S, Negotiated, Vec<u8>),
+    /// The same, inside TLS.
+    Tls(Box<TlsStream<S>>, Negotiated, Vec<u8>),
     /// The connection is over (already shut down where that was polite).
     Closed,
-}
-
-/// What one round of option haggling decided.
-enum Next {
-    Transmit(Negotiated),
-    /// The client's NBD_OPT_STARTTLS was acknowledged: the TLS handshake comes next.
-    StartTls,
-    Close,
-}
-
-/// Negotiation state that survives the switch to TLS.
-struct Haggle {
-    no_zeroes: bool,
-    /// Options the client may still send (over both phases together).
-    options_left: usize,
-    /// TLS is running on this connection.
-    tls_active: bool,
 }
 
 /// An accepted client, detached from the accepting runtime.
@@ -225,13 +128,106 @@ pub(crate) async fn handle_connection<S>(
         r = tokio::time::timeout(HANDSHAKE_TIMEOUT, establish(&sh, stream)) => r,
         _ = stopped(&mut stop) => return,
     };
-    match est {
-        Ok(Ok(Established::Plain(s, neg))) => transmission(sh, s, neg, stop, own_thread).await,
-        Ok(Ok(Established::Tls(s, neg))) => transmission(sh, *s, neg, stop, own_thread).await,
-        Ok(Ok(Established::Closed)) => {}
+    let est = match est {
+        Ok(Ok(e)) => e,
         // IO error (truncated handshake, peer gone) or timeout: just close.
         Ok(Err(_)) | Err(_) => {
             sh.counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    if matches!(est, Established::Closed) {
+        return;
+    }
+    // Negotiated: wait (untimed) for a transmission slot; a stopping server ends the wait.
+    let slot = tokio::select! {
+        s = sh.slots.clone().acquire_owned() => s,
+        _ = stopped(&mut stop) => return,
+    };
+    // The semaphore is never closed while connections run.
+    let Ok(_slot) = slot else { return };
+    match est {
+        Established::Plain(mut s, neg, reply) => {
+            if send_final(&mut s, &reply).await {
+                transmission(sh.clone(), s, neg, stop, own_thread).await;
+            }
+        }
+        Established::Tls(mut s, neg, reply) => {
+            if send_final(&mut *s, &reply).await {
+                transmission(sh.clone(), *s, neg, stop, own_thread).await;
+            }
+        }
+        Established::Closed => {}
+    }
+}
+
+/// Send the reply that lets a negotiated client in; false if the client is gone (or does not
+/// read it within the handshake limit).
+async fn send_final<S: AsyncWrite + Unpin>(io: &mut S, reply: &[u8]) -> bool {
+    let sent = async {
+        io.write_all(reply).await?;
+        io.flush().await
+    };
+    matches!(
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, sent).await,
+        Ok(Ok(()))
+    )
+}
+
+/// Write a step's reply bytes and flush (TLS buffers them).
+async fn send<S: AsyncWrite + Unpin>(io: &mut S, reply: &[u8]) -> io::Result<()> {
+    if !reply.is_empty() {
+        io.write_all(reply).await?;
+        io.flush().await?;
+    }
+    Ok(())
+}
+
+/// What driving the state machine on one stream came to.
+enum Drive {
+    /// The client asked for TLS and got the ACK.
+    StartTls,
+    Transmit(Negotiated, Vec<u8>),
+    Closed,
+}
+
+/// Run the state machine on `io` until it wants TLS, transmission or the end. Option data
+/// is read into a buffer of the length the machine asked for, which it bounds by
+/// MAX_OPTION_LEN.
+async fn drive<S>(sh: &Shared, hs: &mut Handshake, io: &mut S, first: Step) -> io::Result<Drive>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut step = first;
+    let mut buf = Vec::new();
+    loop {
+        match step.event {
+            Some(Event::ProtocolError) => {
+                sh.counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(Event::Refused) => {
+                sh.counters.refused.fetch_add(1, Ordering::Relaxed);
+            }
+            None => {}
+        }
+        match step.next {
+            Next::Read(n) => {
+                send(io, &step.reply).await?;
+                buf.resize(n, 0);
+                io.read_exact(&mut buf).await?;
+                step = hs.input(&buf);
+            }
+            Next::StartTls => {
+                send(io, &step.reply).await?;
+                return Ok(Drive::StartTls);
+            }
+            Next::Transmit(neg) => return Ok(Drive::Transmit(neg, step.reply)),
+            Next::Close => {
+                // Best effort: the connection closes either way.
+                let _ = send(io, &step.reply).await;
+                let _ = io.shutdown().await;
+                return Ok(Drive::Closed);
+            }
         }
     }
 }
@@ -241,23 +237,13 @@ async fn establish<S>(sh: &Shared, mut io: S) -> io::Result<Established<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let Some(no_zeroes) = greet(sh, &mut io).await? else {
-        return Ok(Established::Closed);
-    };
-    let mut hg = Haggle {
-        no_zeroes,
-        options_left: MAX_OPTIONS,
-        tls_active: false,
-    };
-    match haggle(sh, &mut io, &mut hg).await? {
-        Next::Transmit(neg) => return Ok(Established::Plain(io, neg)),
-        Next::Close => {
-            let _ = io.shutdown().await;
-            return Ok(Established::Closed);
-        }
-        Next::StartTls => {}
+    let (mut hs, first) = Handshake::new(sh.export_info());
+    match drive(sh, &mut hs, &mut io, first).await? {
+        Drive::Transmit(neg, reply) => return Ok(Established::Plain(io, neg, reply)),
+        Drive::Closed => return Ok(Established::Closed),
+        Drive::StartTls => {}
     }
-    // haggle() acknowledges STARTTLS only when a configuration exists.
+    // The machine acknowledges STARTTLS only when TLS is required, i.e. configured.
     let Some(cfg) = sh.cfg.tls.clone() else {
         return Ok(Established::Closed);
     };
@@ -270,211 +256,179 @@ where
             return Ok(Established::Closed);
         }
     };
-    hg.tls_active = true;
-    match haggle(sh, &mut tls, &mut hg).await? {
-        Next::Transmit(neg) => Ok(Established::Tls(Box::new(tls), neg)),
-        Next::Close | Next::StartTls => {
-            let _ = tls.shutdown().await;
-            Ok(Established::Closed)
+    let next = hs.tls_started();
+    match drive(sh, &mut hs, &mut tls, next).await? {
+        Drive::Transmit(neg, reply) => Ok(Established::Tls(Box::new(tls), neg, reply)),
+        // `drive` has shut the session down. (A second STARTTLS is refused by the machine,
+        // so StartTls cannot come back from inside TLS.)
+        Drive::Closed | Drive::StartTls => Ok(Established::Closed),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The driver over an in-memory duplex stream, on tokio's paused clock: timeouts are
+    //! checked without waiting for them.
+    use std::time::Duration;
+
+    use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt, DuplexStream};
+    use tokio::sync::Semaphore;
+    use tokio::time::Instant;
+    use vmdisk_block::MemDisk;
+
+    use super::*;
+    use crate::config::ServerConfig;
+    use crate::limits::{MAX_BUFFERED_BYTES, MAX_IO_JOBS};
+    use crate::proto::*;
+    use crate::shared::Counters;
+
+    fn shared(max_connections: usize) -> Arc<Shared> {
+        Arc::new(Shared {
+            dev: Arc::new(MemDisk::new(1 << 20)),
+            cfg: ServerConfig {
+                max_connections,
+                ..ServerConfig::default()
+            },
+            read_only: false,
+            size: 1 << 20,
+            mem_budget: Arc::new(Semaphore::new(MAX_BUFFERED_BYTES)),
+            io_slots: Arc::new(Semaphore::new(MAX_IO_JOBS)),
+            slots: Arc::new(Semaphore::new(max_connections)),
+            counters: Counters::default(),
+        })
+    }
+
+    /// Read the greeting, send the client flags and a GO for the default export.
+    async fn send_go(c: &mut DuplexStream) {
+        let mut g = [0u8; GREETING_LEN];
+        c.read_exact(&mut g).await.unwrap();
+        assert_eq!(
+            decode_greeting(&g),
+            Some(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
+        );
+        c.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())
+            .await
+            .unwrap();
+        let data = encode_info_request(&InfoRequest {
+            name: String::new(),
+            infos: vec![],
+        });
+        let h = encode_option_header(OptionHeader {
+            option: OPT_GO,
+            len: data.len() as u32,
+        });
+        c.write_all(&h).await.unwrap();
+        c.write_all(&data).await.unwrap();
+    }
+
+    /// Read GO replies up to and including the ACK.
+    async fn read_go_replies(c: &mut DuplexStream) {
+        loop {
+            let mut h = [0u8; OPTION_REPLY_HEADER_LEN];
+            c.read_exact(&mut h).await.unwrap();
+            let h = decode_option_reply_header(&h).unwrap();
+            let mut d = vec![0u8; h.len as usize];
+            c.read_exact(&mut d).await.unwrap();
+            if h.reply == REP_ACK {
+                return;
+            }
+            assert_eq!(h.reply, REP_INFO);
         }
     }
-}
 
-async fn opt_reply<W: AsyncWrite + Unpin>(
-    wr: &mut W,
-    option: u32,
-    reply: u32,
-    data: &[u8],
-) -> io::Result<()> {
-    wr.write_all(&encode_option_reply(option, reply, data))
-        .await
-}
-
-/// Send the greeting and read the client flags: `Some(no_zeroes)`, or `None` to close.
-async fn greet<S>(sh: &Shared, io: &mut S) -> io::Result<Option<bool>>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    io.write_all(&encode_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
-        .await?;
-    io.flush().await?;
-    let cflags = io.read_u32().await?;
-    if cflags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
-        // The protocol says to close on client flags we do not know.
-        sh.counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
-        return Ok(None);
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_is_dropped_at_the_handshake_limit() {
+        let sh = shared(1);
+        let (_client, server) = duplex(1 << 16);
+        let (_stop_tx, stop) = watch::channel(false);
+        let t0 = Instant::now();
+        handle_connection(sh.clone(), server, stop, false).await;
+        let took = t0.elapsed();
+        assert!(
+            took >= HANDSHAKE_TIMEOUT && took < HANDSHAKE_TIMEOUT + Duration::from_secs(1),
+            "{took:?}"
+        );
+        assert_eq!(sh.counters.protocol_errors.load(Ordering::Relaxed), 1);
     }
-    Ok(Some(cflags & FLAG_C_NO_ZEROES != 0))
-}
 
-/// Fixed-newstyle option haggling on `io` (plaintext, or inside TLS once `hg.tls_active`).
-/// Everything negotiated before STARTTLS is forgotten: TLS starts a fresh negotiation.
-async fn haggle<S>(sh: &Shared, io: &mut S, hg: &mut Haggle) -> io::Result<Next>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let export = sh.cfg.export_name.as_str();
-    // FORCEDTLS: with a configuration, nothing but STARTTLS and ABORT is served in plaintext.
-    let tls_pending = sh.cfg.tls.is_some() && !hg.tls_active;
-    let mut st = Negotiated::default();
-    while hg.options_left > 0 {
-        hg.options_left -= 1;
-        io.flush().await?;
-        let mut hb = [0u8; OPTION_HEADER_LEN];
-        io.read_exact(&mut hb).await?;
-        let Some(h) = decode_option_header(&hb) else {
-            sh.counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
-            return Ok(Next::Close);
+    #[tokio::test(start_paused = true)]
+    async fn a_client_half_way_through_an_option_is_dropped_at_the_limit() {
+        let sh = shared(1);
+        let (mut client, server) = duplex(1 << 16);
+        let (_stop_tx, stop) = watch::channel(false);
+        let conn = tokio::spawn(handle_connection(sh.clone(), server, stop, false));
+        let mut g = [0u8; GREETING_LEN];
+        client.read_exact(&mut g).await.unwrap();
+        client
+            .write_all(&FLAG_C_FIXED_NEWSTYLE.to_be_bytes())
+            .await
+            .unwrap();
+        let h = encode_option_header(OptionHeader {
+            option: OPT_GO,
+            len: 100,
+        });
+        client.write_all(&h).await.unwrap();
+        client.write_all(&[0u8; 40]).await.unwrap();
+        let t0 = Instant::now();
+        conn.await.unwrap();
+        assert!(t0.elapsed() <= HANDSHAKE_TIMEOUT, "{:?}", t0.elapsed());
+        // The server's end is gone: EOF.
+        assert_eq!(client.read(&mut [0u8; 16]).await.unwrap(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_negotiated_client_waits_for_a_slot_without_a_deadline() {
+        let sh = shared(1);
+        let held = sh.slots.clone().try_acquire_owned().unwrap();
+        let (mut client, server) = duplex(1 << 16);
+        let (_stop_tx, stop) = watch::channel(false);
+        let conn = tokio::spawn(handle_connection(sh.clone(), server, stop, false));
+        send_go(&mut client).await;
+        // No reply while the only slot is taken, long past the handshake limit.
+        let mut b = [0u8; 1];
+        let waited = tokio::time::timeout(3 * HANDSHAKE_TIMEOUT, client.read(&mut b)).await;
+        assert!(waited.is_err(), "a reply came without a slot: {waited:?}");
+        assert_eq!(sh.counters.protocol_errors.load(Ordering::Relaxed), 0);
+        drop(held);
+        read_go_replies(&mut client).await;
+        // Transmission works, then ends on DISC.
+        let req = Request {
+            flags: 0,
+            cmd: CMD_READ,
+            cookie: 7,
+            off: 0,
+            len: 512,
         };
-        if h.len as usize > MAX_OPTION_LEN {
-            sh.counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
-            opt_reply(io, h.option, REP_ERR_TOO_BIG, b"option data too long").await?;
-            io.flush().await?;
-            return Ok(Next::Close);
-        }
-        let mut data = vec![0u8; h.len as usize];
-        io.read_exact(&mut data).await?;
-        if tls_pending {
-            match h.option {
-                OPT_STARTTLS if !data.is_empty() => {
-                    opt_reply(io, h.option, REP_ERR_INVALID, b"STARTTLS takes no data").await?;
-                    continue;
-                }
-                OPT_STARTTLS => {
-                    opt_reply(io, h.option, REP_ACK, &[]).await?;
-                    io.flush().await?;
-                    return Ok(Next::StartTls);
-                }
-                OPT_EXPORT_NAME => {
-                    // It cannot be answered with an error: the protocol says close.
-                    sh.counters.refused.fetch_add(1, Ordering::Relaxed);
-                    return Ok(Next::Close);
-                }
-                OPT_ABORT => {}
-                _ => {
-                    let m = b"TLS is required: send NBD_OPT_STARTTLS first";
-                    opt_reply(io, h.option, REP_ERR_TLS_REQD, m).await?;
-                    continue;
-                }
-            }
-        }
-        match h.option {
-            OPT_EXPORT_NAME => {
-                if data != export.as_bytes() {
-                    // No error reply exists for this option: the protocol says close.
-                    return Ok(Next::Close);
-                }
-                io.write_all(&sh.size.to_be_bytes()).await?;
-                io.write_all(&sh.tflags(false).to_be_bytes()).await?;
-                if !hg.no_zeroes {
-                    io.write_all(&[0u8; 124]).await?;
-                }
-                io.flush().await?;
-                // Structured replies stay off: EXPORT_NAME clients did not ask via GO.
-                return Ok(Next::Transmit(st));
-            }
-            OPT_ABORT => {
-                let _ = opt_reply(io, h.option, REP_ACK, &[]).await;
-                let _ = io.flush().await;
-                return Ok(Next::Close);
-            }
-            OPT_LIST => {
-                if !data.is_empty() {
-                    opt_reply(io, h.option, REP_ERR_INVALID, b"LIST takes no data").await?;
-                    continue;
-                }
-                let desc = sh.cfg.description.as_deref().unwrap_or("");
-                opt_reply(io, h.option, REP_SERVER, &encode_rep_server(export, desc)).await?;
-                opt_reply(io, h.option, REP_ACK, &[]).await?;
-            }
-            OPT_INFO | OPT_GO => {
-                let req = match decode_info_request(&data) {
-                    Ok(r) => r,
-                    Err(BadOption(why)) => {
-                        sh.counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
-                        opt_reply(io, h.option, REP_ERR_INVALID, why.as_bytes()).await?;
-                        continue;
-                    }
-                };
-                if req.name != export {
-                    opt_reply(io, h.option, REP_ERR_UNKNOWN, b"no such export").await?;
-                    continue;
-                }
-                let info = encode_info_export(sh.size, sh.tflags(st.structured));
-                opt_reply(io, h.option, REP_INFO, &info).await?;
-                if req.infos.contains(&INFO_NAME) {
-                    let d = encode_info_string(INFO_NAME, export);
-                    opt_reply(io, h.option, REP_INFO, &d).await?;
-                }
-                if let Some(desc) = sh.cfg.description.as_deref() {
-                    if req.infos.contains(&INFO_DESCRIPTION) {
-                        let d = encode_info_string(INFO_DESCRIPTION, desc);
-                        opt_reply(io, h.option, REP_INFO, &d).await?;
-                    }
-                }
-                let bs = encode_info_block_size(1, PREFERRED_BLOCK_SIZE, MAX_REQUEST_LEN as u32);
-                opt_reply(io, h.option, REP_INFO, &bs).await?;
-                opt_reply(io, h.option, REP_ACK, &[]).await?;
-                if h.option == OPT_GO {
-                    io.flush().await?;
-                    return Ok(Next::Transmit(st));
-                }
-            }
-            OPT_STRUCTURED_REPLY => {
-                if !data.is_empty() {
-                    opt_reply(io, h.option, REP_ERR_INVALID, b"takes no data").await?;
-                } else if st.structured {
-                    opt_reply(io, h.option, REP_ERR_INVALID, b"already negotiated").await?;
-                } else {
-                    st.structured = true;
-                    opt_reply(io, h.option, REP_ACK, &[]).await?;
-                }
-            }
-            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
-                let set = h.option == OPT_SET_META_CONTEXT;
-                if !st.structured {
-                    let m = b"negotiate structured replies first";
-                    opt_reply(io, h.option, REP_ERR_INVALID, m).await?;
-                    continue;
-                }
-                let req = match decode_meta_context_request(&data) {
-                    Ok(r) => r,
-                    Err(BadOption(why)) => {
-                        sh.counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
-                        opt_reply(io, h.option, REP_ERR_INVALID, why.as_bytes()).await?;
-                        continue;
-                    }
-                };
-                if req.name != export {
-                    opt_reply(io, h.option, REP_ERR_UNKNOWN, b"no such export").await?;
-                    continue;
-                }
-                let wanted = (!set && req.queries.is_empty())
-                    || req
-                        .queries
-                        .iter()
-                        .any(|q| q == "base:" || q == META_BASE_ALLOCATION);
-                if set {
-                    st.base_allocation = wanted;
-                }
-                if wanted {
-                    let id = if set { META_BASE_ALLOCATION_ID } else { 0 };
-                    let d = encode_rep_meta_context(id, META_BASE_ALLOCATION);
-                    opt_reply(io, h.option, REP_META_CONTEXT, &d).await?;
-                }
-                opt_reply(io, h.option, REP_ACK, &[]).await?;
-            }
-            OPT_STARTTLS if hg.tls_active => {
-                opt_reply(io, h.option, REP_ERR_INVALID, b"TLS is already running").await?;
-            }
-            OPT_STARTTLS => {
-                opt_reply(io, h.option, REP_ERR_UNSUP, b"TLS is not configured").await?;
-            }
-            _ => {
-                opt_reply(io, h.option, REP_ERR_UNSUP, b"unknown option").await?;
-            }
-        }
+        client.write_all(&encode_request(&req)).await.unwrap();
+        let mut r = [0u8; SIMPLE_REPLY_LEN + 512];
+        client.read_exact(&mut r).await.unwrap();
+        assert_eq!(&r[..SIMPLE_REPLY_LEN], &encode_simple_reply(0, 7));
+        let disc = Request {
+            cmd: CMD_DISC,
+            len: 0,
+            ..req
+        };
+        client.write_all(&encode_request(&disc)).await.unwrap();
+        conn.await.unwrap();
+        // The slot is free again.
+        assert_eq!(sh.slots.available_permits(), 1);
     }
-    sh.counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
-    Ok(Next::Close)
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stopping_server_ends_the_wait_for_a_slot() {
+        let sh = shared(1);
+        let _held = sh.slots.clone().try_acquire_owned().unwrap();
+        let (mut client, server) = duplex(1 << 16);
+        let (stop_tx, stop) = watch::channel(false);
+        let conn = tokio::spawn(handle_connection(sh.clone(), server, stop, false));
+        send_go(&mut client).await;
+        // The paused clock moves only once every task is idle: the GO has been taken in and
+        // the connection sits in the slot wait when this times out.
+        let mut b = [0u8; 1];
+        let waited = tokio::time::timeout(2 * HANDSHAKE_TIMEOUT, client.read(&mut b)).await;
+        assert!(waited.is_err(), "a reply came without a slot: {waited:?}");
+        stop_tx.send(true).unwrap();
+        conn.await.unwrap();
+        assert_eq!(client.read(&mut [0u8; 16]).await.unwrap(), 0);
+    }
 }

@@ -1,6 +1,6 @@
 //! TLS for the NBD server: a rustls server configuration built from PEM files.
 //!
-//! The server runs in the protocol's FORCEDTLS mode whenever [`crate::ServerConfig::tls`] is
+//! The server runs in the protocol's FORCEDTLS mode whenever [`crate::config::ServerConfig::tls`] is
 //! set: every option before `NBD_OPT_STARTTLS` is refused, so nothing about the export leaks
 //! in plaintext and a client cannot fall back to an unencrypted session.
 //!

@@ -37,25 +37,13 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{mpsc, watch, AcquireError, OwnedSemaphorePermit, TryAcquireError};
 use vmdisk_block::{BlockDevice, Extent, ExtentKind};
 
-use crate::proto::*;
-use crate::server::{
-    stopped, Negotiated, Shared, MAX_BLOCK_STATUS_DESCRIPTORS, MAX_BLOCK_STATUS_LEN, MAX_IN_FLIGHT,
+use crate::limits::{
+    INPUT_BUFFER_LEN, MAX_BLOCK_STATUS_DESCRIPTORS, MAX_BLOCK_STATUS_LEN, MAX_IN_FLIGHT,
+    MAX_IOVECS, MAX_REQUEST_LEN, MIN_HOLE_LEN, POOL_BYTES, POOL_MAX_BUFFER,
 };
-use crate::MAX_REQUEST_LEN;
-
-/// Input buffer per connection: a request header plus a 64 KiB WRITE payload and the next
-/// header arrive in one receive.
-const INPUT_BUFFER_LEN: usize = 128 << 10;
-/// Idle read/write buffers kept per connection, in bytes (nbdcopy keeps 16 x 256 KiB in
-/// flight per connection); beyond it buffers are freed.
-const POOL_BYTES: usize = 4 << 20;
-/// Buffers larger than this are never kept (rare, and would pin memory).
-const POOL_MAX_BUFFER: usize = 1 << 20;
-/// Zero runs shorter than this inside a read are sent as data: a hole chunk would save little,
-/// and it bounds the chunks of one reply to about 2 * MAX_REQUEST_LEN / MIN_HOLE_LEN.
-const MIN_HOLE_LEN: u64 = 4096;
-/// Buffers handed to one vectored write at most.
-const MAX_IOVECS: usize = 64;
+use crate::negotiate::Negotiated;
+use crate::proto::*;
+use crate::shared::{stopped, Shared};
 
 type Acquire = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
 

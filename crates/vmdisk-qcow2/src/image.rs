@@ -898,6 +898,9 @@ impl State {
 enum Clear {
     /// Reads as zeros from now on (zero flag, or unallocated when nothing is below).
     Zero,
+    /// Reads as zeros and keeps its storage (`write_zeroes` without `may_unmap`, i.e.
+    /// NBD_CMD_FLAG_NO_HOLE): an allocated cluster stays allocated.
+    ZeroKeep,
     /// The guest gave it up: zeros, or (v2 over a backing file) whatever the backing holds.
     Discard,
     /// Unallocated: reads from the backing file again.
@@ -1184,6 +1187,9 @@ impl Qcow2Image {
 
     /// Zero (or discard, when `discard`) whole clusters `[first, last)`.
     fn zero_clusters(&self, st: &mut State, first: u64, last: u64, clear: Clear) -> Result<()> {
+        if clear == Clear::ZeroKeep {
+            return self.zero_clusters_keep(st, first, last);
+        }
         let host = &*self.host;
         let v3 = st.h.version >= 3;
         let backing = st.has_backing;
@@ -1220,6 +1226,52 @@ impl Qcow2Image {
                     self.write_locked(st, &zeros, g * cs)?;
                 }
                 None => {}
+            }
+            self.maybe_write_back(st)?;
+            g += 1;
+        }
+        Ok(())
+    }
+
+    /// Zero whole clusters `[first, last)` without giving up their storage, as qemu zeroes
+    /// without BDRV_REQ_MAY_UNMAP: an allocated cluster keeps its host cluster and gets the
+    /// zero flag (v3) or is overwritten with zeros (v2, which has no zero flag). A compressed
+    /// cluster cannot stay; it becomes a zero cluster (v3) or written zeros (v2). Unallocated
+    /// clusters already read as zeros unless a backing file lies below; then they get the
+    /// zero flag (v3) or written zeros (v2).
+    fn zero_clusters_keep(&self, st: &mut State, first: u64, last: u64) -> Result<()> {
+        let host = &*self.host;
+        let v3 = st.h.version >= 3;
+        let backing = st.has_backing;
+        let cs = st.cs();
+        let size = st.h.size;
+        let span_bits = st.cbits() + st.l2_bits();
+        let mut g = first;
+        while g < last {
+            let l1i = g >> st.l2_bits();
+            if st.l2_off(l1i)? == 0 && !backing {
+                // Nothing allocated in this L2 range, nothing below: zeros already.
+                g = (((l1i + 1) << span_bits) >> st.cbits()).min(last);
+                continue;
+            }
+            let (e, _, _) = st.entry(host, g)?;
+            match e {
+                L2Entry::Zero { .. } => {}
+                L2Entry::Unallocated if !backing => {}
+                L2Entry::Normal { host_off, copied } if v3 => {
+                    let copied = if copied { OFLAG_COPIED } else { 0 };
+                    st.set_entry(host, g, host_off | OFLAG_ZERO | copied)?;
+                }
+                L2Entry::Unallocated | L2Entry::Compressed { .. } if v3 => {
+                    st.set_entry(host, g, OFLAG_ZERO)?;
+                    st.release(e);
+                }
+                L2Entry::Unallocated | L2Entry::Normal { .. } | L2Entry::Compressed { .. } => {
+                    // v2: zeros written in place (a shared or compressed cluster gets a new
+                    // one); the last cluster may be cut short by the end of the disk.
+                    let n = cs.min(size - g * cs);
+                    self.write_locked(st, &vec![0u8; n as usize], g * cs)?;
+                }
             }
             self.maybe_write_back(st)?;
             g += 1;
@@ -1276,7 +1328,8 @@ impl Qcow2Image {
         self.host.flush()
     }
 
-    fn zero_range(&self, off: u64, len: u64, discard: bool) -> Result<()> {
+    fn zero_range(&self, off: u64, len: u64, clear: Clear) -> Result<()> {
+        let discard = clear == Clear::Discard;
         let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
         let mut st = self.lock();
         let cs = st.cs();
@@ -1308,7 +1361,6 @@ impl Qcow2Image {
             }
         }
         st.note_write(&*self.host, off, len)?;
-        let clear = if discard { Clear::Discard } else { Clear::Zero };
         self.zero_clusters(&mut st, first, last, clear)
     }
 
@@ -1550,14 +1602,20 @@ impl BlockDevice for Qcow2Image {
         Ok(merge_extents(out))
     }
 
+    /// Without `may_unmap` (NBD_CMD_FLAG_NO_HOLE, qemu-io's plain `write -z`) allocated
+    /// clusters stay allocated; with it they may be freed.
     fn write_zeroes(&self, off: u64, len: u64, may_unmap: bool) -> BResult<()> {
-        let _ = may_unmap;
         self.check_writable()?;
         check_range(self.len(), off, len)?;
         if len == 0 {
             return Ok(());
         }
-        Ok(self.zero_range(off, len, false)?)
+        let clear = if may_unmap {
+            Clear::Zero
+        } else {
+            Clear::ZeroKeep
+        };
+        Ok(self.zero_range(off, len, clear)?)
     }
 
     fn discard(&self, off: u64, len: u64) -> BResult<()> {
@@ -1566,7 +1624,7 @@ impl BlockDevice for Qcow2Image {
         if len == 0 {
             return Ok(());
         }
-        Ok(self.zero_range(off, len, true)?)
+        Ok(self.zero_range(off, len, Clear::Discard)?)
     }
 
     fn is_read_only(&self) -> bool {

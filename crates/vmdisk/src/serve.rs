@@ -56,8 +56,9 @@ pub struct ServeArgs {
     /// Keep serving after the last client disconnects.
     #[arg(long)]
     pub persistent: bool,
-    /// Number of connections served at once; more wait in the listen backlog. A multi-conn
-    /// client (nbdcopy opens 4) needs that many: size N for all clients' connections.
+    /// Number of connections served at once (at least 1); more wait their turn, and clients
+    /// still negotiating do not count. A multi-conn client (nbdcopy opens 4) needs that many:
+    /// size N for all clients' connections.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub shared: usize,
     /// The export name clients ask for.
@@ -108,6 +109,12 @@ fn tls_config(a: &ServeArgs) -> Result<Option<Arc<vmdisk_nbd::rustls::ServerConf
 }
 
 pub fn run(a: ServeArgs, quiet: bool) -> Result<u8> {
+    if a.shared == 0 {
+        bail!(
+            "--shared 0 would serve no client at all: pass --shared N with N >= 1, the number \
+             of connections served at once (default 1)"
+        );
+    }
     let tls = tls_config(&a)?;
     // --snapshot: a private overlay in a temp dir, backed by the image (opened read-only).
     let tmp;
@@ -204,7 +211,7 @@ pub fn run(a: ServeArgs, quiet: bool) -> Result<u8> {
         export_name: a.export_name.clone(),
         read_only,
         persistent: a.persistent,
-        max_connections: a.shared.max(1),
+        max_connections: a.shared,
         allow_uids: (!a.allow_uid.is_empty()).then(|| a.allow_uid.clone()),
         description: Some(format!("vmdisk export of {}", a.image.display())),
         allow_remote: a.insecure_remote,
