@@ -41,6 +41,8 @@ pub const TOOLS: &[(&str, &str)] = &[
     // the flake checks: tests/tests/flake.rs parses flake.nix and evaluates its pure parts
     ("nix-instantiate", "nix-bin"),
     ("sha256sum", "coreutils"),
+    // initramfs archives: GNU cpio reads what the guest builder writes
+    ("cpio", "cpio"),
 ];
 
 /// Shared libraries of Debian 12's qemu-system-x86 7.2. The harness unpacks that package into
