@@ -13,9 +13,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
+use crate::arch::Arch;
 use crate::assets::{Cache, Lock, LockedPackage, GUEST_PACKAGES, TOOLCHAIN_PACKAGES};
 use crate::cpio::CpioWriter;
-use crate::{elf, kernel, Arch};
+use crate::{elf, kernel};
 
 /// Stage 1 (the initramfs's `/init`).
 pub const STAGE1: &str = include_str!("../../../testvms/stage-1.sh");

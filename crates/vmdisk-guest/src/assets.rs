@@ -26,7 +26,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tempfile::{NamedTempFile, TempDir};
 
-use crate::{deb, Arch};
+use crate::arch::Arch;
+use crate::deb;
 
 /// The committed lock file, built into every binary.
 pub const LOCK: &str = include_str!("../../../testvms/assets.lock");

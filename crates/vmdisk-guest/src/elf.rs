@@ -27,7 +27,7 @@ use object::elf::{FileHeader32, FileHeader64};
 use object::read::elf::{Dyn, FileHeader, ProgramHeader, SectionHeader};
 use object::{elf as abi, Endianness};
 
-use crate::Arch;
+use crate::arch::Arch;
 
 /// `e_machine` of x86-64.
 pub const EM_X86_64: u16 = abi::EM_X86_64.0;
