@@ -7,7 +7,7 @@
 //! running `TestVm` that cleans up in Drop), [`run`] (`Harness`: prepare, boot, assert),
 //! [`diagnose`] (known failure signatures), [`report`], and [`vfkit`] (the macOS backend).
 //!
-//! What a guest is built from (kernel, initramfs, store) comes from `vmdisk-guest`; its
+//! What a guest is built from (kernel, initramfs, store) comes from `vmdisk-assets`; its
 //! [`assets`] module (lock and cache, which [`run::Harness::new`] takes) and [`Arch`] are
 //! re-exported here. QMP is `vmdisk-qmp`'s.
 //!
@@ -25,4 +25,4 @@ pub mod ssh;
 pub mod vfkit;
 pub mod vm;
 
-pub use vmdisk_guest::{assets, Arch};
+pub use vmdisk_assets::{assets, Arch};

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
-use vmdisk_guest::GuestAssets;
+use vmdisk_assets::GuestAssets;
 
 use crate::def::VmDef;
 

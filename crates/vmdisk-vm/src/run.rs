@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use vmdisk_guest::assemble::{STAGE1_HALTED, STAGE1_MARKERS, STAGE1_SWITCH};
-use vmdisk_guest::assets::{Cache, Lock};
-use vmdisk_guest::{elf, GuestAssets};
+use vmdisk_assets::assemble::{STAGE1_HALTED, STAGE1_MARKERS, STAGE1_SWITCH};
+use vmdisk_assets::assets::{Cache, Lock};
+use vmdisk_assets::{elf, GuestAssets};
 
 use crate::def::{StoreKind, VmDef};
 use crate::diagnose::{diagnose, Diagnosis, Evidence};
@@ -170,7 +170,7 @@ impl Harness {
         match qemu::find_qemu(arch, &env) {
             Ok(b) => Ok(b),
             Err(e) => {
-                let pkg = vmdisk_guest::assets::qemu_package(arch);
+                let pkg = vmdisk_assets::assets::qemu_package(arch);
                 let host = Arch::host().context("unsupported host architecture")?;
                 let (Ok(sys), Ok(data)) = (
                     self.lock.get(pkg, host.debian()),
@@ -209,7 +209,7 @@ impl Harness {
         let dir = self.artifacts_root.join(name);
         fs::create_dir_all(&dir)
             .with_context(|| format!("creating artifact folder {}", dir.display()))?;
-        let assets = vmdisk_guest::prepare_assets(&self.cache, &self.lock, def.arch)?;
+        let assets = vmdisk_assets::prepare_assets(&self.cache, &self.lock, def.arch)?;
         let keys = dir.join("keys");
         fs::create_dir_all(&keys)?;
         let client_key = ClientKey::generate(&keys)?;

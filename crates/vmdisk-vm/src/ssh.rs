@@ -128,7 +128,7 @@ impl HostKey {
             .tempdir_in(dir)
             .with_context(|| format!("creating a temporary folder in {}", dir.display()))?;
         let key = tmp.path().join("key");
-        ssh_keygen(&key, "vmdisk-guest")?;
+        ssh_keygen(&key, "vmdisk-assets")?;
         let pem = fs::read_to_string(&key)
             .with_context(|| format!("reading the generated key {}", key.display()))?;
         let kp = parse_openssh_ed25519(&pem)
@@ -769,7 +769,7 @@ mod tests {
     #[test]
     fn openssh_key_converts_to_dropbear_layout() {
         let kp = sample();
-        let pem = openssh_pem(&kp, 0x1234_5678, "vmdisk-guest");
+        let pem = openssh_pem(&kp, 0x1234_5678, "vmdisk-assets");
         let got = parse_openssh_ed25519(&pem).unwrap();
         assert_eq!(got, kp);
         let d = got.dropbear_private();

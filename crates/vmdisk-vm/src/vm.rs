@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use vmdisk_guest::assemble::FAIL_MARKER;
+use vmdisk_assets::assemble::FAIL_MARKER;
 use vmdisk_qmp::Qmp;
 
 use crate::console::{Console, Line, WaitError};

@@ -236,7 +236,7 @@ fn packages(lock: &Lock, arch: Arch) -> Result<Vec<&LockedPackage>> {
 /// The cache key of the assets: everything that goes into them.
 fn asset_key(arch: Arch, pkgs: &[&LockedPackage]) -> String {
     let mut h = Sha256::new();
-    h.update(format!("vmdisk-guest-assets v{ASSET_FORMAT} {arch}\n"));
+    h.update(format!("vmdisk-assets-assets v{ASSET_FORMAT} {arch}\n"));
     for p in pkgs {
         h.update(format!(
             "{} {} {} {}\n",
