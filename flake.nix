@@ -45,6 +45,7 @@
   #   ssh                   openssh             all
   #   ssh-keygen            openssh             all
   #   sha256sum             coreutils           all
+  #   cpio                  cpio                all
   #   nix-instantiate       nix                 all
   #   virtiofsd             virtiofsd           linux
   #   qemu-system-x86_64    qemu                all

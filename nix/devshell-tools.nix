@@ -20,6 +20,8 @@
   "openssh"
   "openssl"
   "coreutils"
+  # GNU cpio reads the initramfs archives the guest builder writes
+  "cpio"
   # nix-instantiate for tests/tests/flake.rs
   "nix"
 ]

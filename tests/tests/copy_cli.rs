@@ -413,7 +413,7 @@ fn reflink_always_shares_every_extent_on_xfs() {
 /// QMP sockets: one for vmdisk, one for the test. Killed and reaped on drop.
 struct Vm {
     bg: Background,
-    qmp: vmdisk_vm::qmp::Qmp,
+    qmp: vmdisk_qmp::Qmp,
     vmdisk_sock: PathBuf,
     dir: PathBuf,
 }
@@ -424,16 +424,13 @@ impl Vm {
             &fs::read_to_string(workspace_root().join("testvms/assets.lock")).unwrap(),
         )
         .unwrap();
-        let h = vmdisk_vm::run::Harness {
-            vmdisk: vmdisk_bin().to_path_buf(),
-            cache: vmdisk_vm::assets::Cache::new(vmdisk_vm::assets::Cache::default_root().unwrap()),
+        let h = vmdisk_vm::run::Harness::new(
+            vmdisk_bin(),
+            vmdisk_vm::assets::Cache::new(vmdisk_vm::assets::Cache::default_root().unwrap()),
             lock,
-            artifacts_root: dir.join("artifacts"),
-            keep: false,
-            timeouts: vmdisk_vm::vm::Timeouts::from_env(),
-            accel: None,
-            tmp_root: Some(dir.to_path_buf()),
-        };
+            dir.join("artifacts"),
+        )
+        .tmp_root(dir);
         let qemu = h
             .qemu(vmdisk_vm::Arch::X86_64)
             .unwrap_or_else(|e| panic!("no qemu-system-x86_64 for the live copy test: {e:#}"));
@@ -459,9 +456,9 @@ impl Vm {
             ))
             .args(["-device", "virtio-blk-pci,drive=d0"]);
         let mut bg = Background::spawn(&mut cmd, dir, "qemu");
-        let qmp = vmdisk_vm::qmp::Qmp::connect(
+        let qmp = vmdisk_qmp::Qmp::connect(
             &test_sock,
-            &dir.join("qmp-test.log"),
+            Some(&dir.join("qmp-test.log")),
             Duration::from_secs(30),
         )
         .unwrap_or_else(|e| {

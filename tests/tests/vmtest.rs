@@ -14,7 +14,6 @@ use vmdisk_vm::assets::{Cache, Lock};
 use vmdisk_vm::def::VmDef;
 use vmdisk_vm::run::{Faults, Harness, PrepareOptions, Prepared, VmResult};
 use vmdisk_vm::ssh::Ssh;
-use vmdisk_vm::vm::Timeouts;
 
 const PASSWORD: &str = "rescued-by-vmdisk";
 
@@ -24,16 +23,13 @@ fn harness(dir: &Path) -> Harness {
         Lock::parse(&fs::read_to_string(workspace_root().join("testvms/assets.lock")).unwrap())
             .unwrap();
     fs::create_dir_all(dir.join("tmp")).unwrap();
-    Harness {
-        vmdisk: vmdisk_bin().to_path_buf(),
-        cache: Cache::new(Cache::default_root().unwrap()),
+    Harness::new(
+        vmdisk_bin(),
+        Cache::new(Cache::default_root().unwrap()),
         lock,
-        artifacts_root: dir.join("artifacts"),
-        keep: false,
-        timeouts: Timeouts::from_env(),
-        accel: None,
-        tmp_root: Some(dir.join("tmp")),
-    }
+        dir.join("artifacts"),
+    )
+    .tmp_root(dir.join("tmp"))
 }
 
 fn def(name: &str) -> VmDef {
@@ -330,6 +326,10 @@ fn broken_shadow_repaired_through_vmdisk_rescue_then_password_login_works() {
             },
         )
         .unwrap();
+    // The harness has fetched the guest's packages (as `cargo xtask vmtest` does) and, on a
+    // machine without a qemu of its own, Debian's qemu: `vmdisk rescue` without --fetch uses
+    // what is cached and downloads nothing.
+    h.qemu(vmdisk_vm::Arch::X86_64).unwrap();
     // The hash comes from the host's openssl; the guest only writes the line.
     let hash = std::process::Command::new(tests::require_tool("openssl"))
         .args(["passwd", "-6", PASSWORD])
@@ -358,6 +358,37 @@ fn broken_shadow_repaired_through_vmdisk_rescue_then_password_login_works() {
     assert!(shadow.stdout.contains(&hash), "{shadow}");
     password_login(&p, &h);
     assert_no_leftovers(tmp.path());
+}
+
+/// Without --fetch, `vmdisk rescue` downloads nothing: with an empty cache it stops before
+/// opening the image, naming the fetch step (an unreachable package URL would be named
+/// instead, had it tried the network).
+#[test]
+fn rescue_without_fetch_downloads_nothing_and_names_the_fetch_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("empty-cache");
+    let out = tests::run_with_timeout(
+        std::process::Command::new(vmdisk_bin())
+            .env("VMDISK_CACHE", &cache)
+            .env_remove("VMDISK_DEB_DIR")
+            .env("TMPDIR", tmp.path())
+            .args(["rescue", s(&tmp.path().join("no-such.qcow2")), "--", "true"]),
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.code(), 1, "{out}");
+    assert!(
+        out.stderr.contains("vmdisk rescue --fetch") && out.stderr.contains("not in the cache"),
+        "the refusal does not name the fetch step:\n{out}"
+    );
+    assert!(
+        !out.stderr.contains("no-such.qcow2"),
+        "the image was opened before the VM was ready:\n{out}"
+    );
+    let debs = cache.join("debs");
+    let fetched: Vec<_> = fs::read_dir(&debs)
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(fetched.is_empty(), "something was downloaded: {fetched:?}");
 }
 
 /// The Linux kernel as an NBD client of `vmdisk serve`: Debian's nbd-client in a TCG guest

@@ -43,6 +43,8 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("sha256sum", "coreutils"),
     // libnbd's Python shell: the NBD client of tests/tests/nbd_*.rs (runs the system python3)
     ("nbdsh", "python3-libnbd"),
+    // initramfs archives: GNU cpio reads what the guest builder writes
+    ("cpio", "cpio"),
 ];
 
 /// Shared libraries of Debian 12's qemu-system-x86 7.2. The harness unpacks that package into

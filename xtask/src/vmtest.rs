@@ -7,7 +7,6 @@ use anyhow::{bail, Context, Result};
 use vmdisk_vm::assets::{Cache, Lock};
 use vmdisk_vm::def::{self, VmDef};
 use vmdisk_vm::run::{Faults, Harness, PrepareOptions, VmResult};
-use vmdisk_vm::vm::Timeouts;
 use xshell::{cmd, Shell};
 
 use crate::flags::Vmtest;
@@ -44,16 +43,13 @@ impl Vmtest {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let harness = Harness {
+        let harness = Harness::new(
             vmdisk,
-            cache: Cache::new(Cache::default_root()?),
-            lock: Lock::parse(&lock_text)?,
-            artifacts_root: target.join("vmtest").join(stamp.to_string()),
-            keep: self.keep,
-            timeouts: Timeouts::from_env(),
-            accel: None,
-            tmp_root: None,
-        };
+            Cache::new(Cache::default_root()?),
+            Lock::parse(&lock_text)?,
+            target.join("vmtest").join(stamp.to_string()),
+        )
+        .keep_disks(self.keep);
 
         let mut defs: Vec<VmDef> = def::load_dir(&root.join("testvms"))?
             .into_iter()

@@ -1,7 +1,7 @@
 //! Test VM definitions: `testvms/NAME.toml` -> [`VmDef`].
 //!
 //! A definition is data: what to boot and what to assert. Everything derived (assets, keys, the
-//! disk) is built by [`crate::guest`] at run time.
+//! disk) is built at run time: assets by `vmdisk-assets`, the disk by the `rootfs` module.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -8,6 +8,7 @@
 //! on x86_64, `virt` + cortex-a57 on aarch64, virtio-pci everywhere, no NIC option ROM, serial
 //! on a unix socket that holds the guest until the harness listens (`wait=on`), QMP on another.
 
+use std::ffi::{OsStr, OsString};
 use std::fs::OpenOptions;
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -298,16 +299,49 @@ fn install_hint(arch: Arch) -> String {
     )
 }
 
-/// Find qemu for `arch`: `$VMDISK_QEMU_<ARCH>` when set (and then only that), else
-/// `qemu-system-<arch>` on PATH, else `<unpacked_fallback>/usr/bin/qemu-system-<arch>` with
-/// firmware from `<unpacked_fallback>/usr/share/qemu` (Debian's packages unpacked by the caller).
-/// Each candidate must answer `--version`.
-pub fn find_qemu(arch: Arch, unpacked_fallback: Option<&Path>) -> Result<QemuBinary> {
+/// What [`find_qemu`] looks at: the environment it would otherwise read from the process, and
+/// the caller's unpacked Debian qemu. Tests build one by hand; the harness uses
+/// [`QemuEnv::from_process`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QemuEnv {
+    /// The value of [`env_var`] for the arch (`VMDISK_QEMU_X86_64`, ...), when set.
+    pub override_path: Option<PathBuf>,
+    /// `PATH`.
+    pub path: Option<OsString>,
+    /// A tree holding Debian's qemu packages unpacked (`usr/bin/qemu-system-*`,
+    /// `usr/share/qemu`, `usr/lib/<multiarch>/qemu`), e.g. a sysroot in the asset cache.
+    pub unpacked: Option<PathBuf>,
+}
+
+impl QemuEnv {
+    /// This process's `VMDISK_QEMU_<ARCH>` and `PATH`; no unpacked tree.
+    pub fn from_process(arch: Arch) -> QemuEnv {
+        QemuEnv {
+            override_path: std::env::var_os(env_var(arch))
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
+            path: std::env::var_os("PATH"),
+            unpacked: None,
+        }
+    }
+
+    /// The same, with `root` as the unpacked fallback.
+    pub fn with_unpacked(self, root: &Path) -> QemuEnv {
+        QemuEnv {
+            unpacked: Some(root.to_path_buf()),
+            ..self
+        }
+    }
+}
+
+/// Find qemu for `arch` in `env`: its override path when set (and then only that), else
+/// `qemu-system-<arch>` on its PATH, else `<unpacked>/usr/bin/qemu-system-<arch>` with firmware
+/// from `<unpacked>/usr/share/qemu`. Each candidate must answer `--version`.
+pub fn find_qemu(arch: Arch, env: &QemuEnv) -> Result<QemuBinary> {
     let prog = program_name(arch);
     let var = env_var(arch);
-    if let Some(v) = std::env::var_os(var).filter(|v| !v.is_empty()) {
-        let path = PathBuf::from(v);
-        return probe_binary(&path, firmware_beside(&path), None).with_context(|| {
+    if let Some(path) = &env.override_path {
+        return probe_binary(path, firmware_beside(path), None).with_context(|| {
             format!(
                 "{var}={} does not name a working {prog}; fix or unset it",
                 path.display()
@@ -316,14 +350,14 @@ pub fn find_qemu(arch: Arch, unpacked_fallback: Option<&Path>) -> Result<QemuBin
     }
 
     let mut tried = vec![format!("{var} (not set)")];
-    match which(prog) {
+    match env.path.as_deref().and_then(|p| which(prog, p)) {
         Some(path) => match probe_binary(&path, firmware_beside(&path), None) {
             Ok(b) => return Ok(b),
             Err(e) => tried.push(format!("{}: {e:#}", path.display())),
         },
         None => tried.push(format!("{prog} on PATH (not found)")),
     }
-    match unpacked_fallback {
+    match &env.unpacked {
         Some(root) => {
             let path = root.join("usr/bin").join(prog);
             let fw = root.join("usr/share/qemu");
@@ -348,11 +382,10 @@ pub fn find_qemu(arch: Arch, unpacked_fallback: Option<&Path>) -> Result<QemuBin
     )
 }
 
-/// The first executable `name` in PATH.
-fn which(name: &str) -> Option<PathBuf> {
+/// The first executable `name` in the directories of `path` (a PATH value).
+fn which(name: &str, path: &OsStr) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
+    std::env::split_paths(path)
         .filter(|d| !d.as_os_str().is_empty())
         .map(|d| d.join(name))
         .find(|p| {
@@ -598,35 +631,99 @@ mod tests {
         TcpListener::bind((Ipv4Addr::LOCALHOST, p)).unwrap();
     }
 
-    #[test]
-    fn unpacked_fallback_is_found_and_probed() {
-        // A fake qemu: a shell script answering --version.
+    /// A fake qemu answering `--version` as `version`.
+    fn fake_qemu(path: &Path, version: &str) {
         use std::os::unix::fs::PermissionsExt;
-        let root = tempfile::tempdir().unwrap();
-        let bin = root.path().join("usr/bin");
-        std::fs::create_dir_all(&bin).unwrap();
-        std::fs::create_dir_all(root.path().join("usr/share/qemu")).unwrap();
-        let prog = bin.join(program_name(Arch::Aarch64));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(
-            &prog,
-            "#!/bin/sh\necho 'QEMU emulator version 9.9.1 (fake)'\n",
+            path,
+            format!("#!/bin/sh\necho 'QEMU emulator version {version} (fake)'\n"),
         )
         .unwrap();
-        std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o755)).unwrap();
-        // Only meaningful when the machine has no aarch64 qemu of its own.
-        if std::env::var_os(env_var(Arch::Aarch64)).is_some()
-            || which(program_name(Arch::Aarch64)).is_some()
-        {
-            return;
-        }
-        let b = find_qemu(Arch::Aarch64, Some(root.path())).unwrap();
-        assert_eq!(b.path, prog);
-        assert_eq!(b.firmware_dir, Some(root.path().join("usr/share/qemu")));
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    #[test]
+    fn lookup_order_is_override_then_path_then_the_unpacked_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let prog = program_name(Arch::Aarch64);
+        // Debian's packages unpacked: binary, firmware.
+        let root = dir.path().join("sysroot");
+        let unpacked = root.join("usr/bin").join(prog);
+        fake_qemu(&unpacked, "9.9.1");
+        std::fs::create_dir_all(root.join("usr/share/qemu")).unwrap();
+        // One on a PATH of our own, and one named by the override variable.
+        let bin = dir.path().join("bin");
+        fake_qemu(&bin.join(prog), "8.8.8");
+        let pinned = dir.path().join("pinned/qemu");
+        fake_qemu(&pinned, "7.7.7");
+        let empty = dir.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+
+        let only_unpacked = QemuEnv {
+            override_path: None,
+            path: Some(empty.clone().into_os_string()),
+            unpacked: Some(root.clone()),
+        };
+        let b = find_qemu(Arch::Aarch64, &only_unpacked).unwrap();
+        assert_eq!(b.path, unpacked);
+        assert_eq!(b.firmware_dir, Some(root.join("usr/share/qemu")));
         assert_eq!(b.version.as_deref(), Some("9.9.1"));
 
-        let err = find_qemu(Arch::Aarch64, Some(&root.path().join("nope"))).unwrap_err();
-        let msg = format!("{err:#}");
+        let on_path = QemuEnv {
+            path: Some(std::env::join_paths([&empty, &bin]).unwrap()),
+            ..only_unpacked.clone()
+        };
+        let b = find_qemu(Arch::Aarch64, &on_path).unwrap();
+        assert_eq!(
+            (b.path, b.version.as_deref()),
+            (bin.join(prog), Some("8.8.8"))
+        );
+
+        let pinned_env = QemuEnv {
+            override_path: Some(pinned.clone()),
+            ..on_path.clone()
+        };
+        let b = find_qemu(Arch::Aarch64, &pinned_env).unwrap();
+        assert_eq!((b.path, b.version.as_deref()), (pinned, Some("7.7.7")));
+
+        // An override that does not work is an error, not a fall-through.
+        let broken = QemuEnv {
+            override_path: Some(dir.path().join("nope")),
+            ..on_path
+        };
+        let msg = format!("{:#}", find_qemu(Arch::Aarch64, &broken).unwrap_err());
+        assert!(
+            msg.contains("VMDISK_QEMU_AARCH64") && msg.contains("fix or unset"),
+            "{msg}"
+        );
+
+        let nothing = QemuEnv {
+            override_path: None,
+            path: Some(empty.into_os_string()),
+            unpacked: Some(dir.path().join("no-sysroot")),
+        };
+        let msg = format!("{:#}", find_qemu(Arch::Aarch64, &nothing).unwrap_err());
         assert!(msg.contains("apt-get install qemu-system-arm"), "{msg}");
         assert!(msg.contains("VMDISK_QEMU_AARCH64"), "{msg}");
+        assert!(
+            msg.contains("no-sysroot/usr/bin/qemu-system-aarch64 (not found)"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn the_process_environment_is_read_per_arch() {
+        let env = QemuEnv::from_process(Arch::X86_64);
+        assert_eq!(env.path, std::env::var_os("PATH"));
+        assert_eq!(
+            env.override_path,
+            std::env::var_os("VMDISK_QEMU_X86_64")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        );
+        assert_eq!(env.unpacked, None);
+        let root = Path::new("/cache/sysroot/abc");
+        assert_eq!(env.with_unpacked(root).unpacked.as_deref(), Some(root));
     }
 }

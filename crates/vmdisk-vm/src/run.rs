@@ -8,27 +8,20 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use crate::assets::{Cache, Lock};
+use vmdisk_assets::assemble::{STAGE1_HALTED, STAGE1_MARKERS, STAGE1_SWITCH};
+use vmdisk_assets::assets::{Cache, Lock};
+use vmdisk_assets::{elf, GuestAssets};
+
 use crate::def::{StoreKind, VmDef};
 use crate::diagnose::{diagnose, Diagnosis, Evidence};
-use crate::guest::{self, GuestAssets, RootConfig};
-use crate::qemu::{self, Accel, Drive, QemuBinary, QemuSpec, Share, ShareKind};
+use crate::qemu::{self, Accel, Drive, QemuBinary, QemuEnv, QemuSpec, Share, ShareKind};
+use crate::rootfs::{self, RootConfig};
 use crate::ssh::{self, ClientKey, HostKey, Ssh};
 use crate::vm::{self, MarkerError, TestVm, Timeouts, VmDirs};
 use crate::Arch;
 
-/// Stage-1 markers in the order stage-1.sh prints them.
-pub const STAGE1_MARKERS: &[&str] = &[
-    "@@vmdisk stage1 start",
-    "@@vmdisk stage1 modules-loaded",
-    "@@vmdisk stage1 root-found",
-    "@@vmdisk stage1 root-mounted",
-    "@@vmdisk stage1 store-mounted",
-    "@@vmdisk stage1 overlay-mounted",
-    "@@vmdisk stage1 switch",
-];
-
-/// Shared settings of a harness run.
+/// Shared settings of a harness run ([`Harness::new`], then the setters for what differs from
+/// the defaults).
 pub struct Harness {
     /// The vmdisk binary that builds the disks.
     pub vmdisk: PathBuf,
@@ -125,15 +118,59 @@ fn secs(d: Duration) -> f64 {
 }
 
 impl Harness {
+    /// A harness that builds disks with the `vmdisk` binary, guests from `lock`'s packages in
+    /// `cache`, and puts one artifact folder per VM run under `artifacts_root`. Defaults: disks
+    /// are removed after each run, timeouts from the environment ([`Timeouts::from_env`]), the
+    /// accelerator probed, socket folders in the system temp dir.
+    pub fn new(
+        vmdisk: impl Into<PathBuf>,
+        cache: Cache,
+        lock: Lock,
+        artifacts_root: impl Into<PathBuf>,
+    ) -> Harness {
+        Harness {
+            vmdisk: vmdisk.into(),
+            cache,
+            lock,
+            artifacts_root: artifacts_root.into(),
+            keep: false,
+            timeouts: Timeouts::from_env(),
+            accel: None,
+            tmp_root: None,
+        }
+    }
+
+    /// Keep each VM's disk in its artifact folder.
+    pub fn keep_disks(mut self, keep: bool) -> Harness {
+        self.keep = keep;
+        self
+    }
+
+    /// Use these timeouts instead of the environment's.
+    pub fn timeouts(mut self, timeouts: Timeouts) -> Harness {
+        self.timeouts = timeouts;
+        self
+    }
+
+    /// Force an accelerator instead of probing.
+    pub fn accel(mut self, accel: Accel) -> Harness {
+        self.accel = Some(accel);
+        self
+    }
+
+    /// Put short-lived socket folders under `dir`.
+    pub fn tmp_root(mut self, dir: impl Into<PathBuf>) -> Harness {
+        self.tmp_root = Some(dir.into());
+        self
+    }
+
     /// Find qemu for `arch`: the machine's, else Debian's unpacked into the cache.
     pub fn qemu(&self, arch: Arch) -> Result<QemuBinary> {
-        match qemu::find_qemu(arch, None) {
+        let env = QemuEnv::from_process(arch);
+        match qemu::find_qemu(arch, &env) {
             Ok(b) => Ok(b),
             Err(e) => {
-                let pkg = match arch {
-                    Arch::X86_64 => "qemu-system-x86",
-                    Arch::Aarch64 => "qemu-system-arm",
-                };
+                let pkg = vmdisk_assets::assets::qemu_package(arch);
                 let host = Arch::host().context("unsupported host architecture")?;
                 let (Ok(sys), Ok(data)) = (
                     self.lock.get(pkg, host.debian()),
@@ -148,7 +185,8 @@ impl Harness {
                     .cache
                     .sysroot_of(&pkgs)
                     .context("unpacking Debian's qemu into the cache")?;
-                qemu::find_qemu(arch, Some(&root)).map_err(|e2| e2.context(format!("{e:#}")))
+                qemu::find_qemu(arch, &env.with_unpacked(&root))
+                    .map_err(|e2| e2.context(format!("{e:#}")))
             }
         }
     }
@@ -171,7 +209,7 @@ impl Harness {
         let dir = self.artifacts_root.join(name);
         fs::create_dir_all(&dir)
             .with_context(|| format!("creating artifact folder {}", dir.display()))?;
-        let assets = guest::prepare_assets(&self.cache, &self.lock, def.arch)?;
+        let assets = vmdisk_assets::prepare_assets(&self.cache, &self.lock, def.arch)?;
         let keys = dir.join("keys");
         fs::create_dir_all(&keys)?;
         let client_key = ClientKey::generate(&keys)?;
@@ -179,7 +217,7 @@ impl Harness {
         let tree = tempfile::Builder::new()
             .prefix("vmdisk-root-")
             .tempdir_in(&dir)?;
-        guest::write_root_tree(
+        rootfs::write_root_tree(
             tree.path(),
             &assets,
             &RootConfig {
@@ -188,12 +226,12 @@ impl Harness {
                 shadow: opts
                     .shadow
                     .clone()
-                    .unwrap_or_else(|| guest::DEFAULT_SHADOW.as_bytes().to_vec()),
+                    .unwrap_or_else(|| rootfs::DEFAULT_SHADOW.as_bytes().to_vec()),
                 hostname: format!("vmdisk-{}", def.name),
             },
         )?;
         let disk = dir.join(format!("disk.{}", def.disk_format));
-        guest::build_disk(&self.vmdisk, def, tree.path(), &disk, 1)?;
+        rootfs::build_disk(&self.vmdisk, def, tree.path(), &disk, 1)?;
         drop(tree);
         Ok(Prepared {
             def: def.clone(),
@@ -336,18 +374,15 @@ impl Harness {
             let left = stage1_deadline.saturating_sub(vm.elapsed());
             match vm.wait_marker(m, m, left) {
                 Ok(l) => {
-                    if *m == "@@vmdisk stage1 switch" {
+                    if *m == STAGE1_SWITCH {
                         timings.stage1_s = Some(secs(l.at));
                     }
                 }
                 Err(e) => {
                     // Let the guest finish printing its failure report.
                     if matches!(e, MarkerError::Failed(_)) {
-                        let _ = vm.wait_marker(
-                            "failure report",
-                            "@@vmdisk stage1 halted",
-                            Duration::from_secs(5),
-                        );
+                        let _ =
+                            vm.wait_marker("failure report", STAGE1_HALTED, Duration::from_secs(5));
                     }
                     bail!(StageError {
                         step: m.to_string(),
@@ -702,16 +737,16 @@ fn cross_build(p: &Prepared, b: &Booted) -> Check {
         Ok(o) => return fail(format!("fetching the binary: exit {:?}", o.status)),
         Err(e) => return fail(format!("fetching the binary: {e:#}")),
     };
-    let info = match crate::elf::inspect(&elf_bytes) {
+    let info = match elf::inspect(&elf_bytes) {
         Ok(i) => i,
         Err(e) => return fail(format!("the guest's binary is not an ELF: {e:#}")),
     };
-    let want = crate::elf::arch_machine(p.def.arch);
+    let want = elf::arch_machine(p.def.arch);
     if info.machine != want {
         return fail(format!(
             "the guest built a {} ELF, expected {}",
-            crate::elf::machine_name(info.machine),
-            crate::elf::machine_name(want)
+            elf::machine_name(info.machine),
+            elf::machine_name(want)
         ));
     }
     let host_run = host_run(p, &elf_bytes);
@@ -720,7 +755,7 @@ fn cross_build(p: &Prepared, b: &Booted) -> Check {
         ok: host_run.as_ref().is_none_or(|r| r.is_ok()),
         detail: format!(
             "guest tcc built a {} ELF ({} bytes) that printed {HELLO_OUT:?}; on the host: {}",
-            crate::elf::machine_name(info.machine),
+            elf::machine_name(info.machine),
             elf_bytes.len(),
             match &host_run {
                 None => format!(

@@ -12,9 +12,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use vmdisk_assets::assemble::FAIL_MARKER;
+use vmdisk_qmp::Qmp;
+
 use crate::console::{Console, Line, WaitError};
 use crate::qemu::{self, Accel, QemuBinary, QemuSpec};
-use crate::qmp::Qmp;
 
 /// Named deadlines: every wait in the harness has one of these, none sleeps blindly.
 #[derive(Clone, Copy, Debug)]
@@ -228,7 +230,7 @@ impl TestVm {
         };
         vm.qmp = Qmp::connect(
             &vm.dirs.qmp_socket(),
-            &vm.dirs.artifacts.join("qmp.log"),
+            Some(&vm.dirs.artifacts.join("qmp.log")),
             timeouts.qemu_start,
         )
         .ok();
@@ -262,7 +264,7 @@ impl TestVm {
     ) -> Result<Line, MarkerError> {
         let r = self.console.wait_for(what, timeout, |l: &Line| {
             l.text.contains(needle)
-                || l.text.contains("@@vmdisk FAIL")
+                || l.text.contains(FAIL_MARKER)
                 || l.text.contains("Kernel panic - not syncing")
         });
         match r {

@@ -7,30 +7,46 @@
 //! (busybox sh -c; the image is /dev/nbd0, partitions /dev/nbd0p1...) and its exit code becomes
 //! ours; then the guest syncs and detaches before the VM stops and the server flushes.
 //! Without COMMAND, a shell opens on the VM's serial console.
+//!
+//! The rescue VM is built from pinned Debian packages (kernel, busybox, dropbear, nbd-client;
+//! Debian's qemu where the machine has none) kept in the asset cache. Downloading them is an
+//! explicit step, `vmdisk rescue --fetch`; without it nothing is downloaded and a missing
+//! package is an error that names that step. What is cached is unpacked and built locally.
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use vmdisk_assets::assemble::STAGE2_NBD_ATTACHED;
+use vmdisk_assets::assets::{Cache, Downloads, Lock};
 use vmdisk_block::BlockDevice;
 use vmdisk_image::OpenOptions;
 use vmdisk_nbd::{Listen, Listener, ServerConfig};
-use vmdisk_vm::assets::{Cache, Lock};
 use vmdisk_vm::def::VmDef;
-use vmdisk_vm::run::{Faults, Harness, PrepareOptions, Timings};
-use vmdisk_vm::vm::Timeouts;
+use vmdisk_vm::run::{Faults, Harness, PrepareOptions, Prepared, Timings};
 use vmdisk_vm::Arch;
 
 use crate::FormatArg;
 
+/// What the error says when a package is missing and --fetch was not given.
+const HOW_TO_FETCH: &str = "download the rescue VM's packages once with `vmdisk rescue --fetch` \
+     (pinned Debian packages, about 100 MB, each checked against its sha256), or point \
+     VMDISK_DEB_DIR at a folder holding those .debs";
+
 #[derive(Debug, Args)]
 pub struct RescueArgs {
+    /// Download the rescue VM's pinned Debian packages into the cache first ($VMDISK_CACHE,
+    /// else ~/.cache/vmdisk; each checked against its sha256). Nothing is downloaded without
+    /// it. Without IMAGE, only that.
+    #[arg(long)]
+    pub fetch: bool,
     /// The image to rescue (raw or qcow2; a backing chain is followed).
-    pub image: PathBuf,
+    #[arg(required_unless_present = "fetch")]
+    pub image: Option<PathBuf>,
     /// Format of IMAGE (probed when not given).
     #[arg(short = 'f', value_enum)]
     pub format: Option<FormatArg>,
@@ -48,8 +64,51 @@ pub struct RescueArgs {
 
 pub fn run(a: RescueArgs, quiet: bool) -> Result<u8> {
     let arch = Arch::host().context("vmdisk rescue runs on x86_64 and aarch64 hosts")?;
+    let work = tempfile::Builder::new()
+        .prefix("vmdisk-rescue-")
+        .tempdir()?;
+    let downloads = if a.fetch {
+        Downloads::Allowed
+    } else {
+        Downloads::Refused {
+            how_to_fetch: HOW_TO_FETCH.into(),
+        }
+    };
+    let cache = Cache::new(Cache::default_root()?).with_downloads(downloads);
+    let harness = Harness::new(
+        std::env::current_exe().context("finding the vmdisk binary")?,
+        cache,
+        Lock::builtin()?,
+        work.path(),
+    );
+    // The VM first (assets, qemu, its own disk), so nothing holds the image while that fails.
+    if !quiet {
+        eprintln!(
+            "vmdisk: rescue: preparing the rescue VM (from pinned Debian packages in {}{})",
+            harness.cache.root().display(),
+            if a.fetch {
+                ", downloaded if missing"
+            } else {
+                ""
+            }
+        );
+    }
+    harness
+        .qemu(arch)
+        .context("finding qemu for the rescue VM")?;
+    let def = VmDef::rescue(arch, &work.path().join("rescue-layout.json"))?;
+    let p = harness
+        .prepare(&def, &PrepareOptions::default())
+        .context("building the rescue VM")?;
+    let Some(image) = &a.image else {
+        if !quiet {
+            eprintln!("vmdisk: rescue: the rescue VM is ready; run `vmdisk rescue IMAGE`");
+        }
+        return Ok(0);
+    };
+
     let img = vmdisk_image::open(
-        &a.image,
+        image,
         &OpenOptions {
             format: a.format.map(Into::into),
             read_only: a.read_only,
@@ -58,7 +117,7 @@ pub fn run(a: RescueArgs, quiet: bool) -> Result<u8> {
             ..Default::default()
         },
     )
-    .with_context(|| format!("opening {} for the rescue VM", a.image.display()))?;
+    .with_context(|| format!("opening {} for the rescue VM", image.display()))?;
     let dev: Arc<dyn BlockDevice> = img.dev();
 
     // The NBD server on a loopback port, in its own runtime thread until we say stop.
@@ -72,7 +131,7 @@ pub fn run(a: RescueArgs, quiet: bool) -> Result<u8> {
         persistent: true,
         max_connections: 2,
         allow_uids: None,
-        description: Some(format!("vmdisk rescue of {}", a.image.display())),
+        description: Some(format!("vmdisk rescue of {}", image.display())),
         allow_remote: false,
         tls: None,
     };
@@ -87,7 +146,14 @@ pub fn run(a: RescueArgs, quiet: bool) -> Result<u8> {
         let _ = stop_rx.await;
     }));
 
-    let outcome = boot_and_work(&a, arch, port, quiet);
+    let outcome = boot_and_work(&a, image, &harness, &p, port, quiet);
+    if outcome.is_err() || a.keep {
+        let kept = work.keep();
+        eprintln!(
+            "vmdisk: rescue: console log and qemu command line in {}",
+            kept.display()
+        );
+    }
 
     let _ = stop_tx.send(());
     let served = rt.block_on(server);
@@ -100,89 +166,68 @@ pub fn run(a: RescueArgs, quiet: bool) -> Result<u8> {
     outcome
 }
 
-fn boot_and_work(a: &RescueArgs, arch: Arch, port: u16, quiet: bool) -> Result<u8> {
-    let work = tempfile::Builder::new()
-        .prefix("vmdisk-rescue-")
-        .tempdir()?;
-    let harness = Harness {
-        vmdisk: std::env::current_exe().context("finding the vmdisk binary")?,
-        cache: Cache::new(Cache::default_root()?),
-        lock: Lock::builtin()?,
-        artifacts_root: work.path().to_path_buf(),
-        keep: false,
-        timeouts: Timeouts::from_env(),
-        accel: None,
-        tmp_root: None,
-    };
-    let def = VmDef::rescue(arch, &work.path().join("rescue-layout.json"))?;
-    if !quiet {
-        eprintln!(
-            "vmdisk: rescue: preparing the rescue VM (first use downloads pinned Debian packages into {})",
-            harness.cache.root().display()
-        );
-    }
-    let p = harness.prepare(&def, &PrepareOptions::default())?;
+fn boot_and_work(
+    a: &RescueArgs,
+    image: &Path,
+    harness: &Harness,
+    p: &Prepared,
+    port: u16,
+    quiet: bool,
+) -> Result<u8> {
     let mut append = format!("vmdisk.nbd=10.0.2.2:{port}:rescue");
     let interactive = a.command.is_empty();
     if interactive {
         append.push_str(" vmdisk.console_shell=1");
     }
     let mut t = Timings::default();
-    let result = (|| -> Result<u8> {
-        let mut b = harness
-            .boot(&p, &Faults::default(), &append, &mut t)
-            .context("booting the rescue VM")?;
-        match b.vm.wait_marker(
-            "NBD attach",
-            "@@vmdisk stage2 nbd-attached",
-            harness.timeouts.ssh_command,
-        ) {
-            Ok(l) => {
-                if !quiet {
-                    eprintln!(
-                        "vmdisk: rescue: {} is /dev/nbd0 in the VM ({})",
-                        a.image.display(),
-                        l.text
-                            .trim_start_matches("@@vmdisk stage2 nbd-attached /dev/nbd0 ")
-                    );
-                }
+    let mut b = harness
+        .boot(p, &Faults::default(), &append, &mut t)
+        .context("booting the rescue VM")?;
+    match b.vm.wait_marker(
+        "NBD attach",
+        STAGE2_NBD_ATTACHED,
+        harness.timeouts.ssh_command,
+    ) {
+        Ok(l) => {
+            if !quiet {
+                let detail = l
+                    .text
+                    .trim_start_matches(STAGE2_NBD_ATTACHED)
+                    .trim_start()
+                    .trim_start_matches("/dev/nbd0 ");
+                eprintln!(
+                    "vmdisk: rescue: {} is /dev/nbd0 in the VM ({detail})",
+                    image.display()
+                );
             }
-            Err(e) => bail!("the rescue VM could not attach the image: {e}"),
         }
-        if interactive {
-            return console_shell(&mut b.vm);
-        }
-        let script = a.command.join(" ");
-        let status = b
-            .ssh
-            .base_command()
-            .arg(format!("cd /root && {script}"))
-            .stdin(std::process::Stdio::inherit())
-            .status()
-            .context("running the command over SSH")?;
-        // Flush the guest's caches to the NBD device and detach before stopping the VM.
-        let out = b.ssh.run(
-            "sync && nbd-client -d /dev/nbd0",
-            None,
-            harness.timeouts.ssh_command,
-        )?;
-        if out.status != Some(0) {
-            bail!(
-                "the rescue VM could not flush and detach the image: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        b.vm.stop();
-        Ok(status.code().map_or(1, |c| c.clamp(0, 255) as u8))
-    })();
-    if result.is_err() || a.keep {
-        let kept = work.keep();
-        eprintln!(
-            "vmdisk: rescue: console log and qemu command line in {}",
-            kept.display()
+        Err(e) => bail!("the rescue VM could not attach the image: {e}"),
+    }
+    if interactive {
+        return console_shell(&mut b.vm);
+    }
+    let script = a.command.join(" ");
+    let status = b
+        .ssh
+        .base_command()
+        .arg(format!("cd /root && {script}"))
+        .stdin(std::process::Stdio::inherit())
+        .status()
+        .context("running the command over SSH")?;
+    // Flush the guest's caches to the NBD device and detach before stopping the VM.
+    let out = b.ssh.run(
+        "sync && nbd-client -d /dev/nbd0",
+        None,
+        harness.timeouts.ssh_command,
+    )?;
+    if out.status != Some(0) {
+        bail!(
+            "the rescue VM could not flush and detach the image: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    result
+    b.vm.stop();
+    Ok(status.code().map_or(1, |c| c.clamp(0, 255) as u8))
 }
 
 /// Bridge the terminal to the VM's serial console until the guest powers off (the shell's

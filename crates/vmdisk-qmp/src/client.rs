@@ -1,17 +1,16 @@
-//! A small synchronous QMP client: greeting, `qmp_capabilities`, commands with ids, events.
+//! The QMP client: greeting, `qmp_capabilities`, commands with ids, events.
 //!
-//! Every message in both directions is logged with a timestamp. Asynchronous events that
+//! Every message in both directions can be logged with a timestamp. Asynchronous events that
 //! arrive while a command waits for its return are recorded, not mistaken for the answer
 //! (FACTS.md: `SHUTDOWN` can arrive before the `quit` return). Every read runs against a
-//! deadline, so a wedged qemu cannot hang the harness.
+//! deadline, so a wedged qemu cannot hang the caller.
 
 use std::fs::{File, OpenOptions};
-use std::io::{ErrorKind, Read, Write};
+use std::io::{self, ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 
 /// How often [`Qmp::connect`] retries while qemu has not created the socket yet.
@@ -19,14 +18,129 @@ const CONNECT_POLL: Duration = Duration::from_millis(5);
 /// Default deadline for one command's return.
 pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 /// A QMP message longer than this is not something qemu sends; stop instead of buffering.
-const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Bytes read from the socket at a time.
+const READ_CHUNK: usize = 64 * 1024;
+/// Longest excerpt of an unexpected message kept in an error.
+const MAX_QUOTED: usize = 512;
+
+/// What went wrong talking to qemu. Variants are named after the step that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Nothing accepted a connection on the socket before the deadline.
+    #[error(
+        "qemu did not open its QMP socket {} within {:.1}s; check qemu's stderr",
+        socket.display(),
+        waited.as_secs_f64()
+    )]
+    Connecting {
+        socket: PathBuf,
+        waited: Duration,
+        #[source]
+        source: io::Error,
+    },
+    /// The message log could not be opened.
+    #[error("opening the QMP log {}", path.display())]
+    OpeningLog {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The peer hung up before greeting.
+    #[error("qemu closed the QMP socket {} before its greeting; check qemu's stderr", socket.display())]
+    ClosedBeforeGreeting { socket: PathBuf },
+    /// The first message was not a QMP greeting.
+    #[error(
+        "expected the QMP greeting on {}, got {got}; is this a QMP socket (not the human monitor)?",
+        socket.display()
+    )]
+    NotAGreeting { socket: PathBuf, got: String },
+    /// `qmp_capabilities` failed.
+    #[error("entering QMP command mode")]
+    EnteringCommandMode(#[source] Box<Error>),
+    /// Writing a command to the socket failed.
+    #[error("sending `{cmd}` over QMP")]
+    Sending {
+        cmd: String,
+        #[source]
+        source: io::Error,
+    },
+    /// Reading from the socket failed.
+    #[error("reading from QMP")]
+    Reading(#[source] io::Error),
+    /// qemu closed the connection while a command waited for its answer.
+    #[error("qemu closed QMP while `{cmd}` was waiting for its answer (qemu exited?)")]
+    ClosedDuringCommand { cmd: String },
+    /// qemu closed the connection while we waited for an event.
+    #[error("qemu closed QMP before the {event} event")]
+    ClosedBeforeEvent { event: String },
+    /// No complete message arrived before the deadline.
+    #[error(
+        "qemu did not answer on QMP in time ({buffered} bytes of a partial message buffered); \
+         qemu may be wedged"
+    )]
+    TimedOut { buffered: usize },
+    /// A line that is not JSON.
+    #[error("qemu sent QMP text that is not JSON: {text}")]
+    NotJson {
+        text: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A line longer than [`MAX_MESSAGE_BYTES`].
+    #[error("a QMP message exceeded {MAX_MESSAGE_BYTES} bytes; the peer is not qemu")]
+    MessageTooLong,
+    /// qemu answered a command with an error.
+    #[error("QMP `{cmd}` failed: {class}: {desc}")]
+    CommandFailed {
+        cmd: String,
+        class: String,
+        desc: String,
+    },
+    /// The answer to a command had neither `return` nor `error`.
+    #[error("QMP `{cmd}` got a reply with neither return nor error: {reply}")]
+    MalformedReply { cmd: String, reply: String },
+}
+
+impl Error {
+    /// Whether the connection to qemu is gone (closed, or the socket failed), so further
+    /// commands cannot succeed.
+    pub fn is_disconnected(&self) -> bool {
+        matches!(
+            self,
+            Error::ClosedDuringCommand { .. }
+                | Error::ClosedBeforeEvent { .. }
+                | Error::Sending { .. }
+                | Error::Reading(_)
+        )
+    }
+
+    /// Whether qemu does not know the command (its class `CommandNotFound`).
+    pub fn is_command_not_found(&self) -> bool {
+        matches!(self, Error::CommandFailed { class, .. } if class == "CommandNotFound")
+    }
+
+    /// Whether the socket reports the peer gone (qemu exited), which `quit` counts as success.
+    fn peer_gone(&self) -> bool {
+        let io = match self {
+            Error::Sending { source, .. } | Error::Reading(source) => source,
+            _ => return false,
+        };
+        matches!(
+            io.kind(),
+            ErrorKind::BrokenPipe | ErrorKind::ConnectionReset | ErrorKind::NotConnected
+        )
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// An asynchronous QMP event.
 #[derive(Clone, Debug, PartialEq)]
 pub struct QmpEvent {
     /// When it arrived, measured from the connection.
     pub at: Duration,
-    /// e.g. "SHUTDOWN", "STOP", "BLOCK_IO_ERROR".
+    /// e.g. "SHUTDOWN", "STOP", "BLOCK_JOB_COMPLETED".
     pub name: String,
     /// The event's `data` member (Null when absent).
     pub data: Value,
@@ -41,7 +155,10 @@ enum Incoming {
 /// A connected QMP monitor in command mode.
 pub struct Qmp {
     stream: UnixStream,
+    socket: PathBuf,
     buf: Vec<u8>,
+    /// `buf[..scanned]` holds no newline (so each byte is searched once).
+    scanned: usize,
     log: Option<File>,
     connected: Instant,
     greeting: Value,
@@ -50,34 +167,54 @@ pub struct Qmp {
     timeout: Duration,
 }
 
+fn quote(v: &str) -> String {
+    if v.len() <= MAX_QUOTED {
+        return v.to_string();
+    }
+    let mut end = MAX_QUOTED;
+    while !v.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &v[..end])
+}
+
 impl Qmp {
     /// Connect to qemu's QMP socket (retrying until qemu creates it, for up to `timeout`),
-    /// read the greeting and enter command mode. Messages are appended to `log_path`.
-    pub fn connect(socket: &Path, log_path: &Path, timeout: Duration) -> Result<Qmp> {
+    /// read the greeting and enter command mode. With `log`, every message is appended there.
+    pub fn connect(socket: &Path, log: Option<&Path>, timeout: Duration) -> Result<Qmp> {
         let deadline = Instant::now() + timeout;
         let stream = loop {
             match UnixStream::connect(socket) {
                 Ok(s) => break s,
-                Err(e) if Instant::now() >= deadline => {
-                    bail!(
-                        "qemu did not open its QMP socket {} within {:.1}s (last error: {e}); \
-                         check qemu's stderr",
-                        socket.display(),
-                        timeout.as_secs_f64()
-                    )
+                Err(source) if Instant::now() >= deadline => {
+                    return Err(Error::Connecting {
+                        socket: socket.to_path_buf(),
+                        waited: timeout,
+                        source,
+                    })
                 }
                 Err(_) => std::thread::sleep(CONNECT_POLL),
             }
         };
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log_path)
-            .with_context(|| format!("opening the QMP log {}", log_path.display()))?;
+        let log = match log {
+            Some(path) => Some(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| Error::OpeningLog {
+                        path: path.to_path_buf(),
+                        source,
+                    })?,
+            ),
+            None => None,
+        };
         let mut q = Qmp {
             stream,
+            socket: socket.to_path_buf(),
             buf: Vec::new(),
-            log: Some(log),
+            scanned: 0,
+            log,
             connected: Instant::now(),
             greeting: Value::Null,
             events: Vec::new(),
@@ -88,20 +225,27 @@ impl Qmp {
         // qemu greets at once; the connect deadline may be nearly spent, so this gets its own.
         let greeting_deadline = Instant::now() + DEFAULT_COMMAND_TIMEOUT;
         match q.read_message(greeting_deadline)? {
-            Incoming::Eof => bail!(
-                "qemu closed the QMP socket {} before its greeting; check qemu's stderr",
-                socket.display()
-            ),
+            Incoming::Eof => {
+                return Err(Error::ClosedBeforeGreeting {
+                    socket: socket.to_path_buf(),
+                })
+            }
             Incoming::Message(v) if v.get("QMP").is_some() => q.greeting = v,
-            Incoming::Message(v) => bail!(
-                "expected the QMP greeting on {}, got {v}; is this a QMP socket (not the \
-                 human monitor)?",
-                socket.display()
-            ),
+            Incoming::Message(v) => {
+                return Err(Error::NotAGreeting {
+                    socket: socket.to_path_buf(),
+                    got: quote(&v.to_string()),
+                })
+            }
         }
         q.execute("qmp_capabilities", None)
-            .context("entering QMP command mode")?;
+            .map_err(|e| Error::EnteringCommandMode(Box::new(e)))?;
         Ok(q)
+    }
+
+    /// The socket this client is connected to.
+    pub fn socket(&self) -> &Path {
+        &self.socket
     }
 
     /// The deadline for each later command's return (default [`DEFAULT_COMMAND_TIMEOUT`]).
@@ -131,15 +275,13 @@ impl Qmp {
     }
 
     /// Run `cmd` with `args` and return its `return` value. Events arriving meanwhile are
-    /// recorded; a QMP error becomes an error naming the command, class and description.
+    /// recorded; a QMP error becomes [`Error::CommandFailed`].
     pub fn execute(&mut self, cmd: &str, args: Option<Value>) -> Result<Value> {
         let id = self.send(cmd, args)?;
         let deadline = Instant::now() + self.timeout;
         loop {
             match self.read_message(deadline)? {
-                Incoming::Eof => {
-                    bail!("qemu closed QMP while `{cmd}` was waiting for its answer (qemu exited?)")
-                }
+                Incoming::Eof => return Err(Error::ClosedDuringCommand { cmd: cmd.into() }),
                 Incoming::Message(v) => {
                     if let Some(r) = self.answer_to(id, cmd, v)? {
                         return Ok(r);
@@ -154,7 +296,7 @@ impl Qmp {
     pub fn quit(&mut self) -> Result<()> {
         let id = match self.send("quit", None) {
             Ok(id) => id,
-            Err(e) if is_gone(&e) => return Ok(()),
+            Err(e) if e.peer_gone() => return Ok(()),
             Err(e) => return Err(e),
         };
         let deadline = Instant::now() + self.timeout;
@@ -167,7 +309,7 @@ impl Qmp {
                     }
                 }
                 // A reset after SHUTDOWN is qemu exiting, which is what we asked for.
-                Err(e) if is_gone(&e) => return Ok(()),
+                Err(e) if e.peer_gone() => return Ok(()),
                 Err(e) => return Err(e),
             }
         }
@@ -181,7 +323,7 @@ impl Qmp {
         let deadline = Instant::now() + timeout;
         loop {
             match self.read_message(deadline)? {
-                Incoming::Eof => bail!("qemu closed QMP before the {name} event"),
+                Incoming::Eof => return Err(Error::ClosedBeforeEvent { event: name.into() }),
                 Incoming::Message(v) => {
                     if self.record_event(&v) == Some(name) {
                         if let Some(e) = self.events.last() {
@@ -205,7 +347,10 @@ impl Qmp {
         self.log_message("->", &text);
         self.stream
             .write_all(format!("{text}\n").as_bytes())
-            .with_context(|| format!("sending `{cmd}` over QMP"))?;
+            .map_err(|source| Error::Sending {
+                cmd: cmd.into(),
+                source,
+            })?;
         Ok(id)
     }
 
@@ -223,11 +368,17 @@ impl Qmp {
             return Ok(Some(r.clone()));
         }
         if let Some(e) = v.get("error") {
-            let class = e.get("class").and_then(Value::as_str).unwrap_or("?");
-            let desc = e.get("desc").and_then(Value::as_str).unwrap_or("?");
-            bail!("QMP `{cmd}` failed: {class}: {desc}");
+            let field = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("?").to_string();
+            return Err(Error::CommandFailed {
+                cmd: cmd.into(),
+                class: field("class"),
+                desc: field("desc"),
+            });
         }
-        bail!("QMP `{cmd}` got a reply with neither return nor error: {v}")
+        Err(Error::MalformedReply {
+            cmd: cmd.into(),
+            reply: quote(&v.to_string()),
+        })
     }
 
     /// Record `v` if it is an event and return its name.
@@ -244,33 +395,35 @@ impl Qmp {
     /// Read until one complete message (a line of JSON) is buffered, or EOF, or `deadline`.
     fn read_message(&mut self, deadline: Instant) -> Result<Incoming> {
         loop {
-            if let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.buf.drain(..=nl).collect();
+            if let Some(i) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=self.scanned + i).collect();
+                self.scanned = 0;
                 let text = String::from_utf8_lossy(&line);
                 let text = text.trim();
                 if text.is_empty() {
                     continue;
                 }
                 self.log_message("<-", text);
-                let v: Value = serde_json::from_str(text)
-                    .with_context(|| format!("qemu sent QMP text that is not JSON: {text}"))?;
+                let v: Value = serde_json::from_str(text).map_err(|source| Error::NotJson {
+                    text: quote(text),
+                    source,
+                })?;
                 return Ok(Incoming::Message(v));
             }
+            self.scanned = self.buf.len();
             if self.buf.len() > MAX_MESSAGE_BYTES {
-                bail!("a QMP message exceeded {MAX_MESSAGE_BYTES} bytes; the peer is not qemu");
+                return Err(Error::MessageTooLong);
             }
             let now = Instant::now();
             if now >= deadline {
-                bail!(
-                    "qemu did not answer on QMP in time (waited until the deadline; {} bytes of \
-                     a partial message buffered) — qemu may be wedged",
-                    self.buf.len()
-                );
+                return Err(Error::TimedOut {
+                    buffered: self.buf.len(),
+                });
             }
             self.stream
                 .set_read_timeout(Some(deadline - now))
-                .context("setting the QMP read timeout")?;
-            let mut chunk = [0u8; 4096];
+                .map_err(Error::Reading)?;
+            let mut chunk = [0u8; READ_CHUNK];
             match self.stream.read(&mut chunk) {
                 Ok(0) => {
                     self.log_note("EOF");
@@ -279,7 +432,7 @@ impl Qmp {
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(anyhow!(e).context("reading from QMP")),
+                Err(e) => return Err(Error::Reading(e)),
             }
         }
     }
@@ -298,66 +451,13 @@ impl Qmp {
     }
 }
 
-/// Whether `e` says the peer is gone (qemu exited), which `quit` counts as success.
-fn is_gone(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>().is_some_and(|io| {
-            matches!(
-                io.kind(),
-                ErrorKind::BrokenPipe | ErrorKind::ConnectionReset | ErrorKind::NotConnected
-            )
-        })
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{BufRead, BufReader};
+    use crate::fake::{fake, CLOSE, OK};
     use std::os::unix::net::UnixListener;
 
-    const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 18, "minor": 2, "major": 7}, "package": "Debian"}, "capabilities": ["oob"]}}"#;
     const SHUTDOWN: &str = r#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "SHUTDOWN", "data": {"guest": false, "reason": "host-qmp-quit"}}"#;
-    /// A reply line that makes the fake close the connection.
-    const CLOSE: &str = "CLOSE";
-
-    /// A scripted fake qemu: for each command it reads, `reply` returns the lines to send
-    /// (`ID` replaced by the command's id; [`CLOSE`] closes the connection). Returns the
-    /// commands it received.
-    fn fake(
-        reply: impl Fn(&str) -> Vec<&'static str> + Send + 'static,
-    ) -> (
-        tempfile::TempDir,
-        std::path::PathBuf,
-        std::thread::JoinHandle<Vec<Value>>,
-    ) {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("qmp");
-        let l = UnixListener::bind(&sock).unwrap();
-        let h = std::thread::spawn(move || {
-            let (s, _) = l.accept().unwrap();
-            let mut w = s.try_clone().unwrap();
-            write!(w, "{GREETING}\r\n").unwrap();
-            let mut got = Vec::new();
-            for line in BufReader::new(s).lines() {
-                let Ok(line) = line else { break };
-                let v: Value = serde_json::from_str(&line).unwrap();
-                let cmd = v["execute"].as_str().unwrap().to_string();
-                let id = v["id"].to_string();
-                got.push(v);
-                for l in reply(&cmd) {
-                    if l == CLOSE {
-                        return got;
-                    }
-                    write!(w, "{}\r\n", l.replace("ID", &id)).unwrap();
-                }
-            }
-            got
-        });
-        (dir, sock, h)
-    }
-
-    const OK: &str = r#"{"return": {}, "id": ID}"#;
 
     #[test]
     fn handshake_command_errors_events_and_log() {
@@ -373,14 +473,17 @@ mod tests {
             _ => vec![CLOSE],
         });
         let log = dir.path().join("qmp.log");
-        let mut q = Qmp::connect(&sock, &log, Duration::from_secs(5)).unwrap();
+        let mut q = Qmp::connect(&sock, Some(&log), Duration::from_secs(5)).unwrap();
         assert_eq!(q.qemu_version().as_deref(), Some("7.2.18"));
+        assert_eq!(q.socket(), sock);
         let r = q.execute("query-status", None).unwrap();
         assert_eq!(r["status"], "running");
         assert_eq!(q.events().len(), 1);
         assert_eq!(q.events()[0].name, "RESUME");
         let e = q.execute("nope", Some(json!({"x": 1}))).unwrap_err();
-        let msg = format!("{e:#}");
+        assert!(e.is_command_not_found(), "{e:?}");
+        assert!(!e.is_disconnected(), "{e:?}");
+        let msg = e.to_string();
         assert!(msg.contains("`nope` failed: CommandNotFound"), "{msg}");
         drop(q);
         let sent = h.join().unwrap();
@@ -398,14 +501,14 @@ mod tests {
 
     #[test]
     fn replies_to_other_ids_are_skipped() {
-        let (dir, sock, h) = fake(|cmd| match cmd {
+        let (_dir, sock, h) = fake(|cmd| match cmd {
             "qmp_capabilities" => vec![OK],
             _ => vec![
                 r#"{"return": "stale", "id": 999}"#,
                 r#"{"return": "mine", "id": ID}"#,
             ],
         });
-        let mut q = Qmp::connect(&sock, &dir.path().join("log"), Duration::from_secs(5)).unwrap();
+        let mut q = Qmp::connect(&sock, None, Duration::from_secs(5)).unwrap();
         assert_eq!(q.execute("query-name", None).unwrap(), "mine");
         drop(q);
         h.join().unwrap();
@@ -413,11 +516,11 @@ mod tests {
 
     #[test]
     fn quit_tolerates_shutdown_then_eof() {
-        let (dir, sock, h) = fake(|cmd| match cmd {
+        let (_dir, sock, h) = fake(|cmd| match cmd {
             "qmp_capabilities" => vec![OK],
             _ => vec![SHUTDOWN, CLOSE],
         });
-        let mut q = Qmp::connect(&sock, &dir.path().join("log"), Duration::from_secs(5)).unwrap();
+        let mut q = Qmp::connect(&sock, None, Duration::from_secs(5)).unwrap();
         q.quit().unwrap();
         assert_eq!(q.events()[0].name, "SHUTDOWN");
         assert_eq!(q.events()[0].data["reason"], "host-qmp-quit");
@@ -426,11 +529,11 @@ mod tests {
 
     #[test]
     fn quit_tolerates_shutdown_before_return() {
-        let (dir, sock, h) = fake(|cmd| match cmd {
+        let (_dir, sock, h) = fake(|cmd| match cmd {
             "qmp_capabilities" => vec![OK],
             _ => vec![SHUTDOWN, OK],
         });
-        let mut q = Qmp::connect(&sock, &dir.path().join("log"), Duration::from_secs(5)).unwrap();
+        let mut q = Qmp::connect(&sock, None, Duration::from_secs(5)).unwrap();
         q.quit().unwrap();
         assert_eq!(
             q.wait_event("SHUTDOWN", Duration::ZERO).unwrap().name,
@@ -442,11 +545,11 @@ mod tests {
 
     #[test]
     fn quit_succeeds_when_qemu_is_already_gone() {
-        let (dir, sock, h) = fake(|cmd| match cmd {
+        let (_dir, sock, h) = fake(|cmd| match cmd {
             "qmp_capabilities" => vec![OK, CLOSE],
             _ => vec![CLOSE],
         });
-        let mut q = Qmp::connect(&sock, &dir.path().join("log"), Duration::from_secs(5)).unwrap();
+        let mut q = Qmp::connect(&sock, None, Duration::from_secs(5)).unwrap();
         h.join().unwrap();
         q.quit().unwrap();
         // A second quit hits a broken pipe or EOF: still fine.
@@ -455,29 +558,31 @@ mod tests {
 
     #[test]
     fn a_silent_qemu_times_out_instead_of_hanging() {
-        let (dir, sock, h) = fake(|cmd| match cmd {
+        let (_dir, sock, h) = fake(|cmd| match cmd {
             "qmp_capabilities" => vec![OK],
             _ => vec![],
         });
-        let mut q = Qmp::connect(&sock, &dir.path().join("log"), Duration::from_secs(5)).unwrap();
+        let mut q = Qmp::connect(&sock, None, Duration::from_secs(5)).unwrap();
         q.set_timeout(Duration::from_millis(50));
         let t = Instant::now();
         let e = q.execute("query-status", None).unwrap_err();
         assert!(t.elapsed() < Duration::from_secs(5));
-        assert!(format!("{e:#}").contains("did not answer"), "{e:#}");
+        assert!(matches!(e, Error::TimedOut { .. }), "{e:?}");
         drop(q);
         h.join().unwrap();
     }
 
     #[test]
     fn eof_during_a_command_is_an_error() {
-        let (dir, sock, h) = fake(|cmd| match cmd {
+        let (_dir, sock, h) = fake(|cmd| match cmd {
             "qmp_capabilities" => vec![OK],
             _ => vec![CLOSE],
         });
-        let mut q = Qmp::connect(&sock, &dir.path().join("log"), Duration::from_secs(5)).unwrap();
+        let mut q = Qmp::connect(&sock, None, Duration::from_secs(5)).unwrap();
         let e = q.execute("query-status", None).unwrap_err();
-        assert!(format!("{e:#}").contains("closed QMP"), "{e:#}");
+        assert!(matches!(&e, Error::ClosedDuringCommand { cmd } if cmd == "query-status"));
+        assert!(e.is_disconnected());
+        assert!(e.to_string().contains("closed QMP"), "{e}");
         h.join().unwrap();
     }
 
@@ -491,25 +596,35 @@ mod tests {
             s.write_all(b"{\"hello\": 1}\n").unwrap();
             s
         });
-        let e = Qmp::connect(&sock, &dir.path().join("log"), Duration::from_secs(5))
+        let e = Qmp::connect(&sock, None, Duration::from_secs(5))
             .err()
             .unwrap();
-        assert!(
-            format!("{e:#}").contains("expected the QMP greeting"),
-            "{e:#}"
-        );
+        assert!(matches!(e, Error::NotAGreeting { .. }), "{e:?}");
+        assert!(e.to_string().contains("expected the QMP greeting"), "{e}");
         drop(h.join().unwrap());
 
-        let e = Qmp::connect(
-            &dir.path().join("absent"),
-            &dir.path().join("log"),
-            Duration::from_millis(20),
-        )
-        .err()
-        .unwrap();
-        assert!(
-            format!("{e:#}").contains("did not open its QMP socket"),
-            "{e:#}"
-        );
+        let e = Qmp::connect(&dir.path().join("absent"), None, Duration::from_millis(20))
+            .err()
+            .unwrap();
+        assert!(matches!(e, Error::Connecting { .. }), "{e:?}");
+        assert!(e.to_string().contains("did not open its QMP socket"), "{e}");
+    }
+
+    #[test]
+    fn a_peer_that_sends_no_newline_is_stopped_at_the_message_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qmp");
+        let l = UnixListener::bind(&sock).unwrap();
+        let h = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let junk = vec![b'x'; 1 << 20];
+            // Stops when the client hangs up.
+            while s.write_all(&junk).is_ok() {}
+        });
+        let e = Qmp::connect(&sock, None, Duration::from_secs(5))
+            .err()
+            .unwrap();
+        assert!(matches!(e, Error::MessageTooLong), "{e:?}");
+        h.join().unwrap();
     }
 }

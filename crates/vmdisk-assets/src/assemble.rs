@@ -1,29 +1,47 @@
-//! Assembling a guest from pinned Debian packages: the boot kernel, the stage-1 initramfs, the
-//! shared "store" holding stage 2 and its programs, and per run the root tree and the disk that
-//! `vmdisk create --layout` builds from it.
+//! Assembling a guest from pinned Debian packages: the boot kernel, the stage-1 initramfs and
+//! the shared "store" holding stage 2 and its programs.
 //!
 //! Assets (kernel, initramfs, store) depend only on the lock file, the stage scripts and the
 //! module lists, so they are built once into the cache under a key hashed from all of those.
-//! The root disk carries the per-run secrets (pinned host key, authorized client key) and is
-//! built for every run.
+//! The root disk, which carries the per-run secrets (pinned host key, authorized client key),
+//! is the VM runtime's (vmdisk-vm `rootfs`), built for every run.
 
 use std::fs;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
+use crate::arch::Arch;
 use crate::assets::{Cache, Lock, LockedPackage, GUEST_PACKAGES, TOOLCHAIN_PACKAGES};
 use crate::cpio::CpioWriter;
-use crate::def::VmDef;
-use crate::{elf, kernel, Arch};
+use crate::{elf, kernel};
 
 /// Stage 1 (the initramfs's `/init`).
 pub const STAGE1: &str = include_str!("../../../testvms/stage-1.sh");
 /// Stage 2 (`<system>/init` in the store); `@system@` is replaced by the system's store path.
 pub const STAGE2: &str = include_str!("../../../testvms/stage-2.sh");
+
+/// The markers [`STAGE1`] prints on the console, in order, on the way to stage 2 (each line
+/// starts with one; details follow).
+pub const STAGE1_MARKERS: &[&str] = &[
+    "@@vmdisk stage1 start",
+    "@@vmdisk stage1 modules-loaded",
+    "@@vmdisk stage1 root-found",
+    "@@vmdisk stage1 root-mounted",
+    "@@vmdisk stage1 store-mounted",
+    "@@vmdisk stage1 overlay-mounted",
+    STAGE1_SWITCH,
+];
+/// The last of [`STAGE1_MARKERS`]: stage 1 hands over to stage 2.
+pub const STAGE1_SWITCH: &str = "@@vmdisk stage1 switch";
+/// What stage 1 prints after its failure report, just before it powers off.
+pub const STAGE1_HALTED: &str = "@@vmdisk stage1 halted";
+/// The start of every failure line (`@@vmdisk FAIL stage1 root: ...`).
+pub const FAIL_MARKER: &str = "@@vmdisk FAIL";
+/// Stage 2 attached the `vmdisk.nbd=` export as /dev/nbd0 (`... /dev/nbd0 N partitions`).
+pub const STAGE2_NBD_ATTACHED: &str = "@@vmdisk stage2 nbd-attached";
 
 /// busybox udhcpc's event script (`vmdisk.net=dhcp`): apply the lease with `ip`.
 const UDHCPC_SCRIPT: &str = "#!/bin/sh\n\
@@ -218,7 +236,7 @@ fn packages(lock: &Lock, arch: Arch) -> Result<Vec<&LockedPackage>> {
 /// The cache key of the assets: everything that goes into them.
 fn asset_key(arch: Arch, pkgs: &[&LockedPackage]) -> String {
     let mut h = Sha256::new();
-    h.update(format!("vmdisk-guest-assets v{ASSET_FORMAT} {arch}\n"));
+    h.update(format!("vmdisk-assets-assets v{ASSET_FORMAT} {arch}\n"));
     for p in pkgs {
         h.update(format!(
             "{} {} {} {}\n",
@@ -452,143 +470,31 @@ fn copy_tree(from: &Path, rel: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The per-run secrets and settings that go onto the root disk.
-#[derive(Clone, Debug)]
-pub struct RootConfig {
-    /// Dropbear-format private host key.
-    pub host_key_dropbear: Vec<u8>,
-    /// `authorized_keys` content for root.
-    pub authorized_keys: String,
-    /// The whole `/etc/shadow`.
-    pub shadow: Vec<u8>,
-    pub hostname: String,
-}
-
-/// The default shadow file: root has no password (key login only).
-pub const DEFAULT_SHADOW: &str = "root:*:19000:0:99999:7:::\n";
-
-/// Write the root filesystem tree into `dir` (which must be empty or absent).
-pub fn write_root_tree(dir: &Path, assets: &GuestAssets, cfg: &RootConfig) -> Result<()> {
-    let w = |rel: &str, data: &[u8], mode: u32| -> Result<()> {
-        let p = dir.join(rel);
-        if let Some(parent) = p.parent() {
-            fs::create_dir_all(parent)?;
-        }
-        fs::write(&p, data)?;
-        fs::set_permissions(&p, fs::Permissions::from_mode(mode))?;
-        Ok(())
-    };
-    for d in [
-        "nix/store",
-        "nix/.ro-store",
-        "nix/.rw-store",
-        "proc",
-        "sys",
-        "dev",
-        "run",
-        "tmp",
-        "mnt",
-        "var",
-        "etc/dropbear",
-        "root/.ssh",
-    ] {
-        fs::create_dir_all(dir.join(d))?;
-    }
-    fs::set_permissions(dir.join("root"), fs::Permissions::from_mode(0o700))?;
-    fs::set_permissions(dir.join("root/.ssh"), fs::Permissions::from_mode(0o700))?;
-    fs::set_permissions(dir.join("tmp"), fs::Permissions::from_mode(0o1777))?;
-    w("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n", 0o644)?;
-    w("etc/group", b"root:x:0:\n", 0o644)?;
-    w("etc/shadow", &cfg.shadow, 0o600)?;
-    w("etc/shells", b"/bin/sh\n", 0o644)?;
-    w(
-        "etc/hostname",
-        format!("{}\n", cfg.hostname).as_bytes(),
-        0o644,
-    )?;
-    w(
-        "etc/dropbear/dropbear_ed25519_host_key",
-        &cfg.host_key_dropbear,
-        0o600,
-    )?;
-    w(
-        "root/.ssh/authorized_keys",
-        cfg.authorized_keys.as_bytes(),
-        0o600,
-    )?;
-    // As on NixOS, the root disk holds no programs: everything links into the store.
-    for l in ["bin", "sbin", "lib", "lib64", "usr"] {
-        symlink(format!("{}/{l}", assets.system), dir.join(l))?;
-    }
-    Ok(())
-}
-
-/// Build the VM's disk with `vmdisk create --layout ... --copy-in root=TREE`.
-pub fn build_disk(
-    vmdisk: &Path,
-    def: &VmDef,
-    root_tree: &Path,
-    disk: &Path,
-    seed: u64,
-) -> Result<()> {
-    let mut cmd = Command::new(vmdisk);
-    cmd.arg("create")
-        .arg("-q")
-        .arg("-f")
-        .arg(&def.disk_format)
-        .arg("--layout")
-        .arg(&def.layout)
-        .arg("--copy-in")
-        .arg(format!("/={}", root_tree.display()))
-        .arg("--seed")
-        .arg(seed.to_string());
-    for (part, dir) in &def.copy_in {
-        cmd.arg("--copy-in")
-            .arg(format!("{part}={}", dir.display()));
-    }
-    cmd.arg(disk);
-    if let Some(size) = &def.disk_size {
-        cmd.arg(size);
-    }
-    let out = cmd
-        .output()
-        .with_context(|| format!("running {}", vmdisk.display()))?;
-    if !out.status.success() {
-        bail!(
-            "`vmdisk create --layout {}` failed: {}",
-            def.layout.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Where `echo "MARKER` is in `script` (a comment mentioning it does not count).
+    fn printed_at(script: &str, marker: &str) -> Option<usize> {
+        script.find(&format!("echo \"{marker}"))
+    }
+
     #[test]
-    fn stage_scripts_use_markers_the_harness_knows() {
-        for m in [
-            "@@vmdisk stage1 start",
-            "@@vmdisk stage1 modules-loaded",
-            "@@vmdisk stage1 root-found",
-            "@@vmdisk stage1 root-mounted",
-            "@@vmdisk stage1 store-mounted",
-            "@@vmdisk stage1 overlay-mounted",
-            "@@vmdisk stage1 switch",
-            "@@vmdisk FAIL stage1",
-        ] {
-            assert!(STAGE1.contains(m), "stage-1.sh lacks {m}");
+    fn stage_scripts_print_the_markers_the_harness_waits_for_in_order() {
+        let mut last = 0;
+        for m in STAGE1_MARKERS {
+            let at = printed_at(STAGE1, m).unwrap_or_else(|| panic!("stage-1.sh never prints {m}"));
+            assert!(
+                at > last,
+                "stage-1.sh prints {m} before the marker listed ahead of it"
+            );
+            last = at;
         }
-        for m in [
-            "@@vmdisk stage2 start",
-            "@@vmdisk stage2 sshd-started",
-            "@@vmdisk stage2 ready",
-            "@@vmdisk stage2 nbd-attached",
-        ] {
-            assert!(STAGE2.contains(m), "stage-2.sh lacks {m}");
-        }
+        assert_eq!(STAGE1_MARKERS.last(), Some(&STAGE1_SWITCH));
+        assert!(printed_at(STAGE1, STAGE1_HALTED).is_some());
+        assert!(printed_at(STAGE1, &format!("{FAIL_MARKER} stage1 ")).is_some());
+        assert!(printed_at(STAGE2, &format!("{FAIL_MARKER} stage2 ")).is_some());
+        assert!(printed_at(STAGE2, STAGE2_NBD_ATTACHED).is_some());
         assert!(STAGE2.starts_with("#!@system@/bin/sh\n"));
     }
 

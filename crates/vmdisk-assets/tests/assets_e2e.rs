@@ -10,8 +10,8 @@ use std::collections::HashMap;
 use std::fs;
 use std::path::PathBuf;
 
-use vmdisk_vm::assets::{Cache, Lock, LockedPackage, Role};
-use vmdisk_vm::{elf, kernel, Arch};
+use vmdisk_assets::assets::{Cache, Lock, LockedPackage, Role};
+use vmdisk_assets::{elf, kernel, Arch};
 
 fn setup() -> (Cache, Lock) {
     let lock = Lock::builtin().expect("the committed lock parses");
@@ -32,7 +32,7 @@ fn every_locked_package_downloads_and_matches_its_sha256() {
     for p in &lock.packages {
         let path = cache.deb(p).unwrap_or_else(|e| panic!("{}: {e:#}", p.name));
         assert_eq!(fs::metadata(&path).unwrap().len(), p.size, "{}", p.name);
-        let control_version = vmdisk_vm::deb::control_field(&path, "Version")
+        let control_version = vmdisk_assets::deb::control_field(&path, "Version")
             .unwrap()
             .unwrap();
         assert_eq!(control_version, p.version, "{}", p.name);

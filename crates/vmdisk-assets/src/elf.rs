@@ -1,31 +1,38 @@
-//! A minimal ELF reader: enough to find a program's interpreter and `DT_NEEDED` libraries, to
-//! read one named section (a kernel module's `.modinfo`), and to collect the shared libraries a
-//! set of programs needs from an unpacked Debian tree.
+//! What the guest build needs from ELF objects: a program's interpreter and `DT_NEEDED`
+//! libraries, one named section (a kernel module's `.modinfo`), a `PT_NOTE` (the vmlinux's PVH
+//! entry), and the closure of shared libraries a set of programs needs from an unpacked
+//! Debian tree.
 //!
 //! ```text
 //!  0        e_ident: 7f 'E' 'L' 'F', class (1 = 32-bit, 2 = 64-bit), data (1 = LE, 2 = BE)
 //!  16       e_type, e_machine, ..., e_phoff, e_shoff, ..., e_phnum, e_shnum, e_shstrndx
-//!  e_phoff  program headers: PT_LOAD (vaddr -> file offset), PT_INTERP, PT_DYNAMIC
+//!  e_phoff  program headers: PT_LOAD (vaddr -> file offset), PT_INTERP, PT_DYNAMIC, PT_NOTE
 //!  e_shoff  section headers; section e_shstrndx holds their names
 //! ```
 //!
-//! Every offset and size read from the file is bounds-checked against the bytes given; nothing
-//! is allocated from a size the file claims beyond the named limits below. Errors say which
-//! structure is broken and where; callers add the file name.
+//! The headers are read by the `object` crate (its ELF reader only: no other formats, no
+//! decompression), which bounds-checks every offset and size against the bytes given. What
+//! this module adds is the loader's view: `DT_NEEDED` names through the dynamic segment's
+//! `DT_STRTAB` address, mapped through the `PT_LOAD` segments as ld.so does (sections may be
+//! stripped), and the named limits below. Errors say which structure is broken; callers add
+//! the file name.
 
 use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::ffi::OsString;
 use std::fs;
 use std::path::{Component, Path, PathBuf};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use object::elf::{FileHeader32, FileHeader64};
+use object::read::elf::{Dyn, FileHeader, ProgramHeader, SectionHeader};
+use object::{elf as abi, Endianness};
 
-use crate::Arch;
+use crate::arch::Arch;
 
 /// `e_machine` of x86-64.
-pub const EM_X86_64: u16 = 62;
+pub const EM_X86_64: u16 = abi::EM_X86_64.0;
 /// `e_machine` of 64-bit ARM.
-pub const EM_AARCH64: u16 = 183;
+pub const EM_AARCH64: u16 = abi::EM_AARCH64.0;
 
 /// The ELF magic at offset 0.
 pub const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
@@ -40,18 +47,8 @@ const MAX_OBJECT_LEN: u64 = 512 << 20;
 const MAX_SYMLINK_HOPS: usize = 40;
 /// Most objects one closure may contain, so a hostile tree cannot make us walk forever.
 const MAX_CLOSURE_OBJECTS: usize = 4096;
-
-const PT_LOAD: u32 = 1;
-const PT_DYNAMIC: u32 = 2;
-const PT_INTERP: u32 = 3;
-const PT_NOTE: u32 = 4;
-const SHT_NOBITS: u32 = 8;
-const DT_NULL: u64 = 0;
-const DT_NEEDED: u64 = 1;
-const DT_STRTAB: u64 = 5;
-const DT_STRSZ: u64 = 10;
-/// `e_shstrndx` value meaning "the real index is in section 0's `sh_link`".
-const SHN_XINDEX: u16 = 0xffff;
+/// Most notes looked at in one object; a vmlinux has about a dozen.
+const MAX_NOTES: usize = 4096;
 
 /// What [`inspect`] learns about an ELF object.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -96,114 +93,212 @@ pub fn is_elf(bytes: &[u8]) -> bool {
     bytes.starts_with(ELF_MAGIC)
 }
 
+/// `e_machine` from the first bytes of an object, when they hold a whole ELF header.
+fn header_machine(head: &[u8]) -> Option<u16> {
+    match class(head).ok()? {
+        Class::Elf32 => header::<FileHeader32<Endianness>>(head)
+            .ok()
+            .map(|(h, e)| h.e_machine(e).0),
+        Class::Elf64 => header::<FileHeader64<Endianness>>(head)
+            .ok()
+            .map(|(h, e)| h.e_machine(e).0),
+    }
+}
+
+enum Class {
+    Elf32,
+    Elf64,
+}
+
+fn class(bytes: &[u8]) -> Result<Class> {
+    ensure!(
+        is_elf(bytes),
+        "not an ELF object: the first bytes are not 7f 45 4c 46 (\\x7fELF)"
+    );
+    match bytes.get(4) {
+        Some(1) => Ok(Class::Elf32),
+        Some(2) => Ok(Class::Elf64),
+        Some(c) => bail!("ELF: unknown class {c} at offset 4 (1 = 32-bit, 2 = 64-bit)"),
+        None => bail!("ELF: the file is shorter than an ELF header"),
+    }
+}
+
+/// The validated file header and its byte order.
+fn header<Elf: FileHeader<Endian = Endianness>>(bytes: &[u8]) -> Result<(&Elf, Endianness)> {
+    let h = Elf::parse(bytes).map_err(|e| anyhow!("ELF header: {e}"))?;
+    let endian = h.endian().map_err(|e| anyhow!("ELF header: {e}"))?;
+    Ok((h, endian))
+}
+
+/// Run `f` on the object's header, whichever its class.
+macro_rules! with_header {
+    ($bytes:expr, |$h:ident, $e:ident| $body:expr) => {
+        match class($bytes)? {
+            Class::Elf32 => {
+                let ($h, $e) = header::<FileHeader32<Endianness>>($bytes)?;
+                $body
+            }
+            Class::Elf64 => {
+                let ($h, $e) = header::<FileHeader64<Endianness>>($bytes)?;
+                $body
+            }
+        }
+    };
+}
+
 /// Parse the headers of an ELF object: machine, class, interpreter and needed libraries.
 pub fn inspect(bytes: &[u8]) -> Result<ElfInfo> {
-    let elf = Elf::parse(bytes)?;
+    with_header!(bytes, |h, e| inspect_as(h, e, bytes))
+}
+
+fn inspect_as<Elf: FileHeader<Endian = Endianness>>(
+    h: &Elf,
+    e: Endianness,
+    bytes: &[u8],
+) -> Result<ElfInfo> {
+    let phdrs = h
+        .program_headers(e, bytes)
+        .map_err(|err| anyhow!("ELF: the program header table: {err}"))?;
     let mut interp = None;
-    let mut dynamic = None;
-    for i in 0..elf.phnum {
-        let ph = elf.phdr(i)?;
-        match ph.p_type {
-            PT_INTERP => {
-                let raw = elf.file_range(ph.offset, ph.filesz, "PT_INTERP")?;
-                let raw = raw.split(|&b| b == 0).next().unwrap_or_default();
-                interp = Some(name_string(raw, "the PT_INTERP path")?);
-            }
-            PT_DYNAMIC => dynamic = Some(ph),
-            _ => {}
+    let mut needed = Vec::new();
+    for ph in phdrs {
+        if let Some(raw) = ph
+            .interpreter(e, bytes)
+            .map_err(|err| anyhow!("ELF: PT_INTERP: {err}"))?
+        {
+            interp = Some(name_string(raw, "the PT_INTERP path")?);
+        }
+        if let Some(dynamic) = ph
+            .dynamic(e, bytes)
+            .map_err(|err| anyhow!("ELF: PT_DYNAMIC: {err}"))?
+        {
+            needed = needed_names::<Elf>(phdrs, dynamic, e, bytes)?;
         }
     }
-    let needed = match dynamic {
-        Some(ph) => elf.needed(&ph)?,
-        None => Vec::new(),
-    };
     Ok(ElfInfo {
-        machine: elf.machine,
-        class64: elf.class64,
+        machine: h.e_machine(e).0,
+        class64: h.is_class_64(),
         interp,
         needed,
     })
 }
 
+/// The `DT_NEEDED` names of a dynamic segment, their string table found through `DT_STRTAB`
+/// (a virtual address) and `DT_STRSZ`, as the loader finds it.
+fn needed_names<Elf: FileHeader<Endian = Endianness>>(
+    phdrs: &[Elf::ProgramHeader],
+    dynamic: &[Elf::Dyn],
+    e: Endianness,
+    bytes: &[u8],
+) -> Result<Vec<String>> {
+    let mut offs = Vec::new();
+    let (mut strtab, mut strsz) = (None, None);
+    for d in dynamic {
+        match d.tag(e) {
+            abi::DT_NULL => break,
+            abi::DT_NEEDED => {
+                ensure!(
+                    offs.len() < MAX_NEEDED,
+                    "ELF: more than {MAX_NEEDED} DT_NEEDED entries"
+                );
+                offs.push(d.val(e));
+            }
+            abi::DT_STRTAB => strtab = Some(d.val(e)),
+            abi::DT_STRSZ => strsz = Some(d.val(e)),
+            _ => {}
+        }
+    }
+    if offs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let strtab = strtab.context("ELF: the dynamic segment lists DT_NEEDED but no DT_STRTAB")?;
+    let strsz = strsz.context("ELF: the dynamic segment lists DT_NEEDED but no DT_STRSZ")?;
+    let mut strings = None;
+    for ph in phdrs.iter().filter(|ph| ph.p_type(e) == abi::PT_LOAD) {
+        if let Some(s) = ph
+            .data_range(e, bytes, strtab, strsz)
+            .map_err(|()| anyhow!("ELF: a PT_LOAD segment runs past the end of the file"))?
+        {
+            strings = Some(s);
+            break;
+        }
+    }
+    let strings = strings.with_context(|| {
+        format!(
+            "ELF: the dynamic string table ({strsz} bytes at {strtab:#x}) is in no PT_LOAD segment"
+        )
+    })?;
+    offs.into_iter()
+        .map(|o| {
+            let rest = usize::try_from(o)
+                .ok()
+                .and_then(|o| strings.get(o..))
+                .with_context(|| {
+                    format!("ELF: DT_NEEDED string offset {o} is outside the string table")
+                })?;
+            let raw = rest.split(|&b| b == 0).next().unwrap_or_default();
+            ensure!(!raw.is_empty(), "ELF: an empty DT_NEEDED name");
+            name_string(raw, "a DT_NEEDED name")
+        })
+        .collect()
+}
+
 /// The contents of the section called `name` (`Some(&[])` for an `SHT_NOBITS` section), or
 /// `None` when the object has no such section.
 pub fn section<'a>(bytes: &'a [u8], name: &str) -> Result<Option<&'a [u8]>> {
-    let elf = Elf::parse(bytes)?;
-    let (shnum, shstrndx) = elf.section_counts()?;
-    if shnum == 0 {
-        return Ok(None);
+    with_header!(bytes, |h, e| section_as(h, e, bytes, name))
+}
+
+fn section_as<'a, Elf: FileHeader<Endian = Endianness>>(
+    h: &Elf,
+    e: Endianness,
+    bytes: &'a [u8],
+    name: &str,
+) -> Result<Option<&'a [u8]>> {
+    let sections = h
+        .sections(e, bytes)
+        .map_err(|err| anyhow!("ELF: the section header table: {err}"))?;
+    match sections.section_by_name(e, name.as_bytes()) {
+        None => Ok(None),
+        Some((_, sh)) => sh
+            .data(e, bytes)
+            .map(Some)
+            .map_err(|err| anyhow!("ELF section {name}: {err}")),
     }
-    ensure!(
-        shstrndx < shnum,
-        "ELF: the section-name table index {shstrndx} is not below the section count {shnum}"
-    );
-    let names = elf.shdr(shstrndx)?;
-    let names = elf.file_range(names.offset, names.size, "the section-name table")?;
-    for i in 0..shnum {
-        let sh = elf.shdr(i)?;
-        let sh_name = usize::try_from(sh.name).unwrap_or(usize::MAX);
-        let Some(rest) = names.get(sh_name..) else {
-            bail!("ELF: section {i}'s name offset {sh_name} is outside the section-name table");
-        };
-        let this = rest.split(|&b| b == 0).next().unwrap_or_default();
-        if this == name.as_bytes() {
-            if sh.sh_type == SHT_NOBITS {
-                return Ok(Some(&[]));
-            }
-            return elf
-                .file_range(sh.offset, sh.size, "the section")
-                .map(Some)
-                .with_context(|| format!("ELF section {name}"));
-        }
-    }
-    Ok(None)
 }
 
 /// Whether a `PT_NOTE` segment of the object holds a note with owner `name` and type
 /// `note_type` (e.g. Xen's `XEN_ELFNOTE_PHYS32_ENTRY`, which qemu needs to boot a vmlinux).
 pub fn has_note(bytes: &[u8], name: &str, note_type: u32) -> Result<bool> {
-    let elf = Elf::parse(bytes)?;
-    for i in 0..elf.phnum {
-        let ph = elf.phdr(i)?;
-        if ph.p_type != PT_NOTE {
+    with_header!(bytes, |h, e| has_note_as(h, e, bytes, name, note_type))
+}
+
+fn has_note_as<Elf: FileHeader<Endian = Endianness>>(
+    h: &Elf,
+    e: Endianness,
+    bytes: &[u8],
+    name: &str,
+    note_type: u32,
+) -> Result<bool> {
+    let phdrs = h
+        .program_headers(e, bytes)
+        .map_err(|err| anyhow!("ELF: the program header table: {err}"))?;
+    for ph in phdrs {
+        let Some(mut notes) = ph
+            .notes(e, bytes)
+            .map_err(|err| anyhow!("ELF: PT_NOTE: {err}"))?
+        else {
             continue;
-        }
-        let notes = elf.file_range(ph.offset, ph.filesz, "PT_NOTE")?;
-        let align = if ph.align == 8 { 8 } else { 4 };
-        let mut at = 0usize;
-        while at + 12 <= notes.len() {
-            let field = |o: usize| -> u32 {
-                let b: [u8; 4] = [notes[o], notes[o + 1], notes[o + 2], notes[o + 3]];
-                if elf.big_endian {
-                    u32::from_be_bytes(b)
-                } else {
-                    u32::from_le_bytes(b)
+        };
+        // A malformed note ends this segment's list, as the kernel's own parser stops there.
+        for _ in 0..MAX_NOTES {
+            match notes.next() {
+                Ok(Some(n)) if n.n_type(e).0 == note_type && n.name() == name.as_bytes() => {
+                    return Ok(true)
                 }
-            };
-            let (namesz, descsz, ntype) = (field(at), field(at + 4), field(at + 8));
-            let name_start = at + 12;
-            let Some(desc_start) = usize::try_from(namesz)
-                .ok()
-                .and_then(|n| name_start.checked_add(n))
-                .map(|e| e.next_multiple_of(align))
-            else {
-                break;
-            };
-            let Some(next) = usize::try_from(descsz)
-                .ok()
-                .and_then(|d| desc_start.checked_add(d))
-                .map(|e| e.next_multiple_of(align))
-            else {
-                break;
-            };
-            let Some(owner) = notes.get(name_start..name_start + namesz as usize) else {
-                break;
-            };
-            let owner = owner.split(|&b| b == 0).next().unwrap_or_default();
-            if ntype == note_type && owner == name.as_bytes() {
-                return Ok(true);
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
             }
-            at = next;
         }
     }
     Ok(false)
@@ -322,10 +417,8 @@ fn find_library(
         }
         // Like the loader, skip objects of another machine (e.g. 32-bit compat libraries).
         let head = read_head(&path)?;
-        if let Ok(elf) = Elf::parse(&head) {
-            if elf.machine != machine {
-                continue;
-            }
+        if header_machine(&head).is_some_and(|m| m != machine) {
+            continue;
         }
         return Ok(Some((links, real)));
     }
@@ -422,325 +515,20 @@ fn name_string(raw: &[u8], what: &str) -> Result<String> {
     String::from_utf8(raw.to_vec()).with_context(|| format!("ELF: {what} is not UTF-8"))
 }
 
-/// A program header, widened to 64 bits.
-#[derive(Clone, Copy, Debug)]
-struct Phdr {
-    p_type: u32,
-    offset: u64,
-    vaddr: u64,
-    filesz: u64,
-    align: u64,
-}
-
-/// A section header, widened to 64 bits.
-#[derive(Clone, Copy, Debug)]
-struct Shdr {
-    name: u32,
-    sh_type: u32,
-    offset: u64,
-    size: u64,
-    link: u32,
-}
-
-/// A validated ELF header over the whole file's bytes.
-struct Elf<'a> {
-    bytes: &'a [u8],
-    class64: bool,
-    big_endian: bool,
-    machine: u16,
-    phoff: u64,
-    phentsize: u64,
-    phnum: u64,
-    shoff: u64,
-    shentsize: u64,
-    shnum_raw: u16,
-    shstrndx_raw: u16,
-}
-
-impl<'a> Elf<'a> {
-    fn parse(bytes: &'a [u8]) -> Result<Self> {
-        ensure!(
-            is_elf(bytes),
-            "not an ELF object: the first bytes are not 7f 45 4c 46 (\\x7fELF)"
-        );
-        ensure!(
-            bytes.len() >= 52,
-            "ELF: the file is {} bytes, shorter than an ELF header",
-            bytes.len()
-        );
-        let class64 = match bytes[4] {
-            1 => false,
-            2 => true,
-            c => bail!("ELF: unknown class {c} at offset 4 (1 = 32-bit, 2 = 64-bit)"),
-        };
-        let big_endian = match bytes[5] {
-            1 => false,
-            2 => true,
-            d => bail!("ELF: unknown data encoding {d} at offset 5 (1 = LE, 2 = BE)"),
-        };
-        let mut elf = Elf {
-            bytes,
-            class64,
-            big_endian,
-            machine: 0,
-            phoff: 0,
-            phentsize: 0,
-            phnum: 0,
-            shoff: 0,
-            shentsize: 0,
-            shnum_raw: 0,
-            shstrndx_raw: 0,
-        };
-        elf.machine = elf.u16(18)?;
-        if class64 {
-            ensure!(
-                bytes.len() >= 64,
-                "ELF: the file is shorter than an ELF64 header"
-            );
-            elf.phoff = elf.u64(32)?;
-            elf.shoff = elf.u64(40)?;
-            elf.phentsize = elf.u16(54)?.into();
-            elf.phnum = elf.u16(56)?.into();
-            elf.shentsize = elf.u16(58)?.into();
-            elf.shnum_raw = elf.u16(60)?;
-            elf.shstrndx_raw = elf.u16(62)?;
-        } else {
-            elf.phoff = elf.u32(28)?.into();
-            elf.shoff = elf.u32(32)?.into();
-            elf.phentsize = elf.u16(42)?.into();
-            elf.phnum = elf.u16(44)?.into();
-            elf.shentsize = elf.u16(46)?.into();
-            elf.shnum_raw = elf.u16(48)?;
-            elf.shstrndx_raw = elf.u16(50)?;
-        }
-        let (min_ph, min_sh) = if class64 { (56, 64) } else { (32, 40) };
-        if elf.phnum > 0 {
-            ensure!(
-                elf.phentsize >= min_ph,
-                "ELF: program header size {} is smaller than {min_ph}",
-                elf.phentsize
-            );
-            elf.table_range(elf.phoff, elf.phentsize, elf.phnum, "program header table")?;
-        }
-        if elf.shoff != 0 {
-            ensure!(
-                elf.shentsize >= min_sh,
-                "ELF: section header size {} is smaller than {min_sh}",
-                elf.shentsize
-            );
-        }
-        Ok(elf)
-    }
-
-    fn get(&self, off: u64, len: usize) -> Result<&'a [u8]> {
-        usize::try_from(off)
-            .ok()
-            .and_then(|o| Some(o..o.checked_add(len)?))
-            .and_then(|r| self.bytes.get(r))
-            .with_context(|| {
-                format!(
-                    "ELF: reading {len} bytes at offset {off} runs past the end of the file ({} bytes)",
-                    self.bytes.len()
-                )
-            })
-    }
-
-    fn u16(&self, off: u64) -> Result<u16> {
-        let b: [u8; 2] = self.get(off, 2)?.try_into()?;
-        Ok(if self.big_endian {
-            u16::from_be_bytes(b)
-        } else {
-            u16::from_le_bytes(b)
-        })
-    }
-
-    fn u32(&self, off: u64) -> Result<u32> {
-        let b: [u8; 4] = self.get(off, 4)?.try_into()?;
-        Ok(if self.big_endian {
-            u32::from_be_bytes(b)
-        } else {
-            u32::from_le_bytes(b)
-        })
-    }
-
-    fn u64(&self, off: u64) -> Result<u64> {
-        let b: [u8; 8] = self.get(off, 8)?.try_into()?;
-        Ok(if self.big_endian {
-            u64::from_be_bytes(b)
-        } else {
-            u64::from_le_bytes(b)
-        })
-    }
-
-    /// An address-sized field (`Elf32_Addr`/`Elf64_Addr` and friends).
-    fn word(&self, off: u64) -> Result<u64> {
-        if self.class64 {
-            self.u64(off)
-        } else {
-            self.u32(off).map(u64::from)
-        }
-    }
-
-    /// `len` bytes at file offset `off`, checked.
-    fn file_range(&self, off: u64, len: u64, what: &str) -> Result<&'a [u8]> {
-        let end = off.checked_add(len);
-        match end {
-            Some(end) if end <= self.bytes.len() as u64 => {
-                // Both fit in usize: they are at most the slice's length.
-                Ok(&self.bytes[off as usize..end as usize])
-            }
-            _ => bail!(
-                "ELF: {what} at offset {off} ({len} bytes) runs past the end of the file ({} bytes)",
-                self.bytes.len()
-            ),
-        }
-    }
-
-    fn table_range(&self, off: u64, entsize: u64, count: u64, what: &str) -> Result<()> {
-        let len = entsize
-            .checked_mul(count)
-            .with_context(|| format!("ELF: the {what} size overflows"))?;
-        self.file_range(off, len, what).map(|_| ())
-    }
-
-    fn phdr(&self, i: u64) -> Result<Phdr> {
-        let base = self.phoff + i * self.phentsize; // checked by table_range in parse
-        if self.class64 {
-            Ok(Phdr {
-                p_type: self.u32(base)?,
-                offset: self.u64(base + 8)?,
-                vaddr: self.u64(base + 16)?,
-                filesz: self.u64(base + 32)?,
-                align: self.u64(base + 48)?,
-            })
-        } else {
-            Ok(Phdr {
-                p_type: self.u32(base)?,
-                offset: self.u32(base + 4)?.into(),
-                vaddr: self.u32(base + 8)?.into(),
-                filesz: self.u32(base + 16)?.into(),
-                align: self.u32(base + 28)?.into(),
-            })
-        }
-    }
-
-    /// (section count, section-name table index), following the extended numbering scheme.
-    fn section_counts(&self) -> Result<(u64, u64)> {
-        if self.shoff == 0 {
-            return Ok((0, 0));
-        }
-        let mut shnum = u64::from(self.shnum_raw);
-        let mut shstrndx = u64::from(self.shstrndx_raw);
-        if shnum == 0 || self.shstrndx_raw == SHN_XINDEX {
-            self.table_range(self.shoff, self.shentsize, 1, "section header table")?;
-            let zero = self.shdr_at(self.shoff)?;
-            if shnum == 0 {
-                shnum = zero.size;
-            }
-            if self.shstrndx_raw == SHN_XINDEX {
-                shstrndx = zero.link.into();
-            }
-        }
-        self.table_range(self.shoff, self.shentsize, shnum, "section header table")?;
-        Ok((shnum, shstrndx))
-    }
-
-    fn shdr(&self, i: u64) -> Result<Shdr> {
-        // In range: section_counts checked the whole table and callers stay below shnum.
-        self.shdr_at(self.shoff + i * self.shentsize)
-    }
-
-    fn shdr_at(&self, base: u64) -> Result<Shdr> {
-        if self.class64 {
-            Ok(Shdr {
-                name: self.u32(base)?,
-                sh_type: self.u32(base + 4)?,
-                offset: self.u64(base + 24)?,
-                size: self.u64(base + 32)?,
-                link: self.u32(base + 40)?,
-            })
-        } else {
-            Ok(Shdr {
-                name: self.u32(base)?,
-                sh_type: self.u32(base + 4)?,
-                offset: self.u32(base + 16)?.into(),
-                size: self.u32(base + 20)?.into(),
-                link: self.u32(base + 24)?,
-            })
-        }
-    }
-
-    /// Map a virtual address to a file offset through the PT_LOAD segments.
-    fn vaddr_to_offset(&self, vaddr: u64) -> Result<Option<u64>> {
-        for i in 0..self.phnum {
-            let ph = self.phdr(i)?;
-            if ph.p_type == PT_LOAD
-                && vaddr >= ph.vaddr
-                && vaddr - ph.vaddr < ph.filesz
-                && ph.offset.checked_add(vaddr - ph.vaddr).is_some()
-            {
-                return Ok(Some(ph.offset + (vaddr - ph.vaddr)));
-            }
-        }
-        Ok(None)
-    }
-
-    /// The `DT_NEEDED` names of the dynamic segment `dynamic`.
-    fn needed(&self, dynamic: &Phdr) -> Result<Vec<String>> {
-        let table = self.file_range(dynamic.offset, dynamic.filesz, "PT_DYNAMIC")?;
-        let entsize: u64 = if self.class64 { 16 } else { 8 };
-        let count = table.len() as u64 / entsize;
-        let mut needed_offs = Vec::new();
-        let mut strtab = None;
-        let mut strsz = None;
-        for i in 0..count {
-            let at = dynamic.offset + i * entsize;
-            let tag = self.word(at)?;
-            let val = self.word(at + entsize / 2)?;
-            match tag {
-                DT_NULL => break,
-                DT_NEEDED => {
-                    ensure!(
-                        needed_offs.len() < MAX_NEEDED,
-                        "ELF: more than {MAX_NEEDED} DT_NEEDED entries"
-                    );
-                    needed_offs.push(val);
-                }
-                DT_STRTAB => strtab = Some(val),
-                DT_STRSZ => strsz = Some(val),
-                _ => {}
-            }
-        }
-        if needed_offs.is_empty() {
-            return Ok(Vec::new());
-        }
-        let strtab = strtab.context("ELF: the dynamic segment lists DT_NEEDED but no DT_STRTAB")?;
-        let strsz = strsz.context("ELF: the dynamic segment lists DT_NEEDED but no DT_STRSZ")?;
-        let off = self.vaddr_to_offset(strtab)?.with_context(|| {
-            format!("ELF: DT_STRTAB address {strtab:#x} is in no PT_LOAD segment")
-        })?;
-        let strings = self.file_range(off, strsz, "the dynamic string table")?;
-        needed_offs
-            .into_iter()
-            .map(|o| {
-                let rest = usize::try_from(o)
-                    .ok()
-                    .and_then(|o| strings.get(o..))
-                    .with_context(|| {
-                        format!("ELF: DT_NEEDED string offset {o} is outside the string table")
-                    })?;
-                let raw = rest.split(|&b| b == 0).next().unwrap_or_default();
-                ensure!(!raw.is_empty(), "ELF: an empty DT_NEEDED name");
-                name_string(raw, "a DT_NEEDED name")
-            })
-            .collect()
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    // The raw numbers the builder writes (object's constants are typed).
+    const PT_LOAD: u32 = 1;
+    const PT_DYNAMIC: u32 = 2;
+    const PT_INTERP: u32 = 3;
+    const PT_NOTE: u32 = 4;
+    const DT_NULL: u64 = 0;
+    const DT_NEEDED: u64 = 1;
+    const DT_STRTAB: u64 = 5;
+    const DT_STRSZ: u64 = 10;
 
     /// Builds small ELF objects for tests: one PT_LOAD covering the file, optional PT_INTERP and
     /// PT_DYNAMIC (DT_NEEDED names), and named sections.

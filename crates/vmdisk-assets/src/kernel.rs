@@ -21,7 +21,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 
-use crate::{elf, Arch};
+use crate::arch::Arch;
+use crate::elf;
 
 /// Largest kernel image we decompress to (Debian's x86_64 vmlinux is ~66 MB).
 const MAX_KERNEL_LEN: u64 = 512 << 20;

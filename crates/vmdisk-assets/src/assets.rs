@@ -19,14 +19,15 @@ use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use tempfile::{NamedTempFile, TempDir};
 
-use crate::{deb, Arch};
+use crate::arch::Arch;
+use crate::deb;
 
 /// The committed lock file, built into every binary.
 pub const LOCK: &str = include_str!("../../../testvms/assets.lock");
@@ -243,6 +244,16 @@ impl Lock {
     }
 }
 
+/// Whether [`Cache::deb`] may download a package that is neither cached nor in
+/// `$VMDISK_DEB_DIR`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Downloads {
+    #[default]
+    Allowed,
+    /// Refused: the error ends with `how_to_fetch` (the command that downloads them).
+    Refused { how_to_fetch: String },
+}
+
 /// The download and unpack cache.
 #[derive(Clone, Debug)]
 pub struct Cache {
@@ -250,10 +261,8 @@ pub struct Cache {
     lock: Option<Lock>,
     /// Folders searched for .debs before the network (`$VMDISK_DEB_DIR`).
     deb_dirs: Vec<PathBuf>,
+    downloads: Downloads,
 }
-
-/// Counter making temporary names unique within this process.
-static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl Cache {
     /// `$VMDISK_CACHE`, else `$XDG_CACHE_HOME/vmdisk`, else `$HOME/.cache/vmdisk`.
@@ -290,7 +299,14 @@ impl Cache {
             root: root.into(),
             lock: None,
             deb_dirs,
+            downloads: Downloads::Allowed,
         }
+    }
+
+    /// Allow or refuse downloads (unpacking and building from cached .debs stay allowed).
+    pub fn with_downloads(mut self, downloads: Downloads) -> Cache {
+        self.downloads = downloads;
+        self
     }
 
     /// Look for .debs in `dirs` (instead of `$VMDISK_DEB_DIR`) before the network.
@@ -331,19 +347,29 @@ impl Cache {
             }
         }
         if let Some(src) = find_in_deb_dirs(&self.deb_dirs, pkg) {
-            let tmp = TempPath::file_in(&dir, &pkg.file_name())?;
+            let tmp = temp_file_in(&dir, &pkg.file_name())?;
             fs::copy(&src, tmp.path())
                 .with_context(|| format!("copying {} into the cache", src.display()))?;
             verify_file(tmp.path(), pkg)
                 .with_context(|| format!("{} (from VMDISK_DEB_DIR)", src.display()))?;
-            tmp.persist(&path)?;
+            persist_file(tmp, &path)?;
             return Ok(path);
         }
-        let tmp = TempPath::file_in(&dir, &pkg.file_name())?;
+        if let Downloads::Refused { how_to_fetch } = &self.downloads {
+            bail!(
+                "{} {} ({}) is not in the cache {} and this command does not download; \
+                 {how_to_fetch}",
+                pkg.name,
+                pkg.version,
+                pkg.arch,
+                dir.display()
+            );
+        }
+        let tmp = temp_file_in(&dir, &pkg.file_name())?;
         let (len, sha) = download(&pkg.url, tmp.path(), Some(pkg.size))
             .with_context(|| format!("downloading {} {}", pkg.name, pkg.version))?;
         check_digest(pkg, len, &sha).with_context(|| format!("downloaded from {}", pkg.url))?;
-        tmp.persist(&path)?;
+        persist_file(tmp, &path)?;
         Ok(path)
     }
 
@@ -355,10 +381,10 @@ impl Cache {
             return Ok(dest);
         }
         let deb = self.deb(pkg)?;
-        let tmp = TempPath::dir_in(&dir, &pkg.id())?;
+        let tmp = temp_dir_in(&dir, &pkg.id())?;
         deb::extract_deb(&deb, tmp.path())
             .with_context(|| format!("unpacking {} {}", pkg.name, pkg.version))?;
-        tmp.persist_dir(&dest)?;
+        persist_dir(tmp, &dest)?;
         Ok(dest)
     }
 
@@ -402,13 +428,13 @@ impl Cache {
             .iter()
             .map(|p| self.unpacked(p))
             .collect::<Result<Vec<_>>>()?;
-        let tmp = TempPath::dir_in(&dir, &key)?;
+        let tmp = temp_dir_in(&dir, &key)?;
         for tree in &trees {
             merge_tree(tree, tmp.path(), 0)
                 .with_context(|| format!("merging {} into a sysroot", tree.display()))?;
         }
         fs::write(tmp.path().join(".vmdisk-sysroot"), manifest)?;
-        tmp.persist_dir(&dest)?;
+        persist_dir(tmp, &dest)?;
         Ok(dest)
     }
 }
@@ -454,104 +480,46 @@ fn merge_tree(src: &Path, dst: &Path, depth: usize) -> Result<()> {
     Ok(())
 }
 
-/// A temporary file or directory next to its final place, removed on drop unless persisted.
-struct TempPath {
-    path: PathBuf,
-    armed: bool,
+/// An empty temporary file `.tmp-<base>-*` in `dir` (removed on drop unless persisted).
+fn temp_file_in(dir: &Path, base: &str) -> Result<NamedTempFile> {
+    tempfile::Builder::new()
+        .prefix(&format!(".tmp-{base}-"))
+        .tempfile_in(dir)
+        .with_context(|| format!("creating a temporary file in {}", dir.display()))
 }
 
-impl TempPath {
-    fn unique(dir: &Path, base: &str) -> PathBuf {
-        let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        dir.join(format!(".tmp-{base}-{}-{n}", std::process::id()))
-    }
-
-    fn file_in(dir: &Path, base: &str) -> Result<TempPath> {
-        loop {
-            let path = Self::unique(dir, base);
-            match fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-            {
-                Ok(_) => return Ok(TempPath { path, armed: true }),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
-            }
-        }
-    }
-
-    fn dir_in(dir: &Path, base: &str) -> Result<TempPath> {
-        loop {
-            let path = Self::unique(dir, base);
-            match fs::create_dir(&path) {
-                Ok(()) => return Ok(TempPath { path, armed: true }),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
-            }
-        }
-    }
-
-    fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Rename a file into place (replacing what is there).
-    fn persist(mut self, dest: &Path) -> Result<()> {
-        fs::rename(&self.path, dest)
-            .with_context(|| format!("moving {} to {}", self.path.display(), dest.display()))?;
-        self.armed = false;
-        Ok(())
-    }
-
-    /// Rename a directory into place; if another process got there first, keep theirs.
-    fn persist_dir(self, dest: &Path) -> Result<()> {
-        match fs::rename(&self.path, dest) {
-            Ok(()) => {
-                let mut this = self;
-                this.armed = false;
-                Ok(())
-            }
-            Err(_) if dest.is_dir() => Ok(()), // dropping `self` removes ours
-            Err(e) => Err(e)
-                .with_context(|| format!("moving {} to {}", self.path.display(), dest.display())),
-        }
-    }
+/// An empty temporary directory `.tmp-<base>-*` (mode 0755) in `dir`, removed on drop.
+fn temp_dir_in(dir: &Path, base: &str) -> Result<TempDir> {
+    tempfile::Builder::new()
+        .prefix(&format!(".tmp-{base}-"))
+        .permissions(fs::Permissions::from_mode(0o755))
+        .tempdir_in(dir)
+        .with_context(|| format!("creating a temporary folder in {}", dir.display()))
 }
 
-impl Drop for TempPath {
-    fn drop(&mut self) {
-        if self.armed {
-            let _ = remove_tree(&self.path);
-        }
-    }
+/// Rename a finished temporary file into place (replacing what is there).
+fn persist_file(tmp: NamedTempFile, dest: &Path) -> Result<()> {
+    let from = tmp.path().to_path_buf();
+    tmp.persist(dest)
+        .map(drop)
+        .map_err(|e| e.error)
+        .with_context(|| format!("moving {} to {}", from.display(), dest.display()))
 }
 
-/// Remove a file or a whole tree, making read-only directories writable first.
-fn remove_tree(path: &Path) -> std::io::Result<()> {
-    let md = match path.symlink_metadata() {
-        Ok(md) => md,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    if !md.is_dir() {
-        return fs::remove_file(path);
-    }
-    if fs::remove_dir_all(path).is_ok() {
-        return Ok(());
-    }
-    fn unlock(dir: &Path) {
-        let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
-        if let Ok(rd) = fs::read_dir(dir) {
-            for e in rd.flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    unlock(&e.path());
-                }
-            }
+/// Rename a finished temporary directory into place; if another process got there first, keep
+/// theirs (ours is removed when `tmp` drops).
+fn persist_dir(tmp: TempDir, dest: &Path) -> Result<()> {
+    match fs::rename(tmp.path(), dest) {
+        Ok(()) => {
+            // Renamed away: nothing left to clean up at the old name.
+            let _ = tmp.keep();
+            Ok(())
+        }
+        Err(_) if dest.is_dir() => Ok(()),
+        Err(e) => {
+            Err(e).with_context(|| format!("moving {} to {}", tmp.path().display(), dest.display()))
         }
     }
-    unlock(path);
-    fs::remove_dir_all(path)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -810,7 +778,10 @@ fn ensure_debian() -> Result<()> {
 fn run_apt(cmd: &mut Command) -> Result<String> {
     let shown = format!("{cmd:?}");
     // An empty folder: `apt-get download` skips (prints nothing for) files already in its cwd.
-    let cwd = TempPath::dir_in(&std::env::temp_dir(), "vmdisk-apt")?;
+    let cwd = tempfile::Builder::new()
+        .prefix("vmdisk-apt-")
+        .tempdir()
+        .context("creating a temporary folder for apt")?;
     let out = cmd
         .current_dir(cwd.path())
         .env("LC_ALL", "C")
@@ -887,7 +858,7 @@ pub fn relock(cache: &Cache, requests: &[Request]) -> Result<Lock> {
             "{spec}: apt says it is {} bytes",
             uri.size
         );
-        let tmp = TempPath::file_in(&dir, &uri.file_name.replace('/', "_"))?;
+        let tmp = temp_file_in(&dir, &uri.file_name.replace('/', "_"))?;
         let (len, sha) = download(&uri.url, tmp.path(), Some(uri.size))
             .with_context(|| format!("downloading {spec}"))?;
         ensure!(
@@ -933,7 +904,7 @@ pub fn relock(cache: &Cache, requests: &[Request]) -> Result<Lock> {
         };
         pkg.validate()
             .with_context(|| format!("the entry apt gave for {spec}"))?;
-        tmp.persist(&dir.join(pkg.file_name()))?;
+        persist_file(tmp, &dir.join(pkg.file_name()))?;
         eprintln!("vmdisk: pinned {} {} ({})", pkg.name, pkg.version, pkg.arch);
         packages.push(pkg);
     }
@@ -963,11 +934,11 @@ pub fn write_lock(path: &Path, cache: &Cache, guests: &[Arch]) -> Result<Lock> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let tmp = TempPath::file_in(dir, "assets.lock")?;
+    let tmp = temp_file_in(dir, "assets.lock")?;
     fs::write(tmp.path(), lock.to_toml())
         .with_context(|| format!("writing {}", tmp.path().display()))?;
     fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o644))?;
-    tmp.persist(path)?;
+    persist_file(tmp, path)?;
     Ok(lock)
 }
 
@@ -1115,6 +1086,29 @@ mod tests {
         // No temporaries left behind.
         let debs: Vec<_> = fs::read_dir(cache.root().join("debs")).unwrap().collect();
         assert!(debs.is_empty(), "{debs:?}");
+    }
+
+    #[test]
+    fn a_cache_without_downloads_serves_local_files_and_names_the_fetch_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let mirror = dir.path().join("mirror");
+        fs::create_dir(&mirror).unwrap();
+        let mut p = pkg();
+        // Were a download tried, the error would name this address instead of the fetch step.
+        p.url = "http://127.0.0.1:9/none.deb".into();
+        let cache = Cache::new(dir.path().join("cache")).with_downloads(Downloads::Refused {
+            how_to_fetch: "fetch them with `frobnicate --fetch`".into(),
+        });
+        let err = format!("{:#}", cache.deb(&p).unwrap_err());
+        assert!(
+            err.contains("busybox-static") && err.contains("frobnicate --fetch"),
+            "{err}"
+        );
+        assert!(!err.contains("127.0.0.1:9"), "a download was tried: {err}");
+        // What is already local is still served (and unpacking needs no download).
+        fs::write(mirror.join(p.file_name()), b"hello").unwrap();
+        let cache = cache.with_deb_dirs(vec![mirror]);
+        assert_eq!(fs::read(cache.deb(&p).unwrap()).unwrap(), b"hello");
     }
 
     #[test]
