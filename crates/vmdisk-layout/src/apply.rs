@@ -1,13 +1,17 @@
-//! Writing a [`Plan`] to a device: every filesystem is prepared (trees scanned, mke2fs run in
-//! the scratch directory) before the first byte of the target is touched.
+//! Writing a [`Plan`] to a device: every filesystem is prepared (FAT layouts planned from the
+//! scanned trees, mke2fs run in the scratch directory) before the first byte of the target is
+//! touched.
 
 use std::path::Path;
 
-use vmdisk_block::{BlockDevice, ExtentKind, Slice};
+use vmdisk_block::{BlockDevice, Slice};
 
 use crate::error::{Error, Result};
+use crate::fat::FatLayout;
 use crate::plan::{Plan, PlannedContent};
 use crate::probe::{probe_filesystem, FsInfo};
+use crate::tree::Sources;
+use crate::zero::zero_range;
 
 /// What `apply` wrote.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -25,19 +29,6 @@ pub struct AppliedPartition {
     pub offset: u64,
     pub size: u64,
     pub filesystem: Option<FsInfo>,
-}
-
-/// Make `[off, off+len)` of `dev` read as zeros, writing only where it holds data.
-pub(crate) fn zero_range(dev: &dyn BlockDevice, off: u64, len: u64) -> Result<()> {
-    if len == 0 {
-        return Ok(());
-    }
-    for e in dev.block_status(off, len)? {
-        if e.kind == ExtentKind::Data {
-            dev.write_zeroes(e.off, e.len, true)?;
-        }
-    }
-    Ok(())
 }
 
 /// A `Plan` has public fields: re-check what serialising it relies on.
@@ -71,14 +62,20 @@ fn check_plan(plan: &Plan) -> Result<()> {
 
 enum Prepared<'a> {
     None,
-    Fat(crate::fat::FatImage<'a>),
+    Fat(FatLayout<'a>),
     Ext(crate::ext::ScratchImage),
     Swap(Vec<u8>),
 }
 
 /// Write `plan` to `target` (exactly `plan.disk_size` bytes): the whole device is zeroed,
 /// filesystems are written, and the GPT (protective MBR, primary and backup) comes last.
-pub fn apply(plan: &Plan, target: &dyn BlockDevice, scratch_dir: &Path) -> Result<ApplyReport> {
+/// `sources` are the trees the plan was made with.
+pub fn apply(
+    plan: &Plan,
+    sources: &Sources,
+    target: &dyn BlockDevice,
+    scratch_dir: &Path,
+) -> Result<ApplyReport> {
     if target.len() != plan.disk_size {
         return Err(Error::TargetSize {
             planned: plan.disk_size,
@@ -87,27 +84,18 @@ pub fn apply(plan: &Plan, target: &dyn BlockDevice, scratch_dir: &Path) -> Resul
     }
     check_plan(plan)?;
     // Phase 1: everything that can fail on bad content, no writes to the target.
-    let mut trees = Vec::with_capacity(plan.partitions.len());
-    for p in &plan.partitions {
-        trees.push(match &p.content {
-            PlannedContent::Fat {
-                copy_in: Some(d), ..
-            } => Some(crate::fat::Tree::scan(d, &p.path)?),
-            _ => None,
-        });
-    }
     let mut prepared = Vec::with_capacity(plan.partitions.len());
-    for (p, tree) in plan.partitions.iter().zip(&trees) {
+    for p in &plan.partitions {
         prepared.push(match &p.content {
             PlannedContent::None => Prepared::None,
             PlannedContent::Fat {
                 label, volume_id, ..
-            } => Prepared::Fat(crate::fat::FatImage::new(
+            } => Prepared::Fat(FatLayout::new(
                 p.len(),
                 p.first_lba,
                 label.as_deref(),
                 *volume_id,
-                tree.as_ref(),
+                sources.get(p.number),
                 &p.path,
             )?),
             PlannedContent::Ext {
@@ -143,7 +131,7 @@ pub fn apply(plan: &Plan, target: &dyn BlockDevice, scratch_dir: &Path) -> Resul
         let part = Slice::new(target, p.offset(), p.len())?;
         match prep {
             Prepared::None => {}
-            Prepared::Fat(f) => f.write(&part)?,
+            Prepared::Fat(f) => crate::fatwrite::write(f, &part)?,
             Prepared::Ext(img) => crate::ext::copy_into(img, &part)?,
             Prepared::Swap(h) => part.write_all_at(h, 0)?,
         }

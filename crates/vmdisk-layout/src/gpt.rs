@@ -5,9 +5,9 @@ use vmdisk_block::BlockDevice;
 
 use crate::error::Result;
 use crate::guid::{type_code_of, Guid};
+use crate::model::{GPT_ENTRIES, GPT_NAME_UNITS};
 use crate::plan::Plan;
 use crate::size::SECTOR;
-use crate::spec::{GPT_ENTRIES, GPT_NAME_UNITS};
 
 const SIGNATURE: &[u8; 8] = b"EFI PART";
 const REVISION: u32 = 0x0001_0000;

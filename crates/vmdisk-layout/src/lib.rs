@@ -15,8 +15,9 @@
 //! LBA N-1          backup GPT header (my/alternate LBAs swapped, entries at N-33)
 //! ```
 //!
-//! Flow: [`parse`] → [`select_disk`] → [`plan`] (pure: sectors, GUIDs, filesystem ids; or
-//! [`measure`] for `--size auto`) → [`apply`]. [`probe_partitions`] and [`probe_filesystem`]
+//! Flow: [`parse`] → [`select_disk`] → [`scan_copy_in`] (the only read of the `--copy-in`
+//! trees: each becomes a [`Tree`] value) → [`plan`] (pure: sectors, GUIDs, filesystem ids; or
+//! [`measure`] for size `auto`) → [`apply`] (IO: filesystems from the plan and the trees). [`probe_partitions`] and [`probe_filesystem`]
 //! read back what is on a device for `vmdisk inspect`.
 //!
 //! Errors ([`Error`]): layout mistakes name the JSON path and the rule broken
@@ -29,29 +30,37 @@ mod apply;
 mod error;
 mod ext;
 mod fat;
+mod fatwrite;
 mod gpt;
 mod guid;
 mod json;
+mod model;
 mod plan;
 mod probe;
+mod scan;
 mod size;
 mod spec;
 mod swap;
+mod tree;
+mod usage;
+mod zero;
 
 pub use apply::{apply, AppliedPartition, ApplyReport};
 pub use error::{Error, JsonPath, Result};
 pub use ext::FIXED_TIME;
 pub use gpt::{probe_partitions, PartitionInfo, PartitionTable};
 pub use guid::{type_code_guid, type_code_of, Guid, TYPE_CODES};
+pub use model::{
+    Content, DiskSpec, FsFormat, FsSpec, PartitionSpec, PlanOptions, SwapSpec, GPT_ENTRIES,
+};
 pub use plan::{
-    measure, plan, Plan, PlanOptions, PlannedContent, PlannedPartition, DEFAULT_ALIGNMENT,
-    MAX_DISK_BYTES,
+    measure, plan, Plan, PlannedContent, PlannedPartition, DEFAULT_ALIGNMENT, MAX_DISK_BYTES,
 };
 pub use probe::{probe_filesystem, FsInfo, FsKind};
+pub use scan::scan_copy_in;
 pub use size::{Position, SizeSpec, SECTOR};
-pub use spec::{
-    parse, select_disk, Content, DiskSpec, FsFormat, FsSpec, PartitionSpec, SwapSpec, GPT_ENTRIES,
-};
+pub use spec::{parse, select_disk};
+pub use tree::{Sources, Tree};
 
 #[cfg(test)]
 mod tests;

@@ -1,11 +1,13 @@
 //! Pure planning: sector ranges (sgdisk semantics), GUIDs and filesystem ids from the seed.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::error::{Error, JsonPath, Result};
 use crate::guid::Guid;
+use crate::model::{Content, DiskSpec, FsFormat, PartitionSpec, PlanOptions};
 use crate::size::{Position, SizeSpec, SECTOR};
-use crate::spec::{Content, DiskSpec, FsFormat, PartitionSpec};
+use crate::tree::{Sources, Tree};
+use crate::usage::Usage;
 
 /// sgdisk's default partition alignment: 2048 sectors (1 MiB).
 pub const DEFAULT_ALIGNMENT: u64 = 2048;
@@ -23,19 +25,6 @@ pub const MIN_EXT_BYTES: u64 = 1 << 20;
 const MEASURE_ROUNDS: usize = 64;
 /// Sizes `measure` returns are whole MiB.
 const MIB: u64 = 1 << 20;
-
-/// Options for [`plan`] and [`measure`].
-#[derive(Debug, Clone, Default)]
-pub struct PlanOptions {
-    /// Seed for every GUID and filesystem id the layout does not give; None derives one from
-    /// the layout's content.
-    pub seed: Option<String>,
-    /// `--copy-in PART=DIR`: PART is a partition attribute name, disko name, GPT name, number,
-    /// or mountpoint.
-    pub copy_in: Vec<(String, PathBuf)>,
-    /// Free bytes `measure` leaves in the `100%` partition's filesystem beyond its content.
-    pub free_margin: u64,
-}
 
 /// The whole disk, ready to write.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -83,7 +72,7 @@ impl PlannedPartition {
     }
 }
 
-/// What [`crate::apply`] puts into a partition.
+/// What `apply` puts into a partition; `copy_in` names the scanned tree's directory.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum PlannedContent {
@@ -114,24 +103,26 @@ fn seed_bytes(disk: &DiskSpec, opts: &PlanOptions) -> Vec<u8> {
     }
 }
 
-/// Plan `disk` on a device of `disk_size` bytes (None: the layout's `imageSize`).
-pub fn plan(disk: &DiskSpec, disk_size: Option<u64>, opts: &PlanOptions) -> Result<Plan> {
+/// Plan `disk` on a device of `disk_size` bytes (None: the layout's `imageSize`), with the
+/// trees `scan_copy_in` scanned. Pure: no file is read.
+pub fn plan(
+    disk: &DiskSpec,
+    disk_size: Option<u64>,
+    opts: &PlanOptions,
+    sources: &Sources,
+) -> Result<Plan> {
     let size = disk_size
         .or(disk.image_size)
         .ok_or_else(|| Error::NoDiskSize {
             path: disk.path.clone(),
         })?;
-    let copy_in = resolve_copy_in(disk, opts)?;
     let ranges = allocate(disk, size).map_err(FitError::into_error)?;
     let seed = seed_bytes(disk, opts);
     let tag = |what: &str, p: &PartitionSpec| format!("{what}:{}:{}", disk.name, p.key);
     let mut partitions = Vec::with_capacity(disk.partitions.len());
     for (p, &(first, last)) in disk.partitions.iter().zip(&ranges) {
         let len = (last - first + 1) * SECTOR;
-        let src = copy_in
-            .iter()
-            .find(|(n, _)| *n == p.number)
-            .map(|(_, d)| d.clone());
+        let src = sources.get(p.number).map(|t| t.dir.clone());
         let content = match &p.content {
             Content::None => PlannedContent::None,
             Content::Filesystem(fs) if fs.format == FsFormat::Vfat => {
@@ -221,52 +212,6 @@ fn size_path(p: &PartitionSpec) -> JsonPath {
     } else {
         p.path.key("end")
     }
-}
-
-/// Map `--copy-in` selectors to partition numbers.
-fn resolve_copy_in(disk: &DiskSpec, opts: &PlanOptions) -> Result<Vec<(u32, PathBuf)>> {
-    let mut out: Vec<(u32, PathBuf)> = Vec::new();
-    for (sel, dir) in &opts.copy_in {
-        let err = |rule: String| Error::CopyIn {
-            selector: format!("{sel}={}", dir.display()),
-            rule,
-        };
-        let matches: Vec<&PartitionSpec> = disk
-            .partitions
-            .iter()
-            .filter(|p| {
-                p.key == *sel
-                    || p.name == *sel
-                    || p.label == *sel
-                    || p.number.to_string() == *sel
-                    || matches!(&p.content, Content::Filesystem(fs)
-                        if fs.mountpoint.as_deref() == Some(sel.as_str()))
-            })
-            .collect();
-        let p = match matches.as_slice() {
-            [one] => *one,
-            [] => {
-                let names: Vec<&str> = disk.partitions.iter().map(|p| p.key.as_str()).collect();
-                return Err(err(format!(
-                    "no partition of disk {:?} is called that (partitions: {})",
-                    disk.name,
-                    names.join(", ")
-                )));
-            }
-            _ => return Err(err("more than one partition matches".into())),
-        };
-        if !matches!(p.content, Content::Filesystem(_)) {
-            return Err(err(format!("{} holds no filesystem", p.path)));
-        }
-        if out.iter().any(|(n, _)| *n == p.number) {
-            return Err(err(format!("{} already gets a --copy-in", p.path)));
-        }
-        if !dir.is_dir() {
-            return Err(err("not a directory".into()));
-        }
-        out.push((p.number, dir.clone()));
-    }
-    Ok(out)
 }
 
 /// Why a layout does not fit a disk size.
@@ -436,17 +381,13 @@ pub(crate) fn allocate(
     Ok(used)
 }
 
-/// The smallest disk size (whole MiB) that holds the layout, the content copied in, and
-/// `free_margin` spare bytes in the `100%` partition's filesystem.
-pub fn measure(disk: &DiskSpec, opts: &PlanOptions) -> Result<u64> {
-    let copy_in = resolve_copy_in(disk, opts)?;
+/// The smallest disk size (whole MiB) that holds the layout, the content copied in (the
+/// scanned `sources`), and `free_margin` spare bytes in the `100%` partition's filesystem.
+pub fn measure(disk: &DiskSpec, opts: &PlanOptions, sources: &Sources) -> Result<u64> {
     // Minimum bytes each partition's content needs.
     let mut need: Vec<u64> = Vec::with_capacity(disk.partitions.len());
     for p in &disk.partitions {
-        let src = copy_in
-            .iter()
-            .find(|(n, _)| *n == p.number)
-            .map(|(_, d)| d.as_path());
+        let src = sources.get(p.number);
         let rest = p.size == Some(SizeSpec::Rest);
         let margin = if rest { opts.free_margin } else { 0 };
         need.push(content_min_bytes(p, src, margin)?);
@@ -494,7 +435,7 @@ pub fn measure(disk: &DiskSpec, opts: &PlanOptions) -> Result<u64> {
                     .unwrap_or(0);
                 if deficit == 0 {
                     // Validate the rest (GUIDs, content sizes) the way create will.
-                    plan(disk, Some(candidate), opts)?;
+                    plan(disk, Some(candidate), opts, sources)?;
                     return Ok(candidate);
                 }
                 candidate = candidate.saturating_add(deficit.div_ceil(MIB) * MIB);
@@ -514,7 +455,7 @@ pub fn measure(disk: &DiskSpec, opts: &PlanOptions) -> Result<u64> {
 }
 
 /// Minimum partition bytes for the content of `p` (with `src` copied in).
-fn content_min_bytes(p: &PartitionSpec, src: Option<&Path>, margin: u64) -> Result<u64> {
+fn content_min_bytes(p: &PartitionSpec, src: Option<&Tree>, margin: u64) -> Result<u64> {
     Ok(match &p.content {
         Content::None => MIB,
         Content::Swap(_) => {
@@ -525,18 +466,11 @@ fn content_min_bytes(p: &PartitionSpec, src: Option<&Path>, margin: u64) -> Resu
             }
         }
         Content::Filesystem(fs) if fs.format == FsFormat::Vfat => {
-            let tree = match src {
-                Some(d) => Some(crate::fat::Tree::scan(d, &p.path)?),
-                None => None,
-            };
-            crate::fat::min_size(tree.as_ref(), margin)
+            if let Some(t) = src {
+                crate::fat::check_tree(t, &p.path)?;
+            }
+            crate::fat::min_size(src, margin)
         }
-        Content::Filesystem(_) => {
-            let usage = match src {
-                Some(d) => crate::ext::Usage::scan(d)?,
-                None => crate::ext::Usage::default(),
-            };
-            usage.min_fs_bytes(margin)
-        }
+        Content::Filesystem(_) => src.map(Usage::of).unwrap_or_default().min_fs_bytes(margin),
     })
 }

@@ -3,118 +3,14 @@
 use crate::error::{Error, JsonPath, Result};
 use crate::guid::{type_code_guid, Guid};
 use crate::json::Json;
-use crate::size::{parse_image_size, parse_position, parse_size, Position, SizeSpec};
+use crate::model::{
+    Content, DiskSpec, FsFormat, FsSpec, PartitionSpec, SwapSpec, GPT_ENTRIES, GPT_NAME_UNITS,
+    PRIORITY_BIOS_BOOT, PRIORITY_DEFAULT, PRIORITY_REST,
+};
+use crate::size::{parse_image_size, parse_position, parse_size, Position, SizeSpec, SECTOR};
 
-/// GPT tables vmdisk writes have this many entries (the UEFI minimum, what sgdisk writes).
-pub const GPT_ENTRIES: u32 = 128;
-/// A GPT partition name holds at most 36 UTF-16 code units.
-pub const GPT_NAME_UNITS: usize = 36;
 /// Cap on disks in one layout (a layout is hand-written; this only bounds work).
 pub const MAX_DISKS: usize = 256;
-
-/// disko's default priorities.
-pub const PRIORITY_BIOS_BOOT: i64 = 100;
-pub const PRIORITY_DEFAULT: i64 = 1000;
-pub const PRIORITY_REST: i64 = 9001;
-
-/// One disk of a layout, partitions in disko's creation order.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct DiskSpec {
-    /// The attribute name under `disk` (or `name` of a lone disk object).
-    pub name: String,
-    /// Where the disk sits in the JSON.
-    pub path: JsonPath,
-    /// `imageSize` in bytes.
-    pub image_size: Option<u64>,
-    pub partitions: Vec<PartitionSpec>,
-    /// Canonical JSON of the disk object; the default seed derives from it.
-    #[serde(skip)]
-    pub canonical: String,
-}
-
-/// One partition of a disk.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct PartitionSpec {
-    /// Attribute name under `partitions`.
-    pub key: String,
-    /// disko `name` (defaults to the key).
-    pub name: String,
-    pub path: JsonPath,
-    /// GPT entry number (disko `_index`), from 1.
-    pub number: u32,
-    pub priority: i64,
-    /// GPT partition name (disko `label`, default `disk-<disk>-<name>`).
-    pub label: String,
-    /// The type as written (`EF00` or a GUID).
-    pub type_code: String,
-    pub type_guid: Guid,
-    /// Partition GUID (disko `uuid`) when given.
-    pub guid: Option<Guid>,
-    pub size: Option<SizeSpec>,
-    pub start: Position,
-    pub end: Position,
-    /// GPT attribute bits (disko `attributes`, bit numbers).
-    pub attributes: u64,
-    /// Alignment in sectors (disko `alignment`; 0 means sgdisk's 2048).
-    pub alignment: u64,
-    pub content: Content,
-}
-
-/// What goes into a partition.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum Content {
-    /// Nothing (e.g. a BIOS boot partition).
-    None,
-    Filesystem(FsSpec),
-    Swap(SwapSpec),
-}
-
-/// Filesystem formats vmdisk can make.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FsFormat {
-    Vfat,
-    Ext4,
-    Ext3,
-    Ext2,
-}
-
-impl FsFormat {
-    pub fn name(self) -> &'static str {
-        match self {
-            FsFormat::Vfat => "vfat",
-            FsFormat::Ext4 => "ext4",
-            FsFormat::Ext3 => "ext3",
-            FsFormat::Ext2 => "ext2",
-        }
-    }
-
-    pub fn is_ext(self) -> bool {
-        !matches!(self, FsFormat::Vfat)
-    }
-}
-
-/// `content.type = "filesystem"`.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct FsSpec {
-    pub format: FsFormat,
-    /// Passed to mke2fs (ext*); for vfat the mkfs.fat options `-n LABEL`, `-i VOLID`, `-F 32`.
-    pub extra_args: Vec<String>,
-    pub mountpoint: Option<String>,
-    /// vfat: label from `-n`; volume id from `-i`.
-    pub fat_label: Option<String>,
-    pub fat_volume_id: Option<u32>,
-}
-
-/// `content.type = "swap"`.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct SwapSpec {
-    /// From mkswap `-L`.
-    pub label: Option<String>,
-    /// From mkswap `-U`.
-    pub uuid: Option<Guid>,
-}
 
 /// Content types disko has that vmdisk does not build yet.
 const UNSUPPORTED_CONTENT: &[&str] = &[
@@ -363,7 +259,7 @@ fn parse_partition(disk: &str, key: &str, v: &Json, path: &JsonPath) -> Result<P
     let end = match (v.get_str("end", path)?, size) {
         (Some(e), _) => parse_position(e, &path.key("end"))?,
         (None, Some(SizeSpec::Rest)) => Position::Minus(0),
-        (None, Some(SizeSpec::Bytes(b))) => Position::Plus(b / crate::size::SECTOR),
+        (None, Some(SizeSpec::Bytes(b))) => Position::Plus(b / SECTOR),
         (None, None) => Position::Plus(0),
     };
     let priority = match v.get_int("priority", path)? {
@@ -566,7 +462,7 @@ fn parse_fat_args(fs: &mut FsSpec, apath: &JsonPath) -> Result<()> {
         match a.as_str() {
             "-n" => {
                 let l = value()?;
-                crate::fat::check_label(&l)
+                crate::fat::names::check_label(&l)
                     .map_err(|rule| Error::invalid(&apath.index(i + 1), rule))?;
                 fs.fat_label = Some(l);
             }

@@ -7,8 +7,11 @@ use vmdisk_block::{BlockDevice, MemDisk};
 
 use crate::*;
 
+/// A fixture from the team's shared data (`../shared/fixtures/disko` beside the repo root),
+/// else our copy of it.
 fn shared(name: &str) -> String {
-    std::fs::read_to_string(format!("/work/shared/fixtures/disko/{name}"))
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/disko");
+    std::fs::read_to_string(dir.join(name))
         .or_else(|_| {
             std::fs::read_to_string(
                 PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -43,8 +46,8 @@ fn raw_and_evaluated_shapes_plan_identically() {
         seed: Some("s".into()),
         ..Default::default()
     };
-    let a = plan(&raw[0], None, &opts).unwrap();
-    let b = plan(&ev[0], None, &opts).unwrap();
+    let a = plan(&raw[0], None, &opts, &Sources::none()).unwrap();
+    let b = plan(&ev[0], None, &opts, &Sources::none()).unwrap();
     let want = vec![
         (1, "disk-main-ESP", 2048, 1050623),
         (2, "disk-main-swap", 1050624, 3147775),
@@ -70,8 +73,8 @@ fn raw_and_evaluated_shapes_plan_identically() {
 #[test]
 fn default_seed_comes_from_the_layout() {
     let d = &parse(&shared("raw-esp-swap-root.json")).unwrap()[0];
-    let a = plan(d, None, &PlanOptions::default()).unwrap();
-    let b = plan(d, None, &PlanOptions::default()).unwrap();
+    let a = plan(d, None, &PlanOptions::default(), &Sources::none()).unwrap();
+    let b = plan(d, None, &PlanOptions::default(), &Sources::none()).unwrap();
     let c = plan(
         d,
         None,
@@ -79,6 +82,7 @@ fn default_seed_comes_from_the_layout() {
             seed: Some("other".into()),
             ..Default::default()
         },
+        &Sources::none(),
     )
     .unwrap();
     assert_eq!(a.disk_guid, b.disk_guid);
@@ -123,7 +127,7 @@ fn ordering_priority_then_byte_order() {
 #[test]
 fn explicit_guids_types_and_attributes() {
     let d = &parse(&ours("guid-types.json")).unwrap()[0];
-    let p = plan(d, None, &PlanOptions::default()).unwrap();
+    let p = plan(d, None, &PlanOptions::default(), &Sources::none()).unwrap();
     assert_eq!(
         p.partitions[0].guid.to_string(),
         "11111111-2222-4333-8444-555555555555"
@@ -146,7 +150,7 @@ fn explicit_guids_types_and_attributes() {
 #[test]
 fn start_end_forms() {
     let d = &parse(&ours("start-end.json")).unwrap()[0];
-    let p = plan(d, None, &PlanOptions::default()).unwrap();
+    let p = plan(d, None, &PlanOptions::default(), &Sources::none()).unwrap();
     let sectors = 300u64 << 11;
     let r = ranges(&p);
     assert_eq!(r[0].2..=r[0].3, 2048..=65 * 2048 - 1);
@@ -161,7 +165,7 @@ fn start_end_forms() {
 fn err_of(json: &str, size: Option<u64>) -> String {
     match parse(json) {
         Err(e) => e.to_string(),
-        Ok(d) => plan(&d[0], size, &PlanOptions::default())
+        Ok(d) => plan(&d[0], size, &PlanOptions::default(), &Sources::none())
             .map(|_| "planned fine".to_string())
             .unwrap_or_else(|e| e.to_string()),
     }
@@ -267,8 +271,22 @@ fn bad_inputs_leave_the_target_untouched() {
     ];
     for json in layouts {
         let r = parse(&json)
-            .and_then(|d| plan(&d[0], Some(4 << 20), &PlanOptions::default()))
-            .and_then(|p| apply(&p, &target, std::path::Path::new("/nonexistent")));
+            .and_then(|d| {
+                plan(
+                    &d[0],
+                    Some(4 << 20),
+                    &PlanOptions::default(),
+                    &Sources::none(),
+                )
+            })
+            .and_then(|p| {
+                apply(
+                    &p,
+                    &Sources::none(),
+                    &target,
+                    std::path::Path::new("/nonexistent"),
+                )
+            });
         assert!(r.is_err(), "{json}");
         assert!(target.to_vec().iter().all(|&b| b == 0), "{json}");
     }
@@ -281,9 +299,10 @@ fn bad_inputs_leave_the_target_untouched() {
         copy_in: vec![("ESP".into(), dir.path().to_owned())],
         ..Default::default()
     };
-    let p = plan(&d[0], Some(40 << 20), &opts).unwrap();
+    let sources = scan_copy_in(&d[0], &opts).unwrap();
+    let p = plan(&d[0], Some(40 << 20), &opts, &sources).unwrap();
     let target = MemDisk::new(40 << 20);
-    let e = apply(&p, &target, dir.path()).unwrap_err();
+    let e = apply(&p, &sources, &target, dir.path()).unwrap_err();
     assert!(
         e.to_string().starts_with(
             "disko.devices.disk.main.content.partitions.ESP: the content copied in does not fit"
@@ -315,7 +334,7 @@ fn copy_in_selectors() {
             copy_in: vec![(sel.into(), dir.path().to_owned())],
             ..Default::default()
         };
-        let p = plan(d, None, &opts).unwrap();
+        let p = plan(d, None, &opts, &scan_copy_in(d, &opts).unwrap()).unwrap();
         assert!(
             matches!(
                 &p.partitions[2].content,
@@ -331,16 +350,16 @@ fn copy_in_selectors() {
         copy_in: vec![("swap".into(), dir.path().to_owned())],
         ..Default::default()
     };
-    let e = plan(d, None, &opts).unwrap_err().to_string();
+    let e = scan_copy_in(d, &opts).unwrap_err().to_string();
     assert!(e.contains("holds no filesystem"), "{e}");
 }
 
 #[test]
 fn gpt_roundtrip_and_backup_fallback() {
     let d = &parse(&ours("guid-types.json")).unwrap()[0];
-    let mut p = plan(d, Some(64 << 20), &PlanOptions::default());
+    let mut p = plan(d, Some(64 << 20), &PlanOptions::default(), &Sources::none());
     if p.is_err() {
-        p = plan(d, None, &PlanOptions::default());
+        p = plan(d, None, &PlanOptions::default(), &Sources::none());
     }
     let p = p.unwrap();
     let dev = MemDisk::new(p.disk_size);
@@ -381,9 +400,21 @@ fn fat_and_swap_on_memdisk_probe_back() {
     // Drop the ext4 root so no tool is needed here.
     let mut d = d.clone();
     d.partitions.pop();
-    let p = plan(&d, Some(100 << 20), &PlanOptions::default()).unwrap();
+    let p = plan(
+        &d,
+        Some(100 << 20),
+        &PlanOptions::default(),
+        &Sources::none(),
+    )
+    .unwrap();
     let dev = MemDisk::new(p.disk_size);
-    let r = apply(&p, &dev, std::path::Path::new("/nonexistent")).unwrap();
+    let r = apply(
+        &p,
+        &Sources::none(),
+        &dev,
+        std::path::Path::new("/nonexistent"),
+    )
+    .unwrap();
     let fs: Vec<_> = r
         .partitions
         .iter()
@@ -398,15 +429,21 @@ fn fat_and_swap_on_memdisk_probe_back() {
     assert_eq!(fs[1].uuid.as_deref(), Some(uuid.to_string().as_str()));
     // Same plan, same bytes.
     let dev2 = MemDisk::new(p.disk_size);
-    apply(&p, &dev2, std::path::Path::new("/nonexistent")).unwrap();
+    apply(
+        &p,
+        &Sources::none(),
+        &dev2,
+        std::path::Path::new("/nonexistent"),
+    )
+    .unwrap();
     assert!(dev.to_vec() == dev2.to_vec());
 }
 
 #[test]
 fn measure_without_content() {
     let d = &parse(&shared("raw-esp-swap-root.json")).unwrap()[0];
-    let size = measure(d, &PlanOptions::default()).unwrap();
-    let p = plan(d, Some(size), &PlanOptions::default()).unwrap();
+    let size = measure(d, &PlanOptions::default(), &Sources::none()).unwrap();
+    let p = plan(d, Some(size), &PlanOptions::default(), &Sources::none()).unwrap();
     assert!(p.partitions[2].len() >= 1 << 20);
     assert!(size < (512u64 + 1024 + 64) << 20, "{size}");
     // One MiB less does not hold it.
@@ -416,7 +453,8 @@ fn measure_without_content() {
             &PlanOptions {
                 free_margin: 100 << 20,
                 ..Default::default()
-            }
+            },
+            &Sources::none()
         )
         .unwrap()
             > size
@@ -451,8 +489,8 @@ proptest! {
     fn parse_and_plan_never_panic(json in mutated(), size in proptest::option::of(0u64..(1 << 40))) {
         if let Ok(disks) = parse(&json) {
             for d in &disks {
-                let _ = plan(d, size.map(|s| s / 512 * 512), &PlanOptions::default());
-                let _ = plan(d, size, &PlanOptions::default());
+                let _ = plan(d, size.map(|s| s / 512 * 512), &PlanOptions::default(), &Sources::none());
+                let _ = plan(d, size, &PlanOptions::default(), &Sources::none());
             }
         }
     }

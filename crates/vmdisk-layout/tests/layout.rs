@@ -9,8 +9,8 @@ use std::process::Command;
 
 use vmdisk_block::RawFile;
 use vmdisk_layout::{
-    apply, measure, parse, plan, probe_filesystem, probe_partitions, select_disk, FsKind, Plan,
-    PlanOptions, PlannedContent,
+    apply, measure, parse, plan, probe_filesystem, probe_partitions, scan_copy_in, select_disk,
+    FsKind, Plan, PlanOptions, PlannedContent,
 };
 
 const PACKAGES: &str = "gdisk fdisk dosfstools mtools e2fsprogs util-linux";
@@ -57,11 +57,12 @@ struct Built {
 fn build(json: &str, disk: Option<&str>, size: Option<u64>, opts: &PlanOptions) -> Built {
     let disks = parse(json).unwrap();
     let d = select_disk(&disks, disk).unwrap();
-    let p = plan(d, size, opts).unwrap();
+    let sources = scan_copy_in(d, opts).unwrap();
+    let p = plan(d, size, opts, &sources).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join(format!("{}.raw", d.name));
     let dev = RawFile::create(&image, p.disk_size).unwrap();
-    let report = apply(&p, &dev, dir.path()).unwrap();
+    let report = apply(&p, &sources, &dev, dir.path()).unwrap();
     assert_eq!(report.partitions.len(), p.partitions.len());
     // Scratch files are gone.
     let left: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
@@ -435,7 +436,7 @@ fn size_auto_holds_content_with_margin() {
         ],
         free_margin: 32 << 20,
     };
-    let size = measure(d, &opts).unwrap();
+    let size = measure(d, &opts, &scan_copy_in(d, &opts).unwrap()).unwrap();
     assert_eq!(size % (1 << 20), 0);
     assert!(
         size < 512 << 20,

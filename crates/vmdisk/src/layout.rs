@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use vmdisk_image::{CreateSpec, Format, ImageOptions, OpenOptions};
-use vmdisk_layout::{DiskSpec, PlanOptions};
+use vmdisk_layout::{DiskSpec, PlanOptions, Sources};
 
 /// Layout flags shared by create and measure.
 #[derive(Debug, Clone, clap::Args)]
@@ -28,7 +28,8 @@ pub struct LayoutArgs {
     pub free: String,
 }
 
-fn load(a: &LayoutArgs) -> Result<(DiskSpec, PlanOptions)> {
+/// Parse the layout, pick the disk, and scan every `--copy-in` tree (once).
+fn load(a: &LayoutArgs) -> Result<(DiskSpec, PlanOptions, Sources)> {
     let Some(path) = &a.layout else {
         bail!("--layout is required here");
     };
@@ -48,13 +49,19 @@ fn load(a: &LayoutArgs) -> Result<(DiskSpec, PlanOptions)> {
         copy_in,
         free_margin: vmdisk_image::parse_size(&a.free)?,
     };
-    Ok((disk, opts))
+    let sources = vmdisk_layout::scan_copy_in(&disk, &opts)?;
+    Ok((disk, opts, sources))
 }
 
 /// Size from SIZE (`auto` measures), else the layout's imageSize.
-fn disk_size(disk: &DiskSpec, opts: &PlanOptions, size: Option<&str>) -> Result<Option<u64>> {
+fn disk_size(
+    disk: &DiskSpec,
+    opts: &PlanOptions,
+    sources: &Sources,
+    size: Option<&str>,
+) -> Result<Option<u64>> {
     match size {
-        Some("auto") => Ok(Some(vmdisk_layout::measure(disk, opts)?)),
+        Some("auto") => Ok(Some(vmdisk_layout::measure(disk, opts, sources)?)),
         Some(s) => Ok(Some(vmdisk_image::parse_size(s)?)),
         None => Ok(None),
     }
@@ -68,10 +75,10 @@ pub fn create(
     size: Option<&str>,
     quiet: bool,
 ) -> Result<u8> {
-    let (disk, opts) = load(a)?;
-    let size = disk_size(&disk, &opts, size)?;
+    let (disk, opts, sources) = load(a)?;
+    let size = disk_size(&disk, &opts, &sources, size)?;
     // Plan fully (this validates everything) before a byte is written.
-    let plan = vmdisk_layout::plan(&disk, size, &opts)?;
+    let plan = vmdisk_layout::plan(&disk, size, &opts, &sources)?;
     vmdisk_image::create(
         file,
         &CreateSpec {
@@ -95,7 +102,7 @@ pub fn create(
         .prefix("vmdisk-layout-")
         .tempdir()
         .context("creating a scratch directory")?;
-    let report = vmdisk_layout::apply(&plan, img.dev().as_ref(), scratch.path())
+    let report = vmdisk_layout::apply(&plan, &sources, img.dev().as_ref(), scratch.path())
         .with_context(|| format!("building {}", file.display()))?;
     img.close()?;
     if !quiet {
@@ -113,8 +120,8 @@ pub fn create(
 }
 
 pub fn measure(a: &LayoutArgs) -> Result<u8> {
-    let (disk, opts) = load(a)?;
-    let required = vmdisk_layout::measure(&disk, &opts)?;
+    let (disk, opts, sources) = load(a)?;
+    let required = vmdisk_layout::measure(&disk, &opts, &sources)?;
     let v = serde_json::json!({ "disk": disk.name, "required": required });
     println!("{}", serde_json::to_string_pretty(&v)?);
     Ok(0)
