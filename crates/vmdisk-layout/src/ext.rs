@@ -1,32 +1,16 @@
 //! ext2/3/4 via `mke2fs` on a sparse scratch file, reproducibly, then copied into place.
 
-use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-
-use vmdisk_block::{BlockDevice, RawFile};
 
 use crate::error::{Error, JsonPath, Result};
 use crate::guid::Guid;
 use crate::model::FsFormat;
-use crate::zero::zero_range;
+use crate::scratch::ScratchImage;
 
 /// The fixed clock mke2fs sees (E2FSPROGS_FAKE_TIME, SOURCE_DATE_EPOCH): 1980-01-01T00:00:00Z,
 /// the same instant the FAT writer stamps.
 pub const FIXED_TIME: u64 = 315_532_800;
-
-/// A finished filesystem image in the scratch directory, removed on drop.
-pub struct ScratchImage {
-    pub file: RawFile,
-    path: PathBuf,
-}
-
-impl Drop for ScratchImage {
-    fn drop(&mut self) {
-        // Best effort: a leftover scratch file is only wasted space.
-        let _ = fs::remove_file(&self.path);
-    }
-}
 
 /// Run mke2fs for a filesystem of `len` bytes into a scratch file.
 #[allow(clippy::too_many_arguments)]
@@ -41,18 +25,8 @@ pub fn build(
     tag: &str,
     jp: &JsonPath,
 ) -> Result<ScratchImage> {
-    let path = scratch_dir.join(format!("vmdisk-layout-{}-{tag}.img", std::process::id()));
-    let file = RawFile::create(&path, len).map_err(|e| match e {
-        vmdisk_block::Error::File { source, .. } => Error::Scratch {
-            path: path.clone(),
-            source,
-        },
-        other => Error::Block(other),
-    })?;
-    let img = ScratchImage {
-        file,
-        path: path.clone(),
-    };
+    let img = ScratchImage::create(scratch_dir, tag, len)?;
+    let path = img.path.clone();
     let mut cmd = Command::new("mke2fs");
     cmd.arg("-t")
         .arg(format.name())
@@ -70,6 +44,7 @@ pub fn build(
         .env("LC_ALL", "C");
     let out = cmd.output().map_err(|source| Error::SpawningTool {
         tool: "mke2fs",
+        package: "e2fsprogs",
         source,
     })?;
     if !out.status.success() {
@@ -81,30 +56,4 @@ pub fn build(
         });
     }
     Ok(img)
-}
-
-/// Copy the scratch image into `target` (the partition): data extents verbatim, the rest
-/// made to read as zeros.
-pub fn copy_into(img: &ScratchImage, target: &dyn BlockDevice) -> Result<()> {
-    const CHUNK: u64 = 1 << 20;
-    let len = img.file.len();
-    let mut buf = vec![0u8; CHUNK as usize];
-    for ext in img.file.block_status(0, len)? {
-        if ext.reads_as_zero() {
-            zero_range(target, ext.off, ext.len)?;
-            continue;
-        }
-        let mut off = ext.off;
-        while off < ext.end() {
-            let n = (ext.end() - off).min(CHUNK) as usize;
-            img.file.read_exact_at(&mut buf[..n], off)?;
-            if vmdisk_block::is_zero(&buf[..n]) {
-                zero_range(target, off, n as u64)?;
-            } else {
-                target.write_all_at(&buf[..n], off)?;
-            }
-            off += n as u64;
-        }
-    }
-    Ok(())
 }

@@ -25,9 +25,9 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 /// Write the filesystem to `dev` (the partition).
 pub(crate) fn write(fat: &FatLayout, dev: &dyn BlockDevice) -> Result<()> {
     dev.write_all_at(&fat.reserved_sectors(), 0)?;
-    // FATs, generated chunk by chunk.
+    // FATs, generated chunk by chunk (a FAT12 is at most 6 KiB: one chunk).
     let (_, fat_len) = fat.fat_at(0);
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = vec![0u8; CHUNK.max(fat_len.min(CHUNK as u64 * 2) as usize)];
     let mut off = 0u64;
     while off < fat_len {
         let n = (fat_len - off).min(CHUNK as u64) as usize;

@@ -102,7 +102,7 @@ pub struct PartitionInfo {
     pub size: u64,
     pub type_guid: Guid,
     /// sgdisk short code and description when known.
-    pub type_code: Option<&'static str>,
+    pub type_code: Option<String>,
     pub type_name: Option<&'static str>,
     pub guid: Guid,
     pub name: String,
@@ -216,7 +216,7 @@ fn read_table(dev: &dyn BlockDevice, lba: u64, sectors: u64) -> Result<Option<Pa
             offset: first.saturating_mul(SECTOR),
             size,
             type_guid,
-            type_code: known.map(|k| k.0),
+            type_code: known.map(|k| format!("{:04X}", k.0)),
             type_name: known.map(|k| k.1),
             guid: guid_at(e, 16),
             name: String::from_utf16_lossy(&units),

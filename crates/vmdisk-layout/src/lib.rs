@@ -34,24 +34,29 @@ mod fatwrite;
 mod gpt;
 mod guid;
 mod json;
+mod mkfs;
 mod model;
 mod plan;
 mod probe;
 mod scan;
+mod scratch;
 mod size;
 mod spec;
 mod swap;
 mod tree;
+mod typecodes;
 mod usage;
 mod zero;
 
-pub use apply::{apply, AppliedPartition, ApplyReport};
+pub use apply::{apply, preflight, AppliedPartition, ApplyReport};
 pub use error::{Error, JsonPath, Result};
 pub use ext::FIXED_TIME;
+pub use fat::{Geometry as FatGeometry, MIN_CLUSTERS_32 as FAT_MIN_CLUSTERS_32};
 pub use gpt::{probe_partitions, PartitionInfo, PartitionTable};
 pub use guid::{type_code_guid, type_code_of, Guid, TYPE_CODES};
 pub use model::{
-    Content, DiskSpec, FsFormat, FsSpec, PartitionSpec, PlanOptions, SwapSpec, GPT_ENTRIES,
+    Content, DiskSpec, FsFormat, FsSpec, HybridSpec, PartitionSpec, PlanOptions, Subvolume,
+    SwapSpec, GPT_ENTRIES,
 };
 pub use plan::{
     measure, plan, Plan, PlannedContent, PlannedPartition, DEFAULT_ALIGNMENT, MAX_DISK_BYTES,
@@ -59,7 +64,7 @@ pub use plan::{
 pub use probe::{probe_filesystem, FsInfo, FsKind};
 pub use scan::scan_copy_in;
 pub use size::{Position, SizeSpec, SECTOR};
-pub use spec::{parse, select_disk};
+pub use spec::{default_label, parse, parse_layout, select_disk, Layout, DEFAULT_IMAGE_SIZE};
 pub use tree::{Sources, Tree};
 
 #[cfg(test)]

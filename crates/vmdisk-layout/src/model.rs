@@ -18,12 +18,17 @@ pub const PRIORITY_REST: i64 = 9001;
 /// One disk of a layout, partitions in disko's creation order.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DiskSpec {
-    /// The attribute name under `disk` (or `name` of a lone disk object).
+    /// The attribute name under `disk` (what `--disk` selects).
+    pub key: String,
+    /// disko's `name`: given, else the attribute name with `/` replaced by `_`; GPT names
+    /// default to `disk-NAME-PART`.
     pub name: String,
     /// Where the disk sits in the JSON.
     pub path: JsonPath,
-    /// `imageSize` in bytes.
+    /// `imageSize` in bytes (disko's default: 2G).
     pub image_size: Option<u64>,
+    /// gpt `efiGptPartitionFirst` (hybrid MBRs: the 0xEE entry first).
+    pub efi_gpt_partition_first: bool,
     pub partitions: Vec<PartitionSpec>,
     /// Canonical JSON of the disk object; the default seed derives from it.
     #[serde(skip)]
@@ -51,11 +56,24 @@ pub struct PartitionSpec {
     pub size: Option<SizeSpec>,
     pub start: Position,
     pub end: Position,
+    /// The end came from `size` (disko's `+SIZE`), not from an `end` of the layout.
+    pub end_is_default: bool,
+    /// `hybrid`: an entry of a hybrid MBR.
+    pub hybrid: Option<HybridSpec>,
     /// GPT attribute bits (disko `attributes`, bit numbers).
     pub attributes: u64,
     /// Alignment in sectors (disko `alignment`; 0 means sgdisk's 2048).
     pub alignment: u64,
     pub content: Content,
+}
+
+/// A partition's entry in a hybrid MBR (`sgdisk -h`, then `sfdisk --part-type/--activate`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct HybridSpec {
+    /// `mbrPartitionType` (`0x0c`); None keeps the type sgdisk derives from the GPT type.
+    pub mbr_type: Option<u8>,
+    /// `mbrBootableFlag`.
+    pub bootable: bool,
 }
 
 /// What goes into a partition.
@@ -76,6 +94,9 @@ pub enum FsFormat {
     Ext4,
     Ext3,
     Ext2,
+    Btrfs,
+    Xfs,
+    F2fs,
 }
 
 impl FsFormat {
@@ -85,11 +106,14 @@ impl FsFormat {
             FsFormat::Ext4 => "ext4",
             FsFormat::Ext3 => "ext3",
             FsFormat::Ext2 => "ext2",
+            FsFormat::Btrfs => "btrfs",
+            FsFormat::Xfs => "xfs",
+            FsFormat::F2fs => "f2fs",
         }
     }
 
     pub fn is_ext(self) -> bool {
-        !matches!(self, FsFormat::Vfat)
+        matches!(self, FsFormat::Ext4 | FsFormat::Ext3 | FsFormat::Ext2)
     }
 }
 
@@ -100,9 +124,21 @@ pub struct FsSpec {
     /// Passed to mke2fs (ext*); for vfat the mkfs.fat options `-n LABEL`, `-i VOLID`, `-F 32`.
     pub extra_args: Vec<String>,
     pub mountpoint: Option<String>,
-    /// vfat: label from `-n`; volume id from `-i`.
+    /// vfat: label from `-n`; volume id from `-i`; FAT size from `-F` (12, 16, 32).
     pub fat_label: Option<String>,
     pub fat_volume_id: Option<u32>,
+    pub fat_bits: Option<u8>,
+    /// btrfs: the subvolumes (`subvolumes`), in name order.
+    pub subvolumes: Vec<Subvolume>,
+}
+
+/// A btrfs subvolume of the layout.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Subvolume {
+    /// Path below the top level (`/home`, `@nix`).
+    pub name: String,
+    pub mountpoint: Option<String>,
+    pub path: JsonPath,
 }
 
 /// `content.type = "swap"`.
@@ -112,6 +148,9 @@ pub struct SwapSpec {
     pub label: Option<String>,
     /// From mkswap `-U`.
     pub uuid: Option<Guid>,
+    /// `randomEncryption`: NixOS encrypts it with a random key at boot, so disko leaves it
+    /// unformatted, and so does vmdisk.
+    pub random_encryption: bool,
 }
 
 impl Content {

@@ -4,33 +4,95 @@ use crate::error::{Error, JsonPath, Result};
 use crate::guid::{type_code_guid, Guid};
 use crate::json::Json;
 use crate::model::{
-    Content, DiskSpec, FsFormat, FsSpec, PartitionSpec, SwapSpec, GPT_ENTRIES, GPT_NAME_UNITS,
-    PRIORITY_BIOS_BOOT, PRIORITY_DEFAULT, PRIORITY_REST,
+    Content, DiskSpec, FsFormat, FsSpec, HybridSpec, PartitionSpec, Subvolume, SwapSpec,
+    GPT_ENTRIES, GPT_NAME_UNITS, PRIORITY_BIOS_BOOT, PRIORITY_DEFAULT, PRIORITY_REST,
 };
-use crate::size::{parse_image_size, parse_position, parse_size, Position, SizeSpec, SECTOR};
+use crate::size::{
+    in_sector_units, parse_image_size, parse_position, parse_size, Position, SizeSpec, SECTOR,
+};
 
 /// Cap on disks in one layout (a layout is hand-written; this only bounds work).
 pub const MAX_DISKS: usize = 256;
 
-/// Content types disko has that vmdisk does not build yet.
-const UNSUPPORTED_CONTENT: &[&str] = &[
-    "luks", "lvm_pv", "btrfs", "zfs", "mdraid", "bcachefs", "nodev", "bcache", "verity", "table",
+/// Content types that need a Linux kernel (dm-crypt, LVM, md, ZFS, bcachefs): the builder VM.
+const BUILDER_VM_CONTENT: &[(&str, &str)] = &[
+    ("luks", "LUKS encryption"),
+    ("lvm_pv", "an LVM physical volume"),
+    ("mdraid", "an mdadm RAID member"),
+    ("zfs", "a ZFS pool member"),
+    ("bcachefs", "a bcachefs member"),
 ];
 
-/// Top-level device kinds besides `disk`; a non-empty one is refused.
-const OTHER_DEVICE_KINDS: &[&str] = &[
-    "lvm_vg",
-    "mdadm",
-    "zpool",
-    "nodev",
-    "bcachefs_filesystems",
-    "bcachefs",
-];
+/// Content types disko has that vmdisk does not build at all yet.
+const UNSUPPORTED_CONTENT: &[&str] = &["nodev", "bcache", "verity"];
+
+/// disko's default `imageSize`.
+pub const DEFAULT_IMAGE_SIZE: u64 = 2 << 30;
+
+/// A parsed layout: every disk, each either valid or with the reason it cannot be built, so
+/// that `--disk X` only needs what disk X needs.
+#[derive(Debug)]
+pub struct Layout {
+    disks: Vec<(String, Result<DiskSpec>)>,
+}
+
+impl Layout {
+    /// The attribute names of the disks, in document order.
+    pub fn names(&self) -> Vec<&str> {
+        self.disks.iter().map(|(k, _)| k.as_str()).collect()
+    }
+
+    /// The disks that can be built.
+    pub fn valid(&self) -> Vec<&DiskSpec> {
+        self.disks
+            .iter()
+            .filter_map(|(_, d)| d.as_ref().ok())
+            .collect()
+    }
+
+    /// Pick the disk to build: `name` (its attribute name or disko `name`), or the only one;
+    /// its refusal, if it has one, comes out here.
+    pub fn select(self, name: Option<&str>) -> Result<DiskSpec> {
+        let available = self.names().join(", ");
+        let at = match name {
+            Some(n) => self
+                .disks
+                .iter()
+                .position(|(k, d)| k == n || d.as_ref().is_ok_and(|d| d.name == n))
+                .ok_or_else(|| Error::NoSuchDisk {
+                    name: n.to_string(),
+                    available: available.clone(),
+                })?,
+            None => match self.disks.len() {
+                1 => 0,
+                0 => {
+                    return Err(Error::NoDisk {
+                        path: JsonPath::root(),
+                    })
+                }
+                _ => return Err(Error::AmbiguousDisk { available }),
+            },
+        };
+        self.disks
+            .into_iter()
+            .nth(at)
+            .map(|(_, d)| d)
+            .unwrap_or(Err(Error::NoDisk {
+                path: JsonPath::root(),
+            }))
+    }
+
+    /// Every disk's result, for callers that go through all of them.
+    pub fn into_results(self) -> Vec<(String, Result<DiskSpec>)> {
+        self.disks
+    }
+}
 
 /// Parse a disko layout: `nix eval --json` output (`{"disko":{"devices":{"disk":…}}}`), an
 /// evaluated `disko.devices` (`{"disk":…}`, `_`-keys other than `_index` ignored), or a
-/// single disk object (`{"type":"disk",…}`).
-pub fn parse(json: &str) -> Result<Vec<DiskSpec>> {
+/// single disk object (`{"type":"disk",…}`). A disk that cannot be built does not fail the
+/// whole layout: its error comes out when it is selected ([`Layout::select`]).
+pub fn parse_layout(json: &str) -> Result<Layout> {
     let doc = Json::parse(json)?;
     let root = JsonPath::root();
     doc.members(&root)?;
@@ -49,6 +111,12 @@ pub fn parse(json: &str) -> Result<Vec<DiskSpec>> {
     if doc.get("disk").is_some() {
         return parse_devices(&doc, &root);
     }
+    if doc.get("type").is_none() && doc.get("nodev").is_some() {
+        // Only tmpfs-like entries: nothing goes on a disk.
+        return Err(Error::NoDisk {
+            path: root.key("disk"),
+        });
+    }
     match doc.get_str("type", &root)? {
         Some("disk") => {
             let name = doc
@@ -56,7 +124,9 @@ pub fn parse(json: &str) -> Result<Vec<DiskSpec>> {
                 .or(doc.get_str("imageName", &root)?)
                 .unwrap_or("main")
                 .to_string();
-            Ok(vec![parse_disk(&name, &doc, &root)?])
+            Ok(Layout {
+                disks: vec![(name.clone(), parse_disk(&name, &doc, &root))],
+            })
         }
         Some(t) => Err(content_type_error(t, &root.key("type"))),
         None => Err(Error::invalid(
@@ -68,23 +138,31 @@ pub fn parse(json: &str) -> Result<Vec<DiskSpec>> {
 }
 
 fn content_type_error(t: &str, path: &JsonPath) -> Error {
-    if UNSUPPORTED_CONTENT.contains(&t) {
+    if let Some((_, what)) = BUILDER_VM_CONTENT.iter().find(|(k, _)| *k == t) {
+        Error::NeedsBuilderVm {
+            path: path.clone(),
+            what: format!("content type {t:?} ({what})"),
+        }
+    } else if UNSUPPORTED_CONTENT.contains(&t) {
         Error::unsupported(path, format!("content type {t:?}"))
     } else {
         Error::invalid(path, format!("unknown content type {t:?}"))
     }
 }
 
-fn parse_devices(devices: &Json, path: &JsonPath) -> Result<Vec<DiskSpec>> {
-    let members = devices.members(path)?;
-    for (k, v) in members {
-        if OTHER_DEVICE_KINDS.contains(&k.as_str()) {
-            let p = path.key(k);
-            if let Some((name, _)) = v.members(&p)?.first() {
-                return Err(Error::unsupported(&p.key(name), format!("{k} device")));
-            }
-        }
-    }
+/// The old single-result API: every disk, failing on the first that cannot be built.
+pub fn parse(json: &str) -> Result<Vec<DiskSpec>> {
+    parse_layout(json)?
+        .into_results()
+        .into_iter()
+        .map(|(_, d)| d)
+        .collect()
+}
+
+fn parse_devices(devices: &Json, path: &JsonPath) -> Result<Layout> {
+    // lvm_vg, mdadm, zpool, bcachefs_filesystems and nodev live outside the disks: a disk
+    // that needs one says so through its own content, and nodev (tmpfs) puts nothing on disk.
+    devices.members(path)?;
     let disk_path = path.key("disk");
     let disks = devices.get("disk").ok_or_else(|| Error::NoDisk {
         path: disk_path.clone(),
@@ -99,13 +177,15 @@ fn parse_devices(devices: &Json, path: &JsonPath) -> Result<Vec<DiskSpec>> {
             format!("{} disks; at most {MAX_DISKS} are supported", members.len()),
         ));
     }
-    members
-        .iter()
-        .map(|(name, d)| parse_disk(name, d, &disk_path.key(name)))
-        .collect()
+    Ok(Layout {
+        disks: members
+            .iter()
+            .map(|(name, d)| (name.clone(), parse_disk(name, d, &disk_path.key(name))))
+            .collect(),
+    })
 }
 
-fn parse_disk(name: &str, d: &Json, path: &JsonPath) -> Result<DiskSpec> {
+fn parse_disk(key: &str, d: &Json, path: &JsonPath) -> Result<DiskSpec> {
     d.members(path)?;
     if let Some(t) = d.get_str("type", path)? {
         if t != "disk" {
@@ -115,10 +195,17 @@ fn parse_disk(name: &str, d: &Json, path: &JsonPath) -> Result<DiskSpec> {
             ));
         }
     }
-    let image_size = d
-        .get_str("imageSize", path)?
-        .map(|s| parse_image_size(s, &path.key("imageSize")))
-        .transpose()?;
+    // disko: name defaults to the attribute name with "/" replaced by "_".
+    let name = match d.get_str("name", path)? {
+        Some(n) => n.to_string(),
+        None => key.replace('/', "_"),
+    };
+    let image_size = Some(
+        d.get_str("imageSize", path)?
+            .map(|s| parse_image_size(s, &path.key("imageSize")))
+            .transpose()?
+            .unwrap_or(DEFAULT_IMAGE_SIZE),
+    );
     let cpath = path.key("content");
     let content = match d.get("content") {
         None | Some(Json::Null) => {
@@ -129,9 +216,25 @@ fn parse_disk(name: &str, d: &Json, path: &JsonPath) -> Result<DiskSpec> {
     content.members(&cpath)?;
     match content.get_str("type", &cpath)? {
         Some("gpt") => {}
+        Some("table") => {
+            return Err(Error::unsupported(
+                &cpath.key("type"),
+                "the legacy \"table\" type (parted)",
+            ))
+        }
         Some(t) => return Err(content_type_error(t, &cpath.key("type"))),
         None => return Err(Error::invalid(&cpath.key("type"), "missing content type")),
     }
+    let efi_gpt_partition_first = match content.get("efiGptPartitionFirst") {
+        None | Some(Json::Null) => true,
+        Some(Json::Bool(b)) => *b,
+        Some(other) => {
+            return Err(Error::invalid(
+                &cpath.key("efiGptPartitionFirst"),
+                format!("expected a boolean, found {}", other.kind()),
+            ))
+        }
+    };
     let ppath = cpath.key("partitions");
     let parts = match content.get("partitions") {
         None | Some(Json::Null) => &[][..],
@@ -145,15 +248,17 @@ fn parse_disk(name: &str, d: &Json, path: &JsonPath) -> Result<DiskSpec> {
     }
     let mut partitions = parts
         .iter()
-        .map(|(k, v)| parse_partition(name, k, v, &ppath.key(k)))
+        .map(|(k, v)| parse_partition(&name, k, v, &ppath.key(k)))
         .collect::<Result<Vec<_>>>()?;
     order_partitions(&mut partitions)?;
     let mut canonical = String::new();
     d.canonical(&mut canonical);
     Ok(DiskSpec {
-        name: name.to_string(),
+        key: key.to_string(),
+        name,
         path: path.clone(),
         image_size,
+        efi_gpt_partition_first,
         partitions,
         canonical,
     })
@@ -229,7 +334,7 @@ fn parse_partition(disk: &str, key: &str, v: &Json, path: &JsonPath) -> Result<P
     let name = v.get_str("name", path)?.unwrap_or(key).to_string();
     let label = match v.get_str("label", path)? {
         Some(l) => l.to_string(),
-        None => format!("disk-{disk}-{name}"),
+        None => default_label(disk, &name),
     };
     let label_path = path.key("label");
     if label.encode_utf16().count() > GPT_NAME_UNITS {
@@ -255,13 +360,19 @@ fn parse_partition(disk: &str, key: &str, v: &Json, path: &JsonPath) -> Result<P
     let size = size_text
         .map(|s| parse_size(s, &path.key("size")))
         .transpose()?;
-    let start = parse_position(v.get_str("start", path)?.unwrap_or("0"), &path.key("start"))?;
-    let end = match (v.get_str("end", path)?, size) {
+    let start_text = v.get_str("start", path)?.unwrap_or("0");
+    let start = parse_position(start_text, &path.key("start"))?;
+    let end_text = v.get_str("end", path)?;
+    let end_is_default = end_text.is_none();
+    let end = match (end_text, size) {
         (Some(e), _) => parse_position(e, &path.key("end"))?,
-        (None, Some(SizeSpec::Rest)) => Position::Minus(0),
-        (None, Some(SizeSpec::Bytes(b))) => Position::Plus(b / SECTOR),
-        (None, None) => Position::Plus(0),
+        (None, Some(SizeSpec::Rest)) => Position::Default,
+        (None, Some(SizeSpec::Bytes(b))) if b / SECTOR > 0 => Position::Plus(b / SECTOR),
+        // disko's default size "0" gives end "+0": sgdisk's default end.
+        (None, _) => Position::Default,
     };
+    // disko: alignment defaults to 1 when start or end is written in sectors ("2048s").
+    let sector_units = in_sector_units(start_text) || end_text.is_some_and(in_sector_units);
     let priority = match v.get_int("priority", path)? {
         Some(p) => p,
         None if size == Some(SizeSpec::Rest) => PRIORITY_REST,
@@ -307,6 +418,7 @@ fn parse_partition(disk: &str, key: &str, v: &Json, path: &JsonPath) -> Result<P
         }
     }
     let alignment = match v.get_int("alignment", path)? {
+        None if sector_units => 1,
         None | Some(0) => 0,
         Some(a) if (1..=(1 << 24)).contains(&a) => a as u64,
         Some(a) => {
@@ -316,10 +428,10 @@ fn parse_partition(disk: &str, key: &str, v: &Json, path: &JsonPath) -> Result<P
             ))
         }
     };
-    match v.get("hybrid") {
-        None | Some(Json::Null) => {}
-        Some(_) => return Err(Error::unsupported(&path.key("hybrid"), "a hybrid MBR")),
-    }
+    let hybrid = match v.get("hybrid") {
+        None | Some(Json::Null) => None,
+        Some(h) => Some(parse_hybrid(h, &path.key("hybrid"))?),
+    };
     Ok(PartitionSpec {
         key: key.to_string(),
         name,
@@ -333,19 +445,69 @@ fn parse_partition(disk: &str, key: &str, v: &Json, path: &JsonPath) -> Result<P
         size,
         start,
         end,
+        end_is_default,
+        hybrid,
         attributes,
         alignment,
         content,
     })
 }
 
+/// disko's default GPT name: `disk-DISK-PART`, or, when that is longer than 36 characters,
+/// the first 36 hex digits of its SHA-256 (lib/types/gpt.nix).
+pub fn default_label(disk: &str, part: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let label = format!("disk-{disk}-{part}");
+    // Nix's stringLength counts bytes.
+    if label.len() > GPT_NAME_UNITS {
+        let digest = Sha256::digest(label.as_bytes());
+        digest
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+            .chars()
+            .take(GPT_NAME_UNITS)
+            .collect()
+    } else {
+        label
+    }
+}
+
+fn parse_hybrid(h: &Json, path: &JsonPath) -> Result<HybridSpec> {
+    h.members(path)?;
+    let mbr_type = match h.get_str("mbrPartitionType", path)? {
+        None => None,
+        Some(t) => {
+            let hex = t.strip_prefix("0x").or(t.strip_prefix("0X")).unwrap_or(t);
+            Some(u8::from_str_radix(hex, 16).map_err(|_| {
+                Error::invalid(
+                    &path.key("mbrPartitionType"),
+                    format!("{t:?} is not an MBR type byte (e.g. 0x0c)"),
+                )
+            })?)
+        }
+    };
+    let bootable = match h.get("mbrBootableFlag") {
+        None | Some(Json::Null) => false,
+        Some(Json::Bool(b)) => *b,
+        Some(other) => {
+            return Err(Error::invalid(
+                &path.key("mbrBootableFlag"),
+                format!("expected a boolean, found {}", other.kind()),
+            ))
+        }
+    };
+    Ok(HybridSpec { mbr_type, bootable })
+}
+
 fn parse_type(code: &str, path: &JsonPath) -> Result<Guid> {
     if code.len() == 4 && code.bytes().all(|b| b.is_ascii_hexdigit()) {
         return type_code_guid(code).ok_or_else(|| {
-            Error::unsupported(
+            Error::invalid(
                 path,
                 format!(
-                    "type code {code:?} (use EF00, EF02, 8300, 8200, 8E00, FD00 or a full GUID)"
+                    "sgdisk has no type code {code:?} (it would silently use 8300, Linux \
+                     filesystem); see `sgdisk -L`, or give the type GUID"
                 ),
             )
         });
@@ -378,6 +540,9 @@ fn parse_content(c: Option<&Json>, path: &JsonPath) -> Result<Content> {
                 Some("ext4") => FsFormat::Ext4,
                 Some("ext3") => FsFormat::Ext3,
                 Some("ext2") => FsFormat::Ext2,
+                Some("btrfs") => FsFormat::Btrfs,
+                Some("xfs") => FsFormat::Xfs,
+                Some("f2fs") => FsFormat::F2fs,
                 Some(f) => {
                     return Err(Error::unsupported(
                         &fpath,
@@ -392,18 +557,77 @@ fn parse_content(c: Option<&Json>, path: &JsonPath) -> Result<Content> {
                 mountpoint: c.get_str("mountpoint", path)?.map(str::to_string),
                 fat_label: None,
                 fat_volume_id: None,
+                fat_bits: None,
+                subvolumes: Vec::new(),
             };
-            if format == FsFormat::Vfat {
-                parse_fat_args(&mut fs, &apath)?;
-            } else {
-                check_mke2fs_args(&fs.extra_args, &apath)?;
+            match format {
+                FsFormat::Vfat => parse_fat_args(&mut fs, &apath)?,
+                f if f.is_ext() => check_mke2fs_args(&fs.extra_args, &apath)?,
+                _ => check_tool_args(&fs.extra_args, &apath)?,
             }
             Ok(Content::Filesystem(fs))
+        }
+        "btrfs" => {
+            check_tool_args(&extra_args, &apath)?;
+            if let Some(sw) = c.get("swap") {
+                if !sw.members(&path.key("swap"))?.is_empty() {
+                    return Err(Error::unsupported(
+                        &path.key("swap"),
+                        "btrfs swap files (`btrfs filesystem mkswapfile` needs the mounted \
+                         filesystem)",
+                    ));
+                }
+            }
+            let mut subvolumes = Vec::new();
+            if let Some(sv) = c.get("subvolumes") {
+                let spath = path.key("subvolumes");
+                for (k, s) in sv.members(&spath)? {
+                    let p = spath.key(k);
+                    s.members(&p)?;
+                    if let Some(sw) = s.get("swap") {
+                        if !sw.members(&p.key("swap"))?.is_empty() {
+                            return Err(Error::unsupported(
+                                &p.key("swap"),
+                                "btrfs swap files (`btrfs filesystem mkswapfile` needs the \
+                                 mounted filesystem)",
+                            ));
+                        }
+                    }
+                    let name = s.get_str("name", &p)?.unwrap_or(k).to_string();
+                    let rel = name.trim_start_matches('/');
+                    if rel.is_empty()
+                        || rel
+                            .split('/')
+                            .any(|c| c.is_empty() || c == "." || c == "..")
+                    {
+                        return Err(Error::invalid(
+                            &p,
+                            format!("{name:?} is not a subvolume path"),
+                        ));
+                    }
+                    subvolumes.push(Subvolume {
+                        name: rel.to_string(),
+                        mountpoint: s.get_str("mountpoint", &p)?.map(str::to_string),
+                        path: p,
+                    });
+                }
+            }
+            subvolumes.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(Content::Filesystem(FsSpec {
+                format: FsFormat::Btrfs,
+                extra_args,
+                mountpoint: c.get_str("mountpoint", path)?.map(str::to_string),
+                fat_label: None,
+                fat_volume_id: None,
+                fat_bits: None,
+                subvolumes,
+            }))
         }
         "swap" => {
             let mut swap = SwapSpec {
                 label: None,
                 uuid: None,
+                random_encryption: c.get("randomEncryption") == Some(&Json::Bool(true)),
             };
             let mut args = extra_args.iter().enumerate();
             while let Some((i, a)) = args.next() {
@@ -437,12 +661,6 @@ fn parse_content(c: Option<&Json>, path: &JsonPath) -> Result<Content> {
                     }
                 }
             }
-            if c.get("randomEncryption") == Some(&Json::Bool(true)) {
-                return Err(Error::unsupported(
-                    &path.key("randomEncryption"),
-                    "random swap encryption",
-                ));
-            }
             Ok(Content::Swap(swap))
         }
         other => Err(content_type_error(other, &tpath)),
@@ -473,17 +691,22 @@ fn parse_fat_args(fs: &mut FsSpec, apath: &JsonPath) -> Result<()> {
                 })?);
             }
             "-F" => {
-                if value()? != "32" {
-                    return Err(Error::unsupported(
-                        &apath.index(i + 1),
-                        "FAT12/FAT16 (vmdisk writes FAT32)",
-                    ));
-                }
+                fs.fat_bits = Some(match value()?.as_str() {
+                    "12" => 12,
+                    "16" => 16,
+                    "32" => 32,
+                    v => {
+                        return Err(Error::invalid(
+                            &apath.index(i + 1),
+                            format!("-F {v}: mkfs.fat takes 12, 16 or 32"),
+                        ))
+                    }
+                });
             }
             other => {
                 return Err(Error::unsupported(
                     &apath.index(i),
-                    format!("mkfs.fat option {other:?} (only -n, -i and -F 32 are)"),
+                    format!("mkfs.fat option {other:?} (only -n, -i and -F are)"),
                 ))
             }
         }
@@ -505,6 +728,20 @@ fn check_mke2fs_args(args: &[String], apath: &JsonPath) -> Result<()> {
                 &apath.index(i),
                 format!("mke2fs option {a:?} here"),
             ));
+        }
+    }
+    Ok(())
+}
+
+/// mkfs.btrfs / mkfs.xfs / mkfs.f2fs arguments: options only (disko puts the device first or
+/// last itself; another device would make a multi-device filesystem).
+fn check_tool_args(args: &[String], apath: &JsonPath) -> Result<()> {
+    for (i, a) in args.iter().enumerate() {
+        if a.starts_with("/dev/") {
+            return Err(Error::NeedsBuilderVm {
+                path: apath.index(i),
+                what: format!("a filesystem over several devices ({a})"),
+            });
         }
     }
     Ok(())
@@ -536,31 +773,7 @@ fn takes_value(opt: &str) -> bool {
     )
 }
 
-/// Pick the disk to build: `name`, or the only one.
-pub fn select_disk<'a>(disks: &'a [DiskSpec], name: Option<&str>) -> Result<&'a DiskSpec> {
-    let available = || {
-        disks
-            .iter()
-            .map(|d| d.name.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    match name {
-        Some(n) => disks
-            .iter()
-            .find(|d| d.name == n)
-            .ok_or_else(|| Error::NoSuchDisk {
-                name: n.to_string(),
-                available: available(),
-            }),
-        None => match disks {
-            [only] => Ok(only),
-            [] => Err(Error::NoDisk {
-                path: JsonPath::root(),
-            }),
-            _ => Err(Error::AmbiguousDisk {
-                available: available(),
-            }),
-        },
-    }
+/// Pick the disk to build from a parsed layout (see [`Layout::select`]).
+pub fn select_disk(layout: Layout, name: Option<&str>) -> Result<DiskSpec> {
+    layout.select(name)
 }

@@ -35,8 +35,11 @@ fn load(a: &LayoutArgs) -> Result<(DiskSpec, PlanOptions, Sources)> {
     };
     let json =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let disks = vmdisk_layout::parse(&json).with_context(|| format!("in {}", path.display()))?;
-    let disk = vmdisk_layout::select_disk(&disks, a.disk.as_deref())?.clone();
+    let layout =
+        vmdisk_layout::parse_layout(&json).with_context(|| format!("in {}", path.display()))?;
+    let disk = layout
+        .select(a.disk.as_deref())
+        .with_context(|| format!("in {}", path.display()))?;
     let mut copy_in = Vec::new();
     for c in &a.copy_in {
         let Some((part, dir)) = c.split_once('=') else {
@@ -79,6 +82,8 @@ pub fn create(
     let size = disk_size(&disk, &opts, &sources, size)?;
     // Plan fully (this validates everything) before a byte is written.
     let plan = vmdisk_layout::plan(&disk, size, &opts, &sources)?;
+    // And the installed tools can make it.
+    vmdisk_layout::preflight(&plan)?;
     vmdisk_image::create(
         file,
         &CreateSpec {

@@ -3,29 +3,29 @@
 //! tree, with 8.3 and long-name (LFN) entries, `.`/`..` as fsck.vfat expects, fixed
 //! timestamps.
 //!
+//! The geometry (FAT12, FAT16 or FAT32, cluster size, reserved sectors, FAT length, root
+//! directory size) is the one mkfs.fat 4.2 picks, so a disko layout gets the FAT variant
+//! disko's `mkfs.vfat` would make (FAT16 below 512 MiB).
+//!
 //! ```text
-//! sector 0        boot sector (BPB, FAT32 EBPB, 0x55AA)
-//! sector 1        FSInfo (free count, next free)
-//! sector 6, 7     backup boot sector, backup FSInfo
-//! 32 ..           FAT #1, FAT #2 (28-bit entries; 0/1 reserved, root dir at cluster 2)
-//! data            clusters 2.. : root dir, then each directory before its children, files
-//!                 contiguous in name order
+//! sector 0        boot sector (BPB; FAT12/16 EBPB at 36, FAT32 EBPB at 64; 0x55AA)
+//! FAT32: 1, 6, 7  FSInfo (free count, next free), backup boot sector, backup FSInfo
+//! reserved ..     FAT #1, FAT #2 (12/16/28-bit entries; 0/1 reserved)
+//! FAT12/16        the fixed root directory (512 entries)
+//! data            clusters 2.. : (FAT32: the root dir first) each directory before its
+//!                 children, files contiguous in name order
 //! ```
 
 mod geometry;
 pub mod names;
 mod place;
 
-pub use geometry::Geometry;
+pub use geometry::{Geometry, MIN_CLUSTERS_32};
 pub use place::{check_tree, min_size, FatLayout, Placed};
 
 /// Bytes per sector of the filesystems we write.
 pub(crate) const SECTOR: u64 = 512;
-/// Reserved sectors before the first FAT (what mkfs.fat uses for FAT32).
-pub(crate) const RESERVED_SECTORS: u64 = 32;
 pub(crate) const NUM_FATS: u64 = 2;
-/// Largest cluster number FAT32 can address (0x0FFFFFF6 and up are reserved).
-pub(crate) const MAX_CLUSTERS: u64 = 0x0FFF_FFF5 - 2;
 /// FAT32 counts sectors in 32 bits.
 pub(crate) const MAX_SECTORS: u64 = u32::MAX as u64;
 /// FAT32 files are at most 4 GiB - 1.
@@ -44,21 +44,25 @@ pub(crate) const ATTR_LFN: u8 = 0x0F;
 
 #[cfg(test)]
 mod tests {
-    use super::geometry::{min_bytes_for, MIN_CLUSTERS};
     use super::names::*;
     use super::*;
 
     #[test]
-    fn geometry_limits() {
-        assert!(Geometry::for_size(16 << 20, 0).is_err());
+    fn geometry_picks_the_variant_mkfs_fat_does() {
+        assert_eq!(Geometry::for_size(32 << 20, 0).unwrap().bits, 16);
+        assert_eq!(Geometry::for_size(2 << 20, 0).unwrap().bits, 12);
+        assert_eq!(Geometry::for_size(500 << 20, 0).unwrap().bits, 16);
         let g = Geometry::for_size(512 << 20, 2048).unwrap();
-        assert_eq!(g.sectors_per_cluster, 8);
-        assert!(g.clusters >= MIN_CLUSTERS);
-        assert!((g.clusters + 2) * 4 <= g.fat_sectors * SECTOR);
-        let m = min_bytes_for(1);
-        assert!(Geometry::for_size(m, 0).is_ok(), "{m}");
+        assert_eq!(
+            (g.bits, g.sectors_per_cluster, g.reserved_sectors),
+            (32, 8, 32)
+        );
+        assert!(g.clusters >= MIN_CLUSTERS_32);
+        assert!((g.clusters + 2) * 4 <= g.fat_sectors * 512);
+        let g = Geometry::mkfs(64 << 20, 0, Some(32)).unwrap();
+        assert_eq!((g.bits, g.sectors_per_cluster), (32, 1));
+        assert!(Geometry::for_size(16 << 10, 0).is_err());
     }
-
     #[test]
     fn short_names() {
         assert_eq!(&exact_short("EFI").unwrap(), b"EFI        ");

@@ -4,14 +4,14 @@
 use crate::error::{Error, JsonPath, Result};
 use crate::tree::{Kind, Node, Tree};
 
-use super::geometry::{min_bytes_for, Geometry};
+use super::geometry::{min_bytes, Geometry};
 use super::names::{
     check_label, check_long_name, exact_short, generated_short, lfn_entries, short_entry,
     short_to_string, slots_for,
 };
 use super::{
     ATTR_ARCHIVE, ATTR_DIR, ATTR_VOLUME_ID, EOC, MAX_DIR_ENTRIES, MAX_FILE, MAX_SECTORS, NUM_FATS,
-    RESERVED_SECTORS, SECTOR,
+    SECTOR,
 };
 
 /// Entries (files + directories) copied into one FAT filesystem; bounds memory.
@@ -128,7 +128,18 @@ fn place<'a>(
     if slots > MAX_DIR_ENTRIES {
         return Err("a directory has too many entries for FAT".into());
     }
-    let (first, clusters) = alloc((slots as u64 * 32).max(1), lay)?;
+    let fixed_root = is_root && g.bits != 32;
+    if fixed_root && slots as u64 > g.root_entries {
+        return Err(format!(
+            "the root directory needs {slots} entries; FAT{} has room for {}",
+            g.bits, g.root_entries
+        ));
+    }
+    let (first, clusters) = if fixed_root {
+        (0, 0)
+    } else {
+        alloc((slots as u64 * 32).max(1), lay)?
+    };
     let mut children = Vec::with_capacity(nodes.len());
     for c in nodes {
         match &c.kind {
@@ -153,11 +164,11 @@ fn place<'a>(
 }
 
 /// Smallest filesystem (whole MiB) that holds `tree` plus `margin` free bytes.
-pub fn min_size(tree: Option<&Tree>, margin: u64) -> u64 {
+pub fn min_size(tree: Option<&Tree>, margin: u64, bits: Option<u8>) -> u64 {
     let nodes: &[Node] = tree.map(|t| t.root.as_slice()).unwrap_or(&[]);
-    let mut size = min_bytes_for(1);
+    let mut size = min_bytes();
     for _ in 0..256 {
-        if let Ok(g) = Geometry::for_size(size, 0) {
+        if let Ok(g) = Geometry::mkfs(size, 0, bits) {
             let mut lay = Runs {
                 runs: Vec::new(),
                 next_free: 2,
@@ -172,12 +183,12 @@ pub fn min_size(tree: Option<&Tree>, margin: u64) -> u64 {
                 continue;
             }
         }
-        size += (size / 8).div_ceil(1 << 20) << 20;
+        size += (size / 8).max(1).div_ceil(1 << 20) << 20;
     }
     size
 }
 
-/// One FAT32 filesystem, fully planned: geometry, label, volume id and where every directory
+/// One FAT12/16/32 filesystem, fully planned: geometry, label, volume id and where every directory
 /// and file goes. Checked before any write.
 pub struct FatLayout<'a> {
     pub geometry: Geometry,
@@ -190,16 +201,18 @@ pub struct FatLayout<'a> {
 impl<'a> FatLayout<'a> {
     /// Plan a filesystem of `bytes` at disk sector `hidden_sectors` holding `tree` (checked
     /// with [`check_tree`] first).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         bytes: u64,
         hidden_sectors: u64,
+        bits: Option<u8>,
         label: Option<&str>,
         volume_id: u32,
         tree: Option<&'a Tree>,
         jp: &JsonPath,
     ) -> Result<FatLayout<'a>> {
         let g =
-            Geometry::for_size(bytes, hidden_sectors).map_err(|rule| Error::invalid(jp, rule))?;
+            Geometry::mkfs(bytes, hidden_sectors, bits).map_err(|rule| Error::invalid(jp, rule))?;
         let label = match label {
             Some(l) => {
                 check_label(l).map_err(|rule| Error::invalid(jp, rule))?;
@@ -232,22 +245,26 @@ impl<'a> FatLayout<'a> {
         })
     }
 
-    /// The reserved sectors: boot sector, FSInfo and their backups.
+    /// The reserved sectors: boot sector (and on FAT32 FSInfo and their backups).
     pub fn reserved_sectors(&self) -> Vec<u8> {
-        let mut reserved = vec![0u8; (RESERVED_SECTORS * SECTOR) as usize];
+        let g = &self.geometry;
+        let mut reserved = vec![0u8; (g.reserved_sectors * SECTOR) as usize];
         let boot = self.boot_sector();
-        let info = self.fsinfo();
         reserved[..512].copy_from_slice(&boot);
-        reserved[512..1024].copy_from_slice(&info);
-        reserved[6 * 512..7 * 512].copy_from_slice(&boot);
-        reserved[7 * 512..8 * 512].copy_from_slice(&info);
+        if g.bits == 32 {
+            let info = self.fsinfo();
+            reserved[512..1024].copy_from_slice(&info);
+            reserved[6 * 512..7 * 512].copy_from_slice(&boot);
+            reserved[7 * 512..8 * 512].copy_from_slice(&info);
+        }
         reserved
     }
 
     /// Byte offset of FAT copy `copy` (0 or 1) and the length of one FAT.
     pub fn fat_at(&self, copy: u64) -> (u64, u64) {
-        let fat_bytes = self.geometry.fat_sectors * SECTOR;
-        (RESERVED_SECTORS * SECTOR + copy * fat_bytes, fat_bytes)
+        let g = &self.geometry;
+        let fat_bytes = g.fat_sectors * SECTOR;
+        (g.reserved_sectors * SECTOR + copy * fat_bytes, fat_bytes)
     }
 
     pub fn fat_copies(&self) -> u64 {
@@ -257,28 +274,49 @@ impl<'a> FatLayout<'a> {
     fn boot_sector(&self) -> [u8; 512] {
         let g = &self.geometry;
         let mut b = [0u8; 512];
-        b[0..3].copy_from_slice(&[0xEB, 0x58, 0x90]);
-        b[3..11].copy_from_slice(b"VMDISK  ");
+        let jump = if g.bits == 32 { 0x58 } else { 0x3C };
+        b[0..3].copy_from_slice(&[0xEB, jump, 0x90]);
+        b[3..11].copy_from_slice(b"mkfs.fat");
         b[11..13].copy_from_slice(&(SECTOR as u16).to_le_bytes());
         b[13] = g.sectors_per_cluster as u8;
-        b[14..16].copy_from_slice(&(RESERVED_SECTORS as u16).to_le_bytes());
+        b[14..16].copy_from_slice(&(g.reserved_sectors as u16).to_le_bytes());
         b[16] = NUM_FATS as u8;
+        // root_entries <= 65535 and fat_sectors < 65536 on FAT12/16 (mkfs.fat's limits).
+        b[17..19].copy_from_slice(&(g.root_entries as u16).to_le_bytes());
+        if g.total_sectors < 65536 {
+            b[19..21].copy_from_slice(&(g.total_sectors as u16).to_le_bytes());
+        } else {
+            b[32..36].copy_from_slice(&(g.total_sectors as u32).to_le_bytes());
+        }
         b[21] = 0xF8;
-        b[24..26].copy_from_slice(&63u16.to_le_bytes());
-        b[26..28].copy_from_slice(&255u16.to_le_bytes());
+        if g.bits != 32 {
+            b[22..24].copy_from_slice(&(g.fat_sectors as u16).to_le_bytes());
+        }
+        b[24..26].copy_from_slice(&g.sectors_per_track.to_le_bytes());
+        b[26..28].copy_from_slice(&g.heads.to_le_bytes());
         b[28..32].copy_from_slice(&(g.hidden_sectors.min(MAX_SECTORS) as u32).to_le_bytes());
-        b[32..36].copy_from_slice(&(g.total_sectors as u32).to_le_bytes());
-        b[36..40].copy_from_slice(&(g.fat_sectors as u32).to_le_bytes());
-        b[44..48].copy_from_slice(&2u32.to_le_bytes());
-        b[48..50].copy_from_slice(&1u16.to_le_bytes());
-        b[50..52].copy_from_slice(&6u16.to_le_bytes());
-        b[64] = 0x80;
-        b[66] = 0x29;
-        b[67..71].copy_from_slice(&self.volume_id.to_le_bytes());
-        b[71..82].copy_from_slice(self.label.as_ref().unwrap_or(b"NO NAME    "));
-        b[82..90].copy_from_slice(b"FAT32   ");
+        let label = self.label.as_ref().unwrap_or(b"NO NAME    ");
+        let vi = if g.bits == 32 {
+            b[36..40].copy_from_slice(&(g.fat_sectors as u32).to_le_bytes());
+            b[44..48].copy_from_slice(&2u32.to_le_bytes());
+            b[48..50].copy_from_slice(&1u16.to_le_bytes());
+            b[50..52].copy_from_slice(&6u16.to_le_bytes());
+            64
+        } else {
+            36
+        };
+        b[vi] = 0x80;
+        b[vi + 2] = 0x29;
+        b[vi + 3..vi + 7].copy_from_slice(&self.volume_id.to_le_bytes());
+        b[vi + 7..vi + 18].copy_from_slice(label);
+        let name: &[u8; 8] = match g.bits {
+            12 => b"FAT12   ",
+            16 => b"FAT16   ",
+            _ => b"FAT32   ",
+        };
+        b[vi + 18..vi + 26].copy_from_slice(name);
         // Boot code: halt forever (this volume is not a legacy boot volume).
-        b[90..93].copy_from_slice(&[0xF4, 0xEB, 0xFD]);
+        b[vi + 26..vi + 29].copy_from_slice(&[0xF4, 0xEB, 0xFD]);
         b[510] = 0x55;
         b[511] = 0xAA;
         b
@@ -295,9 +333,14 @@ impl<'a> FatLayout<'a> {
         s
     }
 
-    /// FAT entry for cluster `c`.
+    /// FAT entry for cluster `c` (masked to the FAT's width).
     pub fn fat_entry(&self, c: u64) -> u32 {
-        match c {
+        let mask = match self.geometry.bits {
+            12 => 0xFFF,
+            16 => 0xFFFF,
+            _ => 0x0FFF_FFFF,
+        };
+        let v = match c {
             0 => 0x0FFF_FFF8,
             1 => EOC,
             _ => {
@@ -310,8 +353,8 @@ impl<'a> FatLayout<'a> {
                     .runs
                     .partition_point(|&(f, _)| u64::from(f) <= c)
                     .saturating_sub(1);
-                // 2 <= c < next_free, so the root directory's run exists and runs is not
-                // empty; partition_point - 1 picks the run starting at or before c.
+                // 2 <= c < next_free, so at least one run exists; partition_point - 1 picks
+                // the run starting at or before c.
                 let (f, n) = self.lay.runs[i];
                 if c + 1 == u64::from(f) + u64::from(n) {
                     EOC
@@ -319,17 +362,45 @@ impl<'a> FatLayout<'a> {
                     (c + 1) as u32
                 }
             }
-        }
+        };
+        v & mask
     }
 
-    /// Bytes of the FAT from byte `off` (a multiple of 4), `n` bytes; None when all zero.
+    /// Bytes of the FAT from byte `off` into `buf`; false when they are all zero. For FAT12
+    /// `off` must be 0 and `buf` the whole FAT (at most 6 KiB).
     pub fn fat_bytes(&self, off: u64, buf: &mut [u8]) -> bool {
-        let first_entry = off / 4;
         let mut any = false;
-        for (i, e) in buf.chunks_exact_mut(4).enumerate() {
-            let v = self.fat_entry(first_entry + i as u64);
-            any |= v != 0;
-            e.copy_from_slice(&v.to_le_bytes());
+        match self.geometry.bits {
+            12 => {
+                buf.fill(0);
+                let entries = (buf.len() as u64 * 2 / 3).min(self.geometry.clusters + 2);
+                for c in 0..entries {
+                    let v = self.fat_entry(c) as u16;
+                    any |= v != 0;
+                    let at = (c * 3 / 2) as usize;
+                    if c % 2 == 0 {
+                        buf[at] = v as u8;
+                        buf[at + 1] = (buf[at + 1] & 0xF0) | ((v >> 8) as u8 & 0x0F);
+                    } else {
+                        buf[at] = (buf[at] & 0x0F) | ((v << 4) as u8);
+                        buf[at + 1] = (v >> 4) as u8;
+                    }
+                }
+            }
+            16 => {
+                for (i, e) in buf.chunks_exact_mut(2).enumerate() {
+                    let v = self.fat_entry(off / 2 + i as u64) as u16;
+                    any |= v != 0;
+                    e.copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            _ => {
+                for (i, e) in buf.chunks_exact_mut(4).enumerate() {
+                    let v = self.fat_entry(off / 4 + i as u64);
+                    any |= v != 0;
+                    e.copy_from_slice(&v.to_le_bytes());
+                }
+            }
         }
         any
     }
@@ -379,12 +450,21 @@ impl<'a> FatLayout<'a> {
             };
             entries.push(short_entry(&short, attr, c.first, size));
         }
-        let cb = self.geometry.cluster_bytes() as usize;
-        let mut bytes = vec![0u8; d.clusters as usize * cb];
+        let g = &self.geometry;
+        let (at, len) = if is_root && g.bits != 32 {
+            (g.root_dir_off(), g.root_dir_sectors() * SECTOR)
+        } else {
+            (
+                g.cluster_off(d.first),
+                u64::from(d.clusters) * g.cluster_bytes(),
+            )
+        };
+        // len is a directory's clusters or the fixed root: bounded by MAX_DIR_ENTRIES * 32.
+        let mut bytes = vec![0u8; len as usize];
         for (i, e) in entries.iter().enumerate() {
             bytes[i * 32..i * 32 + 32].copy_from_slice(e);
         }
-        Ok((self.geometry.cluster_off(d.first), bytes))
+        Ok((at, bytes))
     }
 
     /// Where file data of `c` goes and how many bytes are allocated for it.
