@@ -34,6 +34,8 @@ mod fatwrite;
 mod gpt;
 mod guid;
 mod json;
+mod legacy;
+mod mbr;
 mod mkfs;
 mod model;
 mod plan;

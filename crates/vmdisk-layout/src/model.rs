@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use crate::error::JsonPath;
 use crate::guid::Guid;
+use crate::legacy::PartedPos;
 use crate::size::{Position, SizeSpec};
 
 /// GPT tables vmdisk writes have this many entries (the UEFI minimum, what sgdisk writes).
@@ -29,6 +30,8 @@ pub struct DiskSpec {
     pub image_size: Option<u64>,
     /// gpt `efiGptPartitionFirst` (hybrid MBRs: the 0xEE entry first).
     pub efi_gpt_partition_first: bool,
+    /// The legacy `table` type: partitions placed as parted places them.
+    pub parted: bool,
     pub partitions: Vec<PartitionSpec>,
     /// Canonical JSON of the disk object; the default seed derives from it.
     #[serde(skip)]
@@ -60,6 +63,8 @@ pub struct PartitionSpec {
     pub end_is_default: bool,
     /// `hybrid`: an entry of a hybrid MBR.
     pub hybrid: Option<HybridSpec>,
+    /// Legacy `table` partitions: parted's start and end.
+    pub parted: Option<(PartedPos, PartedPos)>,
     /// GPT attribute bits (disko `attributes`, bit numbers).
     pub attributes: u64,
     /// Alignment in sectors (disko `alignment`; 0 means sgdisk's 2048).

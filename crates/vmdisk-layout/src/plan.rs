@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use crate::error::{Error, JsonPath, Result};
 use crate::guid::Guid;
-use crate::model::{Content, DiskSpec, FsFormat, PartitionSpec, PlanOptions};
+use crate::model::{Content, DiskSpec, FsFormat, HybridSpec, PartitionSpec, PlanOptions};
 use crate::size::{Position, SizeSpec, SECTOR};
 use crate::tree::{Sources, Tree};
 use crate::usage::Usage;
@@ -36,6 +36,10 @@ pub struct Plan {
     pub disk_guid: Guid,
     pub first_usable_lba: u64,
     pub last_usable_lba: u64,
+    /// Hybrid MBRs: the 0xEE entry first (disko's `efiGptPartitionFirst`).
+    pub efi_gpt_partition_first: bool,
+    /// Made as parted makes it (the legacy `table` type): its protective MBR's CHS end.
+    pub parted: bool,
     /// In creation (disko) order.
     pub partitions: Vec<PlannedPartition>,
 }
@@ -55,6 +59,8 @@ pub struct PlannedPartition {
     pub first_lba: u64,
     pub last_lba: u64,
     pub attributes: u64,
+    /// The partition's entry in a hybrid MBR.
+    pub hybrid: Option<HybridSpec>,
     pub content: PlannedContent,
 }
 
@@ -127,7 +133,11 @@ pub fn plan(
         .ok_or_else(|| Error::NoDiskSize {
             path: disk.path.clone(),
         })?;
-    let ranges = allocate(disk, size).map_err(FitError::into_error)?;
+    let ranges = if disk.parted {
+        allocate_parted(disk, size)?
+    } else {
+        allocate(disk, size).map_err(FitError::into_error)?
+    };
     let seed = seed_bytes(disk, opts);
     let tag = |what: &str, p: &PartitionSpec| format!("{what}:{}:{}", disk.name, p.key);
     let mut partitions = Vec::with_capacity(disk.partitions.len());
@@ -160,6 +170,21 @@ pub fn plan(
                             fs.format.name()
                         ),
                     ));
+                }
+                if let Some(tree) = sources.get(p.number) {
+                    for sv in &fs.subvolumes {
+                        if !tree_has_dir(tree, &sv.name) {
+                            return Err(Error::CopyIn {
+                                selector: format!("{}={}", p.key, tree.dir.display()),
+                                rule: format!(
+                                    "subvolume {:?} ({}) must be a directory of the tree copied \
+                                     in (mkfs.btrfs --subvol makes existing directories \
+                                     subvolumes)",
+                                    sv.name, sv.path
+                                ),
+                            });
+                        }
+                    }
                 }
                 PlannedContent::Mkfs {
                     format: fs.format,
@@ -215,6 +240,7 @@ pub fn plan(
             first_lba: first,
             last_lba: last,
             attributes: p.attributes,
+            hybrid: p.hybrid.clone(),
             content,
         });
     }
@@ -234,6 +260,8 @@ pub fn plan(
         sector_size: SECTOR,
         disk_guid: Guid::derive(&seed, &format!("disk-guid:{}", disk.name)),
         first_usable_lba: GPT_HEAD_SECTORS,
+        efi_gpt_partition_first: disk.efi_gpt_partition_first,
+        parted: disk.parted,
         last_usable_lba: sectors - GPT_TAIL_SECTORS - 1,
         partitions,
     })
@@ -457,6 +485,55 @@ pub(crate) fn allocate(
         used.push((start, end));
     }
     Ok(used)
+}
+
+/// Whether `rel` (a/b/c) is a directory of `tree`.
+fn tree_has_dir(tree: &Tree, rel: &str) -> bool {
+    let mut nodes = tree.root.as_slice();
+    for comp in rel.split('/') {
+        match nodes
+            .iter()
+            .find(|n| n.name == std::ffi::OsStr::new(comp))
+            .map(|n| &n.kind)
+        {
+            Some(crate::tree::Kind::Dir(c)) => nodes = c,
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// The legacy `table`: each partition placed as `parted mkpart` places it, in list order.
+fn allocate_parted(disk: &DiskSpec, size: u64) -> Result<Vec<(u64, u64)>> {
+    let size_path = disk.path.key("imageSize");
+    let sectors = size / SECTOR;
+    if size > MAX_DISK_BYTES
+        || size % SECTOR != 0
+        || sectors < GPT_HEAD_SECTORS + GPT_TAIL_SECTORS + 1
+    {
+        return Err(Error::invalid(
+            &size_path,
+            format!("disk size {size} cannot hold a GPT (or is not whole sectors)"),
+        ));
+    }
+    let last_usable = sectors - GPT_TAIL_SECTORS - 1;
+    let mut next = GPT_HEAD_SECTORS;
+    let mut out = Vec::with_capacity(disk.partitions.len());
+    for p in &disk.partitions {
+        let Some((start, end)) = &p.parted else {
+            return Err(Error::invalid(&p.path, "not a legacy table partition"));
+        };
+        let (a, b) =
+            crate::legacy::place(start, end, sectors, next, last_usable).ok_or_else(|| {
+                Error::invalid(
+                    &p.path,
+                    format!("parted cannot place this partition on a {size}-byte disk"),
+                )
+            })?;
+        out.push((a, b));
+        next = b + 1;
+    }
+    Ok(out)
 }
 
 /// The smallest disk size (whole MiB) that holds the layout, the content copied in (the

@@ -216,12 +216,7 @@ fn parse_disk(key: &str, d: &Json, path: &JsonPath) -> Result<DiskSpec> {
     content.members(&cpath)?;
     match content.get_str("type", &cpath)? {
         Some("gpt") => {}
-        Some("table") => {
-            return Err(Error::unsupported(
-                &cpath.key("type"),
-                "the legacy \"table\" type (parted)",
-            ))
-        }
+        Some("table") => return parse_table(key, name, image_size, content, &cpath, d, path),
         Some(t) => return Err(content_type_error(t, &cpath.key("type"))),
         None => return Err(Error::invalid(&cpath.key("type"), "missing content type")),
     }
@@ -259,6 +254,133 @@ fn parse_disk(key: &str, d: &Json, path: &JsonPath) -> Result<DiskSpec> {
         path: path.clone(),
         image_size,
         efi_gpt_partition_first,
+        parted: false,
+        partitions,
+        canonical,
+    })
+}
+
+/// disko's legacy `type = "table"`: a list of partitions made with parted, in list order.
+fn parse_table(
+    key: &str,
+    name: String,
+    image_size: Option<u64>,
+    content: &Json,
+    cpath: &JsonPath,
+    d: &Json,
+    path: &JsonPath,
+) -> Result<DiskSpec> {
+    match content.get_str("format", cpath)?.unwrap_or("gpt") {
+        "gpt" => {}
+        f => {
+            return Err(Error::unsupported(
+                &cpath.key("format"),
+                format!("a legacy table with format {f:?} (vmdisk writes its gpt format)"),
+            ))
+        }
+    }
+    let ppath = cpath.key("partitions");
+    let items = match content.get("partitions") {
+        None | Some(Json::Null) => &[][..],
+        Some(Json::Arr(a)) => a.as_slice(),
+        Some(other) => {
+            return Err(Error::invalid(
+                &ppath,
+                format!("expected a list of partitions, found {}", other.kind()),
+            ))
+        }
+    };
+    if items.len() > GPT_ENTRIES as usize {
+        return Err(Error::invalid(
+            &ppath,
+            format!("{} partitions; a GPT holds {GPT_ENTRIES}", items.len()),
+        ));
+    }
+    let mut partitions = Vec::with_capacity(items.len());
+    for (i, v) in items.iter().enumerate() {
+        let p = ppath.index(i);
+        v.members(&p)?;
+        let content = parse_content(v.get("content"), &p.key("content"))?;
+        let pname = v.get_str("name", &p)?.unwrap_or("").to_string();
+        let mut type_code = match v.get_str("fs-type", &p)? {
+            Some("linux-swap" | "linux-swap(v1)" | "linux-swap(new)") => "8200",
+            Some("fat16" | "fat32" | "ntfs") => "0700",
+            _ => "8300",
+        };
+        let flag = |v: &Json, k: &str| -> Result<bool> {
+            match v.get(k) {
+                None | Some(Json::Null) => Ok(false),
+                Some(Json::Bool(b)) => Ok(*b),
+                Some(o) => Err(Error::invalid(
+                    &p.key(k),
+                    format!("expected a boolean, found {}", o.kind()),
+                )),
+            }
+        };
+        let mut attributes = 0u64;
+        if flag(v, "bootable")? {
+            type_code = "EF00";
+        }
+        for (j, f) in v.get_str_list("flags", &p)?.iter().enumerate() {
+            match f.as_str() {
+                "boot" | "esp" => type_code = "EF00",
+                "bios_grub" => type_code = "EF02",
+                "lvm" => type_code = "8E00",
+                "raid" => type_code = "FD00",
+                "swap" => type_code = "8200",
+                "legacy_boot" => attributes |= 1 << 2,
+                other => {
+                    return Err(Error::unsupported(
+                        &p.key("flags").index(j),
+                        format!("parted flag {other:?} (vmdisk knows boot, esp, bios_grub, lvm, raid, swap, legacy_boot)"),
+                    ))
+                }
+            }
+        }
+        let start =
+            crate::legacy::parse_parted(v.get_str("start", &p)?.unwrap_or("0%"), &p.key("start"))?;
+        let end =
+            crate::legacy::parse_parted(v.get_str("end", &p)?.unwrap_or("100%"), &p.key("end"))?;
+        let label = crate::legacy::hex_escape(&pname);
+        if label.encode_utf16().count() > GPT_NAME_UNITS {
+            return Err(Error::invalid(
+                &p.key("name"),
+                format!(
+                    "GPT partition name {label:?} is longer than {GPT_NAME_UNITS} UTF-16 units"
+                ),
+            ));
+        }
+        partitions.push(PartitionSpec {
+            key: (i + 1).to_string(),
+            name: pname,
+            path: p.clone(),
+            // i < GPT_ENTRIES (checked above).
+            number: i as u32 + 1,
+            priority: i as i64,
+            label,
+            type_code: type_code.to_string(),
+            type_guid: type_code_guid(type_code).unwrap_or(Guid::NIL),
+            guid: None,
+            size: None,
+            start: Position::Default,
+            end: Position::Default,
+            end_is_default: false,
+            hybrid: None,
+            parted: Some((start, end)),
+            attributes,
+            alignment: 0,
+            content,
+        });
+    }
+    let mut canonical = String::new();
+    d.canonical(&mut canonical);
+    Ok(DiskSpec {
+        key: key.to_string(),
+        name,
+        path: path.clone(),
+        image_size,
+        efi_gpt_partition_first: true,
+        parted: true,
         partitions,
         canonical,
     })
@@ -447,6 +569,7 @@ fn parse_partition(disk: &str, key: &str, v: &Json, path: &JsonPath) -> Result<P
         end,
         end_is_default,
         hybrid,
+        parted: None,
         attributes,
         alignment,
         content,
@@ -571,11 +694,12 @@ fn parse_content(c: Option<&Json>, path: &JsonPath) -> Result<Content> {
             check_tool_args(&extra_args, &apath)?;
             if let Some(sw) = c.get("swap") {
                 if !sw.members(&path.key("swap"))?.is_empty() {
-                    return Err(Error::unsupported(
-                        &path.key("swap"),
-                        "btrfs swap files (`btrfs filesystem mkswapfile` needs the mounted \
-                         filesystem)",
-                    ));
+                    return Err(Error::NeedsBuilderVm {
+                        path: path.key("swap"),
+                        what: "a btrfs swap file (`btrfs filesystem mkswapfile` runs on the \
+                               mounted filesystem)"
+                            .into(),
+                    });
                 }
             }
             let mut subvolumes = Vec::new();
@@ -586,11 +710,12 @@ fn parse_content(c: Option<&Json>, path: &JsonPath) -> Result<Content> {
                     s.members(&p)?;
                     if let Some(sw) = s.get("swap") {
                         if !sw.members(&p.key("swap"))?.is_empty() {
-                            return Err(Error::unsupported(
-                                &p.key("swap"),
-                                "btrfs swap files (`btrfs filesystem mkswapfile` needs the \
-                                 mounted filesystem)",
-                            ));
+                            return Err(Error::NeedsBuilderVm {
+                                path: p.key("swap"),
+                                what: "a btrfs swap file (`btrfs filesystem mkswapfile` runs \
+                                       on the mounted filesystem)"
+                                    .into(),
+                            });
                         }
                     }
                     let name = s.get_str("name", &p)?.unwrap_or(k).to_string();
