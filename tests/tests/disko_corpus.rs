@@ -292,6 +292,36 @@ fn compare_filesystems(
         return;
     };
     let rec = read_json(&corpus().join("tables").join(fs_name));
+    // What disko left unformatted (BIOS boot, randomEncryption swap, bare partitions) holds
+    // nothing here either.
+    let made: Vec<u64> = rec["filesystems"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f["number"].as_u64())
+        .collect();
+    for p in parts {
+        let node = p["node"].as_str().unwrap();
+        let n: u64 = node[node.rfind(|ch: char| !ch.is_ascii_digit()).unwrap() + 1..]
+            .parse()
+            .unwrap();
+        if made.contains(&n) {
+            continue;
+        }
+        let part = tmp.join(format!("empty{n}"));
+        extract(
+            img,
+            p["start"].as_u64().unwrap() * 512,
+            p["size"].as_u64().unwrap() * 512,
+            &part,
+        );
+        if let Some(t) = blkid(&part).get("TYPE") {
+            diffs.push(format!(
+                "partition {n}: disko left it empty, vmdisk made {t}"
+            ));
+        }
+        let _ = fs::remove_file(&part);
+    }
     for f in rec["filesystems"].as_array().into_iter().flatten() {
         if f["rc"] != 0 {
             continue;

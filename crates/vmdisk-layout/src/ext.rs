@@ -8,9 +8,7 @@ use crate::guid::Guid;
 use crate::model::FsFormat;
 use crate::scratch::ScratchImage;
 
-/// The fixed clock mke2fs sees (E2FSPROGS_FAKE_TIME, SOURCE_DATE_EPOCH): 1980-01-01T00:00:00Z,
-/// the same instant the FAT writer stamps.
-pub const FIXED_TIME: u64 = 315_532_800;
+pub use crate::scratch::FIXED_TIME;
 
 /// Run mke2fs for a filesystem of `len` bytes into a scratch file.
 #[allow(clippy::too_many_arguments)]

@@ -41,6 +41,10 @@ impl ScratchImage {
     }
 }
 
+/// The fixed clock the tools see (E2FSPROGS_FAKE_TIME, SOURCE_DATE_EPOCH): 1980-01-01T00:00:00Z,
+/// the same instant the FAT writer stamps.
+pub const FIXED_TIME: u64 = 315_532_800;
+
 /// The Debian package of each tool (what to install when it is missing).
 pub fn package_of(tool: &str) -> &'static str {
     match tool {
@@ -58,7 +62,7 @@ pub fn run_tools(runs: &[ToolRun], img: &ScratchImage, jp: &JsonPath) -> Result<
             .args(&r.args)
             .arg(&img.path)
             .env("LC_ALL", "C")
-            .env("SOURCE_DATE_EPOCH", crate::ext::FIXED_TIME.to_string())
+            .env("SOURCE_DATE_EPOCH", FIXED_TIME.to_string())
             .output()
             .map_err(|source| Error::SpawningTool {
                 tool: r.program,

@@ -510,3 +510,44 @@ proptest! {
         let _ = probe_filesystem(&dev);
     }
 }
+
+#[test]
+fn measure_handles_sub_mib_partitions_without_content() {
+    // disko's derived-odd-units: 1000K and 100-sector partitions with nothing in them.
+    let json = r#"{"disk":{"main":{"type":"disk","content":{"type":"gpt","partitions":{
+        "ESP":{"size":"64M","type":"EF00","content":{"type":"filesystem","format":"vfat"}},
+        "a":{"size":"1000K"},"b":{"size":"4096"},"c":{"size":"100"},
+        "root":{"size":"100%","content":{"type":"filesystem","format":"ext4"}}}}}}}"#;
+    let d = &parse(json).unwrap()[0];
+    let size = measure(d, &PlanOptions::default(), &Sources::none()).unwrap();
+    let p = plan(d, Some(size), &PlanOptions::default(), &Sources::none()).unwrap();
+    let lens: Vec<u64> = p.partitions.iter().map(|p| p.len()).collect();
+    assert_eq!(&lens[1..4], &[1_024_000, 4096 * 512, 100 * 512]);
+}
+
+#[test]
+fn the_free_margin_goes_to_the_partition_that_grows() {
+    // A rest-of-disk root written with `end = "-10M"` (and a swap after it), or with no size
+    // at all: that root gets the margin, not the fixed-size partitions.
+    let margin = 200 << 20;
+    let opts = PlanOptions {
+        free_margin: margin,
+        ..Default::default()
+    };
+    for root in [
+        r#""root":{"end":"-10M","content":{"type":"filesystem","format":"ext4"}},
+           "swap":{"size":"100%","content":{"type":"swap"}}"#,
+        r#""root":{"content":{"type":"filesystem","format":"ext4"}}"#,
+    ] {
+        let json = format!(
+            r#"{{"disk":{{"main":{{"type":"disk","content":{{"type":"gpt","partitions":{{
+            "ESP":{{"size":"64M","type":"EF00","content":{{"type":"filesystem","format":"vfat"}}}},
+            {root}}}}}}}}}}}"#
+        );
+        let d = &parse(&json).unwrap()[0];
+        let size = measure(d, &opts, &Sources::none()).unwrap();
+        let p = plan(d, Some(size), &opts, &Sources::none()).unwrap();
+        let root = p.partitions.iter().find(|p| p.key == "root").unwrap();
+        assert!(root.len() >= margin, "{root:?} on {size} bytes: {json}");
+    }
+}

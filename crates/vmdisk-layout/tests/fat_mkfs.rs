@@ -20,8 +20,9 @@ fn geometry_matches_mkfs_fat() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("fat.img");
     const MIB: u64 = 1 << 20;
+    // Not the floppy sizes (360, 720, 1200, 1440, 2880 KiB): on a plain file mkfs.fat gives
+    // those floppy geometries, on a partition (what disko formats) it does not.
     let mut sizes: Vec<u64> = vec![
-        360 << 10,
         MIB,
         2 * MIB,
         3 * MIB + 512,

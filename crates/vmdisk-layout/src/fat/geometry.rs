@@ -46,6 +46,25 @@ fn align(v: u64, to: u64, on: bool) -> u64 {
     }
 }
 
+/// The sectors per track and heads mkfs.fat gives a filesystem of `bytes` when the device
+/// reports no geometry (as measured from mkfs.fat 4.2 on plain files): the total is a whole
+/// number of tracks of this size.
+fn chs_geometry(bytes: u64) -> (u64, u16) {
+    const MIB: u64 = 1 << 20;
+    match bytes {
+        b if b <= 2 * MIB => (16, 2),
+        b if b <= 16 * MIB => (32, 2),
+        b if b <= 32 * MIB => (32, 4),
+        b if b <= 128 * MIB => (32, 8),
+        b if b <= 256 * MIB => (32, 16),
+        b if b <= 504 * MIB => (63, 16),
+        b if b <= 1008 * MIB => (63, 32),
+        b if b <= 2016 * MIB => (63, 64),
+        b if b <= 4032 * MIB => (63, 128),
+        _ => (63, 255),
+    }
+}
+
 impl Geometry {
     /// What plain `mkfs.fat` makes of `bytes`.
     pub fn for_size(bytes: u64, hidden_sectors: u64) -> std::result::Result<Geometry, String> {
@@ -58,16 +77,19 @@ impl Geometry {
         hidden_sectors: u64,
         bits: Option<u8>,
     ) -> std::result::Result<Geometry, String> {
-        let total = (bytes / SECTOR).min(MAX_SECTORS);
         let by_user = bits.is_some();
         let mut size_fat = bits.unwrap_or(0);
         if size_fat == 0 && bytes >= FAT32_FROM {
             size_fat = 32;
         }
-        let (spt, heads) = if bytes < FAT32_FROM {
-            (32, 64)
+        let (spt, heads) = chs_geometry(bytes);
+        // mkfs.fat counts 1 KiB blocks (an odd last sector is left out) and uses a whole
+        // number of tracks.
+        let total = (bytes / 1024 * 2).min(MAX_SECTORS);
+        let total = if total > spt {
+            total / spt * spt
         } else {
-            (63, 255)
+            total
         };
         let mut cs: u64 = if size_fat == 32 {
             let mb = bytes >> 20;
@@ -162,7 +184,7 @@ impl Geometry {
             root_entries,
             clusters,
             hidden_sectors,
-            sectors_per_track: spt,
+            sectors_per_track: spt as u16,
             heads,
         })
     }
