@@ -10,6 +10,10 @@
 
 #![forbid(unsafe_code)]
 
+pub mod copyout;
+pub mod fs;
 pub mod select;
 
+pub use copyout::{copy_out, resolve_dest, CopyOutError, CopyOutOptions, CopyOutReport};
+pub use fs::{FsError, GuestFile, GuestFs};
 pub use select::{candidates, device_for, select, Chosen, SelectError};

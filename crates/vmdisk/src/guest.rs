@@ -104,6 +104,7 @@ fn mode_string(e: &Entry) -> String {
         FileKind::Fifo => 'p',
         FileKind::Socket => 's',
         FileKind::File => '-',
+        FileKind::Unknown => '?',
     };
     let mut s = String::from(t);
     for shift in [6u32, 3, 0] {
