@@ -186,8 +186,37 @@ fn disko_esp_built_by_vmdisk_reads_like_mcopy_with_p_esp() {
     vmdisk(&["cp-out", "-P", "ESP", s(&img), "/", s(&ours)]).ok();
     assert_same_tree(&ours, &theirs, "disko ESP");
     assert_same_tree(&ours, &esp, "disko ESP vs source");
-    // Ambiguous keys are an error listing candidates; the root is still found by default.
+    // The root is still found by default.
     let (r, host) = vmdisk_bytes(&["cat", s(&img), "/etc/hostname"], None);
     let _ = r.ok();
     assert_eq!(host, b"esp-test\n");
+    // Two partitions answering to the key: an error that lists both, not a guess.
+    let esp_no = esp_part["node"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches(s(&img))
+        .to_string();
+    let other = parts
+        .iter()
+        .map(|p| {
+            p["node"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches(s(&img))
+                .to_string()
+        })
+        .find(|n| *n != esp_no)
+        .unwrap();
+    let twice = tmp.join("twice.raw");
+    std::fs::copy(&img, &twice).unwrap();
+    tool(
+        "sgdisk",
+        &["-c", &format!("{other}:disk-second-ESP"), s(&twice)],
+    );
+    let r = vmdisk(&["ls", "-P", "ESP", s(&twice), "/"]);
+    assert_ne!(r.code(), 0, "{r}");
+    assert!(
+        r.stderr.contains("disk-main-ESP") && r.stderr.contains("disk-second-ESP"),
+        "the ambiguity error lists both candidates:\n{r}"
+    );
 }

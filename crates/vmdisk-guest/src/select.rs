@@ -32,8 +32,8 @@ pub enum SelectError {
         source: vmdisk_block::Error,
     },
     #[error(
-        "no partition matches -P {selector} (by number, GPT name or filesystem label); the disk \
-         has:\n{candidates}"
+        "no partition matches -P {selector} (by number, GPT name, filesystem label or disko \
+         partition key); the disk has:\n{candidates}"
     )]
     NoMatch {
         selector: String,
