@@ -41,6 +41,13 @@ pub const TOOLS: &[(&str, &str)] = &[
     // the flake checks: tests/tests/flake.rs parses flake.nix and evaluates its pure parts
     ("nix-instantiate", "nix-bin"),
     ("sha256sum", "coreutils"),
+    // ext4/vfat read tests (issue #14): mcopy as the FAT oracle, mkfs.vfat to make volumes,
+    // fallocate/mount for kernel-written ext4, timeout around oracles on hostile images
+    ("mcopy", "mtools"),
+    ("mkfs.vfat", "dosfstools"),
+    ("fallocate", "util-linux"),
+    ("mount", "mount"),
+    ("timeout", "coreutils"),
 ];
 
 /// Shared libraries of Debian 12's qemu-system-x86 7.2. The harness unpacks that package into

@@ -250,7 +250,7 @@ pub struct FatEntry {
     /// Absolute path ("/" for the root).
     pub path: String,
     pub name: String,
-    /// The 8.3 name as stored (e.g. `VMLINUZ EFI`).
+    /// The 8.3 name (e.g. `VMLINUZ.EFI`), which lookups match too.
     pub short_name: String,
     pub is_dir: bool,
     pub size: u64,
@@ -404,7 +404,7 @@ pub fn parse_dir(data: &[u8], fat32: bool) -> Vec<FatEntry> {
         out.push(FatEntry {
             path: String::new(),
             name,
-            short_name: String::from_utf8_lossy(&e[0..11]).into_owned(),
+            short_name: short.clone(),
             is_dir: attr & 0x10 != 0,
             size: u64::from(le32(e, 28)),
             attr,
@@ -599,10 +599,10 @@ impl Fat {
                 return Err(Error::NotADirectory { path: path.into() });
             }
             let want = comp.to_lowercase();
-            let found = self.list(&cur)?.into_iter().find(|e| {
-                e.name.to_lowercase() == want
-                    || short_name(e.short_name.as_bytes()).to_lowercase() == want
-            });
+            let found = self
+                .list(&cur)?
+                .into_iter()
+                .find(|e| e.name.to_lowercase() == want || e.short_name.to_lowercase() == want);
             cur = found.ok_or_else(|| Error::NotFound { path: path.into() })?;
         }
         Ok(cur)
@@ -767,6 +767,18 @@ mod tests {
         assert_eq!(short_name(&e), "VMLINUZ.EFI");
         e[12] = 0x18;
         assert_eq!(short_name(&e), "vmlinuz.efi");
+    }
+
+    /// Regression (found by the vfat interop test): a lookup compared against the stored 8.3
+    /// name re-parsed it as a 32-byte entry and indexed past its 11 bytes.
+    #[test]
+    fn lookup_by_short_name_does_not_index_past_the_name() {
+        let mut d = vec![0u8; 64];
+        d[..11].copy_from_slice(b"BOOTX64 EFI");
+        d[11] = 0x20;
+        let v = parse_dir(&d, true);
+        assert_eq!(v[0].short_name, "BOOTX64.EFI");
+        assert_eq!(v[0].short_name.to_lowercase(), "bootx64.efi");
     }
 
     #[test]

@@ -162,6 +162,12 @@ pub fn select(dev: &Arc<dyn BlockDevice>, sel: Option<&str>) -> Result<Chosen, S
             candidates: list(),
         });
     }
+    // An unpartitioned disk is used whole, whatever it holds (an ext4 or a FAT image).
+    if let [only] = all.as_slice() {
+        if only.number.is_none() && only.fs.is_some() {
+            return Ok(only.clone());
+        }
+    }
     let linux: Vec<&Chosen> = all.iter().filter(|c| is_linux_fs(&c.fs)).collect();
     if linux.len() == 1 {
         return Ok(linux[0].clone());
