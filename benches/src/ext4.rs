@@ -147,7 +147,7 @@ pub fn bench_cp_out(vmdisk: &Path, dir: &Path) -> Result<()> {
     let reset = || -> Result<()> {
         let _ = std::fs::remove_dir_all(&ours_dir);
         let _ = std::fs::remove_dir_all(&theirs_dir);
-        run(Command::new("sync"))?;
+        run(&mut Command::new("sync"))?;
         Ok(())
     };
     reset()?;

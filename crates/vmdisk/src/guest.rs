@@ -44,9 +44,12 @@ pub struct LsArgs {
     /// Recurse into directories.
     #[arg(short = 'R')]
     pub recursive: bool,
-    /// Print JSON (one array of entries).
+    /// Print JSON (one array of entries; unreadable ones carry an `error`).
     #[arg(long)]
     pub json: bool,
+    /// External journal device of an ext3/4 filesystem that needs recovery from it.
+    #[arg(long = "external-journal", value_name = "FILE")]
+    pub external_journal: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -55,6 +58,9 @@ pub struct CatArgs {
     pub target: Target,
     /// File inside the guest filesystem.
     pub path: String,
+    /// External journal device of an ext3/4 filesystem that needs recovery from it.
+    #[arg(long = "external-journal", value_name = "FILE")]
+    pub external_journal: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -191,7 +197,7 @@ fn print_entry(out: &mut dyn Write, e: &Entry, name: &str, long: bool) -> Result
 }
 
 pub fn ls(a: LsArgs) -> Result<u8> {
-    let (_img, fs) = open_fs(&a.target, None)?;
+    let (_img, fs) = open_fs(&a.target, a.external_journal.as_deref())?;
     let st = fs.stat(&a.path)?;
     let entries = if a.recursive && st.kind == FileKind::Dir {
         fs.walk_lossy(&a.path)?
@@ -231,7 +237,7 @@ pub fn ls(a: LsArgs) -> Result<u8> {
 }
 
 pub fn cat(a: CatArgs) -> Result<u8> {
-    let (_img, fs) = open_fs(&a.target, None)?;
+    let (_img, fs) = open_fs(&a.target, a.external_journal.as_deref())?;
     let f = fs.open_file(&a.path)?;
     let mut out = std::io::stdout().lock();
     let mut buf = vec![0u8; (1usize << 20).min(f.size() as usize)];
