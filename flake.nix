@@ -45,6 +45,11 @@
   #   sfdisk                util-linux          linux
   #   fsck.vfat             dosfstools          all
   #   mdir                  mtools              all
+  #   mcopy                 mtools              all
+  #   mkfs.vfat             dosfstools          all
+  #   fallocate             util-linux          linux
+  #   mount                 util-linux          linux
+  #   timeout               coreutils           all
   #   blkid                 util-linux          linux
   #   swaplabel             util-linux          linux
   #   openssl               openssl             all

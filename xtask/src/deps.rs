@@ -52,6 +52,13 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("mkfs.f2fs", "f2fs-tools"),
     ("sload.f2fs", "f2fs-tools"),
     ("fsck.f2fs", "f2fs-tools"),
+    // ext4/vfat read tests (issue #14): mcopy as the FAT oracle, mkfs.vfat to make volumes,
+    // fallocate/mount for kernel-written ext4, timeout around oracles on hostile images
+    ("mcopy", "mtools"),
+    ("mkfs.vfat", "dosfstools"),
+    ("fallocate", "util-linux"),
+    ("mount", "mount"),
+    ("timeout", "coreutils"),
 ];
 
 /// Shared libraries of Debian 12's qemu-system-x86 7.2. The harness unpacks that package into
