@@ -501,6 +501,13 @@ fn hint(e: &anyhow::Error) -> Option<&'static str> {
                 _ if matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) => {
                     return Some("the disk is full; free some space (nothing was left behind)")
                 }
+                _ if io.raw_os_error() == Some(libc::EFBIG) => {
+                    return Some(
+                        "the filesystem there does not allow one file that large; choose a smaller \
+                         size, or write it to a filesystem that does (XFS, btrfs); nothing was \
+                         left behind",
+                    )
+                }
                 _ => {}
             }
         }
@@ -601,6 +608,11 @@ pub fn run(cli: Cli) -> Result<u8> {
 }
 
 fn create(a: CreateArgs, quiet: bool) -> Result<u8> {
+    let file = a.file.clone();
+    create_image(a, quiet).with_context(|| format!("creating {}", file.display()))
+}
+
+fn create_image(a: CreateArgs, quiet: bool) -> Result<u8> {
     if a.layout.layout.is_some() {
         if a.backing.is_some() {
             anyhow::bail!("--layout builds a whole disk; it cannot have a backing file (-b)");
