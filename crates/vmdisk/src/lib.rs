@@ -781,8 +781,14 @@ fn check(a: CheckArgs, quiet: bool) -> Result<u8> {
     };
     if a.out.is_json() {
         print_json(&o)?;
-    } else if !quiet {
-        print!("{}", o.human());
+    } else {
+        // qemu-img's order and streams: each problem on stderr, then the report on stdout.
+        for m in &o.messages {
+            eprintln!("{m}");
+        }
+        if !quiet {
+            print!("{}", o.human());
+        }
     }
     Ok(o.exit_code() as u8)
 }
