@@ -722,7 +722,25 @@ fn inspect(a: InspectArgs, quiet: bool) -> Result<u8> {
         no_backing: true,
         ..a.image.open_options(true)
     };
-    let infos = vmdisk_image::info(&a.file, &opts, a.backing_chain)?;
+    let infos = match vmdisk_image::info(&a.file, &opts, a.backing_chain) {
+        Ok(i) => i,
+        Err(e) => {
+            // A layer of the chain that cannot be opened: opening the chain the way every
+            // other command does names the overlay whose backing file is missing.
+            if a.backing_chain && !matches!(e, vmdisk_image::Error::BackingLoop { .. }) {
+                let chain = OpenOptions {
+                    force_share: true,
+                    ..a.image.open_options(true)
+                };
+                if let Err(named @ vmdisk_image::Error::MissingBacking { .. }) =
+                    vmdisk_image::open(&a.file, &chain)
+                {
+                    return Err(named.into());
+                }
+            }
+            return Err(e.into());
+        }
+    };
     // What the guest sees: partition table and filesystems (vmdisk's addition to qemu's info).
     let guest = layout::describe(&a.file, a.image.format.map(Into::into), a.image.force_share);
     if let (Err(e), false) = (&guest, quiet) {
