@@ -72,7 +72,7 @@ pub fn create(
     let (disk, opts) = load(a)?;
     let size = disk_size(&disk, &opts, size)?;
     // Plan fully (this validates everything) before a byte is written.
-    let plan = vmdisk_layout::plan(&disk, size, &opts)?;
+    let plan = vmdisk_layout::plan(&disk, size, &opts).context("nothing was written")?;
     // Content that cannot fit is refused now, not half-way through writing.
     let needed = vmdisk_layout::measure(
         &disk,
