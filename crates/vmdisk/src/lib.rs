@@ -501,13 +501,11 @@ fn hint(e: &anyhow::Error) -> Option<&'static str> {
                 _ if matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) => {
                     return Some("the disk is full; free some space (nothing was left behind)")
                 }
-                _ if io.raw_os_error() == Some(libc::EFBIG) => {
-                    return Some(
-                        "the filesystem there does not allow one file that large; choose a smaller \
+                _ if io.raw_os_error() == Some(libc::EFBIG) => return Some(
+                    "the filesystem there does not allow one file that large; choose a smaller \
                          size, or write it to a filesystem that does (XFS, btrfs); nothing was \
                          left behind",
-                    )
-                }
+                ),
                 _ => {}
             }
         }
