@@ -438,6 +438,10 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
     })
 }
 
+/// The hint for EFBIG: the host filesystem's limit on one file, not the image's.
+const TOO_LARGE_HINT: &str = "the filesystem there does not allow one file that large; choose \
+    a smaller size, or write it to a filesystem that does (XFS, btrfs); nothing was left behind";
+
 /// What to do about an error, when the message does not already say it.
 fn hint(e: &anyhow::Error) -> Option<&'static str> {
     for cause in e.chain() {
@@ -501,11 +505,7 @@ fn hint(e: &anyhow::Error) -> Option<&'static str> {
                 _ if matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) => {
                     return Some("the disk is full; free some space (nothing was left behind)")
                 }
-                _ if io.raw_os_error() == Some(libc::EFBIG) => return Some(
-                    "the filesystem there does not allow one file that large; choose a smaller \
-                         size, or write it to a filesystem that does (XFS, btrfs); nothing was \
-                         left behind",
-                ),
+                _ if io.raw_os_error() == Some(libc::EFBIG) => return Some(TOO_LARGE_HINT),
                 _ => {}
             }
         }
