@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 
 pub use tempfile;
 
+pub mod nothing_lost;
+
 /// KiB / MiB in bytes.
 pub const KIB: u64 = 1024;
 pub const MIB: u64 = 1024 * 1024;
