@@ -459,12 +459,7 @@ pub fn assert_is_tmpfs(dir: &Path) {
         assert_eq!(libc::statfs(c.as_ptr(), &mut st), 0, "statfs");
         st.f_type
     };
-    assert_eq!(
-        ty as i64,
-        libc::TMPFS_MAGIC as i64,
-        "{} is not a tmpfs",
-        dir.display()
-    );
+    assert_eq!(ty, libc::TMPFS_MAGIC, "{} is not a tmpfs", dir.display());
 }
 
 /// The disko layout of the guest tests: a 128 MiB ESP and an ext4 root (LABEL=nixos) filling
