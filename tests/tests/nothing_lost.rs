@@ -1026,3 +1026,33 @@ fn host_errors_name_the_path_and_the_operation() {
         }
     }
 }
+
+#[test]
+fn passwd_is_not_refused_for_an_undo_snapshot_name_taken_already() {
+    // Two passwd runs in one second (or one after a run killed after its snapshot) used to
+    // fail: "a snapshot named 'vmdisk-before-passwd-...' already exists". Take the names of
+    // the next seconds first, so the clash is certain.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_guest(&d.join("g.qcow2"), "qcow2", &[]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    for t in now..now + 20 {
+        let name = format!("vmdisk-before-passwd-{}", vmdisk_guest_stamp(t));
+        qemu_img_in(d, &["snapshot", "-c", &name, "g.qcow2"]).ok();
+    }
+    let r = vmdisk_in(d, &["passwd", "g.qcow2", "root", "--hash", HASH]).ok();
+    assert!(r.stderr.contains("undo with"), "{r}");
+    let shadow = vmdisk_in(d, &["cat", "g.qcow2", "/etc/shadow"]).ok();
+    assert!(shadow.stdout.contains(HASH), "{shadow}");
+    assert_qemu_check_clean(&d.join("g.qcow2"), "after passwd");
+}
+
+/// `YYYYMMDDTHHMMSSZ` for `secs` (what passwd puts in its undo snapshot's name), by date(1).
+fn vmdisk_guest_stamp(secs: i64) -> String {
+    let r =
+        run(Command::new("date").args(["-u", "-d", &format!("@{secs}"), "+%Y%m%dT%H%M%SZ"])).ok();
+    r.stdout.trim().to_string()
+}
