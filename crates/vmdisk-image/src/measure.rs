@@ -42,6 +42,16 @@ pub fn measure_size(
             fully_allocated: virtual_size,
         }),
         Format::Qcow2 => {
+            if virtual_size > crate::q::meta::MAX_VIRTUAL_SIZE {
+                return Err(Error::InvalidOption {
+                    option: "size".into(),
+                    reason: format!(
+                        "{} is larger than a qcow2 image can be ({})",
+                        crate::format_size(virtual_size),
+                        crate::format_size(crate::q::meta::MAX_VIRTUAL_SIZE)
+                    ),
+                });
+            }
             let o = options.qcow2_create_options(virtual_size);
             let cs = o.cluster_size;
             let aligned = virtual_size

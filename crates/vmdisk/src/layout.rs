@@ -82,7 +82,7 @@ pub fn create(
     let (disk, opts, sources) = load(a)?;
     let size = disk_size(&disk, &opts, &sources, size)?;
     // Plan fully (this validates everything) before a byte is written.
-    let plan = vmdisk_layout::plan(&disk, size, &opts, &sources)?;
+    let plan = vmdisk_layout::plan(&disk, size, &opts, &sources).context("nothing was written")?;
     // And the installed tools can make it.
     vmdisk_layout::preflight(&plan)?;
     // Content that cannot fit is refused now, not half-way through writing. measure is the

@@ -438,6 +438,10 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
     })
 }
 
+/// The hint for EFBIG: the host filesystem's limit on one file, not the image's.
+const TOO_LARGE_HINT: &str = "the filesystem there does not allow one file that large; choose \
+    a smaller size, or write it to a filesystem that does (XFS, btrfs); nothing was left behind";
+
 /// What to do about an error, when the message does not already say it.
 fn hint(e: &anyhow::Error) -> Option<&'static str> {
     for cause in e.chain() {
@@ -501,6 +505,7 @@ fn hint(e: &anyhow::Error) -> Option<&'static str> {
                 _ if matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) => {
                     return Some("the disk is full; free some space (nothing was left behind)")
                 }
+                _ if io.raw_os_error() == Some(libc::EFBIG) => return Some(TOO_LARGE_HINT),
                 _ => {}
             }
         }
@@ -601,6 +606,11 @@ pub fn run(cli: Cli) -> Result<u8> {
 }
 
 fn create(a: CreateArgs, quiet: bool) -> Result<u8> {
+    let file = a.file.clone();
+    create_image(a, quiet).with_context(|| format!("creating {}", file.display()))
+}
+
+fn create_image(a: CreateArgs, quiet: bool) -> Result<u8> {
     if a.layout.layout.is_some() {
         if a.backing.is_some() {
             anyhow::bail!("--layout builds a whole disk; it cannot have a backing file (-b)");
@@ -710,7 +720,25 @@ fn inspect(a: InspectArgs, quiet: bool) -> Result<u8> {
         no_backing: true,
         ..a.image.open_options(true)
     };
-    let infos = vmdisk_image::info(&a.file, &opts, a.backing_chain)?;
+    let infos = match vmdisk_image::info(&a.file, &opts, a.backing_chain) {
+        Ok(i) => i,
+        Err(e) => {
+            // A layer of the chain that cannot be opened: opening the chain the way every
+            // other command does names the overlay whose backing file is missing.
+            if a.backing_chain && !matches!(e, vmdisk_image::Error::BackingLoop { .. }) {
+                let chain = OpenOptions {
+                    force_share: true,
+                    ..a.image.open_options(true)
+                };
+                if let Err(named @ vmdisk_image::Error::MissingBacking { .. }) =
+                    vmdisk_image::open(&a.file, &chain)
+                {
+                    return Err(named.into());
+                }
+            }
+            return Err(e.into());
+        }
+    };
     // What the guest sees: partition table and filesystems (vmdisk's addition to qemu's info).
     let guest = layout::describe(&a.file, a.image.format.map(Into::into), a.image.force_share);
     if let (Err(e), false) = (&guest, quiet) {
@@ -769,8 +797,14 @@ fn check(a: CheckArgs, quiet: bool) -> Result<u8> {
     };
     if a.out.is_json() {
         print_json(&o)?;
-    } else if !quiet {
-        print!("{}", o.human());
+    } else {
+        // qemu-img's order and streams: each problem on stderr, then the report on stdout.
+        for m in &o.messages {
+            eprintln!("{m}");
+        }
+        if !quiet {
+            print!("{}", o.human());
+        }
     }
     Ok(o.exit_code() as u8)
 }
