@@ -95,6 +95,10 @@ impl<T> Cache<T> {
             },
         );
     }
+    /// Forget the entry at `off` (a table that was freed).
+    pub(crate) fn remove(&mut self, off: u64) {
+        self.map.remove(&off);
+    }
     fn dirty_count(&self) -> usize {
         self.map.values().filter(|s| s.dirty).count()
     }
@@ -147,7 +151,7 @@ pub(crate) struct State {
     pub snaps: Vec<SnapshotHeader>,
     pub l1: Vec<u64>,
     pub l1_dirty: bool,
-    l2: Cache<Vec<u64>>,
+    pub(crate) l2: Cache<Vec<u64>>,
     rt: Vec<u64>,
     rt_dirty: bool,
     rb: Cache<Vec<u8>>,
@@ -157,14 +161,14 @@ pub(crate) struct State {
     /// next write-back (set while emptying an image, so its file shrinks on disk).
     pub punch_freed: bool,
     /// Cluster-aligned end of the space in use (allocation appends here).
-    host_end: u64,
+    pub(crate) host_end: u64,
     /// Lowest cluster index that may be free.
-    free_hint: u64,
+    pub(crate) free_hint: u64,
     /// Next free byte after the last compressed cluster written (0: none).
-    compressed_tail: u64,
+    pub(crate) compressed_tail: u64,
     /// Length the host file needs (what it would be grown to exactly); the host itself may
     /// be longer while writing, see [`State::ensure_host_len`] and [`State::trim_host`].
-    file_end: u64,
+    pub(crate) file_end: u64,
     pub has_backing: bool,
     /// Persistent bitmaps (kept valid while writing; see `bitmap.rs`).
     pub bitmaps: Bitmaps,
@@ -263,10 +267,10 @@ impl State {
     pub fn adopt_host_len(&mut self, host: &dyn BlockDevice) {
         self.file_end = self.file_end.max(host.len());
     }
-    fn cbits(&self) -> u32 {
+    pub(crate) fn cbits(&self) -> u32 {
         self.h.cluster_bits
     }
-    fn l2_bits(&self) -> u32 {
+    pub(crate) fn l2_bits(&self) -> u32 {
         meta::l2_bits(self.h.cluster_bits, self.h.extended_l2())
     }
     fn wpe(&self) -> usize {
@@ -317,7 +321,7 @@ impl State {
     }
 
     /// L2 table offset for L1 index `l1i` (0 when unallocated).
-    fn l2_off(&self, l1i: u64) -> Result<u64> {
+    pub(crate) fn l2_off(&self, l1i: u64) -> Result<u64> {
         let Some(&e) = self.l1.get(l1i as usize) else {
             return Ok(0);
         };
@@ -399,7 +403,7 @@ impl State {
     }
 
     /// Set the entry of guest cluster `gidx` (standard word; bitmap word cleared).
-    fn set_entry(&mut self, host: &dyn BlockDevice, gidx: u64, raw: u64) -> Result<()> {
+    pub(crate) fn set_entry(&mut self, host: &dyn BlockDevice, gidx: u64, raw: u64) -> Result<()> {
         self.set_entry_bm(host, gidx, raw, 0)
     }
 
@@ -419,7 +423,7 @@ impl State {
     }
 
     /// Queue decrements for every host cluster an entry references.
-    fn release(&mut self, e: L2Entry) {
+    pub(crate) fn release(&mut self, e: L2Entry) {
         match e {
             L2Entry::Normal { host_off, .. } => self.pending_dec.push(host_off),
             L2Entry::Zero { host_off, .. } if host_off != 0 => self.pending_dec.push(host_off),
@@ -703,7 +707,7 @@ impl State {
 
     // ---------------------------------------------------------------- write-back
 
-    fn write_dirty_rbs(&mut self, host: &dyn BlockDevice) -> Result<bool> {
+    pub(crate) fn write_dirty_rbs(&mut self, host: &dyn BlockDevice) -> Result<bool> {
         let cs = self.cs();
         let mut any = false;
         let end = self.rb.dirty_end(cs);
@@ -893,7 +897,7 @@ impl State {
 
 /// What `zero_clusters` makes of each whole cluster.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Clear {
+pub(crate) enum Clear {
     /// Reads as zeros from now on (zero flag, or unallocated when nothing is below).
     Zero,
     /// The guest gave it up: zeros, or (v2 over a backing file) whatever the backing holds.
@@ -904,10 +908,10 @@ enum Clear {
 
 /// A qcow2 image opened over a host device. `Send + Sync`; see the module doc for locking.
 pub struct Qcow2Image {
-    host: Arc<dyn BlockDevice>,
+    pub(crate) host: Arc<dyn BlockDevice>,
     backing: Option<Arc<dyn BlockDevice>>,
     read_only: bool,
-    gate: RwLock<()>,
+    pub(crate) gate: RwLock<()>,
     st: Mutex<State>,
     closed: std::sync::atomic::AtomicBool,
 }
@@ -1089,21 +1093,21 @@ impl Qcow2Image {
         self.read_segs(&segs, buf, off, st.read_ctx())
     }
 
-    fn check_writable(&self) -> Result<()> {
+    pub(crate) fn check_writable(&self) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly.into());
         }
         Ok(())
     }
 
-    fn maybe_write_back(&self, st: &mut State) -> Result<()> {
+    pub(crate) fn maybe_write_back(&self, st: &mut State) -> Result<()> {
         if st.l2.len() * 2 >= st.l2.max && st.dirty_l2_count() * 2 >= st.l2.max {
             st.write_back(&*self.host)?;
         }
         Ok(())
     }
 
-    fn write_locked(&self, st: &mut State, buf: &[u8], off: u64) -> Result<()> {
+    pub(crate) fn write_locked(&self, st: &mut State, buf: &[u8], off: u64) -> Result<()> {
         let host = &*self.host;
         let cs = st.cs();
         let cbits = st.cbits();
@@ -1181,7 +1185,13 @@ impl Qcow2Image {
     }
 
     /// Zero (or discard, when `discard`) whole clusters `[first, last)`.
-    fn zero_clusters(&self, st: &mut State, first: u64, last: u64, clear: Clear) -> Result<()> {
+    pub(crate) fn zero_clusters(
+        &self,
+        st: &mut State,
+        first: u64,
+        last: u64,
+        clear: Clear,
+    ) -> Result<()> {
         let host = &*self.host;
         let v3 = st.h.version >= 3;
         let backing = st.has_backing;
