@@ -252,19 +252,6 @@ enum Mode {
     Compress(CompressionType, u64),
 }
 
-/// True when `dev` reads `[off, off+len)` as zeros, by its block status (bytes past its
-/// end read as zeros).
-fn reads_as_zero(dev: &dyn BlockDevice, off: u64, len: u64) -> vmdisk_block::Result<bool> {
-    let end = (off + len).min(dev.len());
-    if off >= end {
-        return Ok(true);
-    }
-    Ok(dev
-        .block_status(off, end - off)?
-        .iter()
-        .all(|e| e.reads_as_zero()))
-}
-
 /// Read `buf.len()` bytes of `dev` at `off`, zeros past its end.
 fn read_padded(dev: &dyn BlockDevice, buf: &mut [u8], off: u64) -> vmdisk_block::Result<()> {
     let n = dev.len().saturating_sub(off).min(buf.len() as u64) as usize;
@@ -295,13 +282,27 @@ fn work(
 ) -> vmdisk_block::Result<Done> {
     let mut pieces = Vec::new();
     if !data {
-        // A zero range of the source, on a target that does not read as zeros by itself.
-        let hidden = match ctx.compare {
-            Some(b) => reads_as_zero(b, off, len)?,
-            None => false,
-        };
-        if !hidden {
-            Piece::push_zero(&mut pieces, off, len);
+        // A zero range of the source, on a target that does not read as zeros by itself:
+        // zeros wherever what shows through (-B) is not known to read as zeros.
+        match ctx.compare {
+            None => Piece::push_zero(&mut pieces, off, len),
+            Some(b) => {
+                let end = (off + len).min(b.len());
+                if off < end {
+                    for e in b.block_status(off, end - off)? {
+                        if e.reads_as_zero() {
+                            continue;
+                        }
+                        // Whole target clusters (a partial one would be copied-on-write).
+                        let a = ctx.align.max(1);
+                        let s = (e.off / a * a).max(off);
+                        let t = e.end().div_ceil(a).saturating_mul(a).min(off + len);
+                        if t > s {
+                            Piece::push_zero(&mut pieces, s, t - s);
+                        }
+                    }
+                }
+            }
         }
         return Ok(Done {
             end: off + len,
@@ -400,6 +401,8 @@ struct WorkerCtx<'a> {
     target_zero: bool,
     /// The target's backing file (`-B`): blocks equal to it are not written.
     compare: Option<&'a dyn BlockDevice>,
+    /// Job alignment (the target cluster for qcow2).
+    align: u64,
 }
 
 fn worker(shared: &Shared<'_>, ctx: &WorkerCtx<'_>) {
@@ -642,9 +645,9 @@ pub(crate) fn convert_device(
         (Target::Existing(img), opts.target_is_zero)
     } else {
         if !opts.compress && opts.backing.is_none() {
-            let m =
-                crate::measure::measure_device(&*src_dev, src.path(), opts.format, &opts.options)?;
-            crate::ensure_space(dst, m.required)?;
+            let needed =
+                crate::measure::space_needed(&*src_dev, src.path(), opts.format, &opts.options)?;
+            crate::ensure_space(dst, needed)?;
         }
         let spec = CreateSpec {
             format: opts.format,
@@ -735,6 +738,7 @@ pub(crate) fn convert_device(
         mode,
         target_zero,
         compare: compare_dev.as_deref(),
+        align,
     };
     let written = std::thread::scope(|s| {
         for _ in 0..threads {

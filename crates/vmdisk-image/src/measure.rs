@@ -37,8 +37,9 @@ pub fn measure_size(
     data: Option<DataBytes>,
 ) -> Result<Measure> {
     match format {
+        // qemu counts a raw output at its full size, source or not (raw_measure).
         Format::Raw => Ok(Measure {
-            required: data.map_or(virtual_size, |d| d.bytes),
+            required: virtual_size,
             fully_allocated: virtual_size,
         }),
         Format::Qcow2 => {
@@ -146,6 +147,26 @@ pub fn data_bytes(dev: &dyn BlockDevice, cluster: u64) -> vmdisk_block::Result<D
 /// `qemu-img measure -O FORMAT [-o OPTIONS] SRC`.
 pub fn measure(src: &Image, format: Format, options: &ImageOptions) -> Result<Measure> {
     measure_device(&*src.dev(), src.path(), format, options)
+}
+
+/// Bytes a converted copy of `dev` will occupy on the host: qemu's `required`, except
+/// that a sparse raw output needs only its data (qemu counts a raw output whole).
+pub(crate) fn space_needed(
+    dev: &dyn BlockDevice,
+    path: &std::path::Path,
+    format: Format,
+    options: &ImageOptions,
+) -> Result<u64> {
+    let preallocated = matches!(
+        options.preallocation,
+        Some(PreallocMode::Falloc | PreallocMode::Full)
+    );
+    if format == Format::Raw && !preallocated {
+        return Ok(data_bytes(dev, 1)
+            .map_err(Error::image("measuring", path))?
+            .bytes);
+    }
+    Ok(measure_device(dev, path, format, options)?.required)
 }
 
 /// [`measure`] of any device (`path` names it in errors).
