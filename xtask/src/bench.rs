@@ -8,9 +8,9 @@ use crate::flags::Bench;
 impl Bench {
     pub fn run(self, sh: &Shell) -> Result<()> {
         match self.what.as_str() {
-            "convert" | "ext4" | "layout" | "nbd" | "overlay" => {}
+            "convert" | "ext4" | "layout" | "nbd" | "overlay" | "resize" => {}
             other => {
-                bail!("unknown benchmark `{other}`; available: convert, ext4, layout, nbd, overlay")
+                bail!("unknown benchmark `{other}`; available: convert, ext4, layout, nbd, overlay, resize")
             }
         }
         crate::deps::ensure(sh, true)?;

@@ -460,6 +460,7 @@ pub struct ResizeArgs {
     pub preallocation: PreallocArg,
     #[command(flatten)]
     pub out: JsonArgs,
+    /// The image to resize (raw or qcow2).
     pub file: PathBuf,
     /// New size, or +SIZE / -SIZE relative to the current one.
     #[arg(allow_hyphen_values = true, value_name = "[+|-]SIZE")]
