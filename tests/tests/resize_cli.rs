@@ -381,3 +381,47 @@ fn bitmaps_are_refused_with_the_way_out() {
     );
     assert_eq!(sha256(&d.join("bm.qcow2")), before);
 }
+
+#[test]
+fn an_interrupted_resize_leaves_the_image_byte_identical() {
+    let dir = tmp();
+    let d = dir.path();
+    for (name, fmt) in [("i.qcow2", "qcow2"), ("i.raw", "raw")] {
+        image(d, name, fmt, "", 16 * MIB, 120);
+        let img = d.join(name);
+        let (before, len) = (sha256(&img), fs::metadata(&img).unwrap().len());
+        // Full preallocation of 8 GiB writes zeros for a long while: interrupt it once the
+        // file has grown (it is being written).
+        let mut bg = Background::spawn(
+            Command::new(vmdisk_bin()).current_dir(d).args([
+                "resize",
+                "-f",
+                fmt,
+                "--preallocation=full",
+                name,
+                "+8G",
+            ]),
+            d,
+            "resize",
+        );
+        let growing = wait_until(Duration::from_secs(60), || {
+            fs::metadata(&img).map(|m| m.len()).unwrap_or(0) > len + 64 * MIB || !bg.alive()
+        });
+        assert!(growing && bg.alive(), "{fmt}: the resize never got going");
+        // SAFETY: kill(2) on our own child, which is still running (checked just above).
+        unsafe { libc::kill(bg.child.id() as libc::pid_t, libc::SIGINT) };
+        let status = bg.child.wait().expect("wait for vmdisk");
+        let err = fs::read_to_string(d.join("resize.stderr")).unwrap_or_default();
+        assert_eq!(status.code(), Some(130), "{fmt}: exit status: {err}");
+        assert!(err.contains("interrupted"), "{fmt}: {err}");
+        assert_eq!(
+            fs::metadata(&img).unwrap().len(),
+            len,
+            "{fmt}: length restored"
+        );
+        assert_eq!(sha256(&img), before, "{fmt}: the image is byte-identical");
+        if fmt == "qcow2" {
+            assert_qemu_check_clean(&img, "after an interrupted resize");
+        }
+    }
+}
