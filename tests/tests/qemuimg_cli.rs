@@ -558,6 +558,7 @@ fn qemu_img_flags_vmdisk_lacks_are_named() {
         vec!["check", "-T", "none", "a.raw"],
         vec!["resize", "--object", "secret,id=x", "a.raw", "+1M"],
         vec!["bitmap", "--add", "a.raw", "b"],
+        vec!["resize", "--grow-fs", "a.raw", "+1M"],
     ] {
         let r = vmdisk_in(d, &args);
         assert_eq!(r.code(), 1, "{args:?}:\n{r}");
@@ -571,4 +572,14 @@ fn qemu_img_flags_vmdisk_lacks_are_named() {
         );
         assert!(!d.join("b.raw").exists());
     }
+    let r = vmdisk_in(d, &["resize", "--grow-fs", "a.raw", "+1M"]);
+    assert!(
+        r.stderr.contains("issue #18"),
+        "--grow-fs names its issue:\n{r}"
+    );
+    assert_eq!(
+        fs::metadata(d.join("a.raw")).unwrap().len(),
+        MIB,
+        "not resized"
+    );
 }

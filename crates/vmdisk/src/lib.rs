@@ -638,6 +638,12 @@ pub fn main() -> ExitCode {
 /// nearest thing vmdisk offers.
 const QEMU_IMG_FLAGS: &[(&str, &str, &str)] = &[
     (
+        "resize",
+        "--grow-fs",
+        "not implemented yet (issue #18 part 2); grow the partition and the filesystem from \
+         inside the guest (growpart, resize2fs), e.g. in `vmdisk rescue IMAGE`",
+    ),
+    (
         "",
         "--object",
         "none: vmdisk has no QEMU objects (secrets, throttling); it refuses encrypted images",
