@@ -698,11 +698,21 @@ impl State {
         }
     }
 
-    /// Longest run `alloc_clusters` is asked for by writes: a run that straddles into a
-    /// range without a refcount block restarts after the new block, so short runs (1/8 of
-    /// a block's range) bound the space skipped to a few percent.
+    /// Longest run `alloc_clusters` is asked for by writes: at most 1/8 of a refcount
+    /// block's range, and never past the end of the range the next allocation (at the end
+    /// of the space in use) falls in. A run that straddles into a range without a refcount
+    /// block would restart after the new block and leave a hole — a longer file than
+    /// qemu's, and free clusters at `free_hint` every later allocation scans past.
     pub fn max_run(&self) -> u64 {
-        (self.rb_entries() / 8).clamp(1, 1024)
+        let cap = (self.rb_entries() / 8).clamp(1, 1024);
+        let per = self.rb_entries();
+        let next = self.host_end / self.cs();
+        // At a range's first cluster the new refcount block itself takes that cluster.
+        let left = match per - next % per {
+            n if n == per => per - 1,
+            n => n,
+        };
+        cap.min(left.max(1))
     }
 
     // ---------------------------------------------------------------- write-back
@@ -1694,6 +1704,36 @@ mod tests {
                 (ExtentKind::Data, 0),
                 (ExtentKind::Unallocated, 0)
             ]
+        );
+    }
+
+    #[test]
+    fn runs_leave_no_holes_at_refcount_block_boundaries() {
+        // 512-byte clusters, 16-bit refcounts: one refcount block per 256 clusters, so a
+        // 4 MiB write crosses 32 block ranges. Every cluster below the end is in use.
+        let host = Arc::new(MemDisk::new(0));
+        create(
+            &*host,
+            &CreateOptions {
+                size: 8 << 20,
+                cluster_size: 512,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let img = Qcow2Image::open(host.clone(), None, false).unwrap();
+        img.write_all_at(&vec![9u8; 4 << 20], 0).unwrap();
+        img.flush().unwrap();
+        let mut st = img.lock();
+        let end = host.len() / 512;
+        let free: Vec<u64> = (1..end)
+            .filter(|&c| st.refcount(&*host, c * 512).unwrap() == 0)
+            .collect();
+        assert!(
+            free.is_empty(),
+            "{} free clusters below the end: {:?}",
+            free.len(),
+            &free[..free.len().min(8)]
         );
     }
 

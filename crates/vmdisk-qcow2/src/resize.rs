@@ -255,6 +255,7 @@ impl Qcow2Image {
         let end = to.div_ceil(cs);
         while g < end {
             cancel.check()?;
+            // max_run keeps a run inside one refcount block's range (no holes).
             let k = (end - g).min(st.max_run());
             let new = st.alloc_clusters(host, k)?;
             st.ensure_host_len(host, new + k * cs)?;
