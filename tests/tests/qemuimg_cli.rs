@@ -104,6 +104,10 @@ fn snapshot_flags_match_qemu_img() {
     // The subcommands still work, and a flag with a subcommand is a usage error.
     vmdisk_in(d, &["snapshot", "create", "s.qcow2", "two"]).ok();
     vmdisk_in(d, &["snapshot", "list", "s.qcow2"]).ok();
+    let lj = vmdisk_in(d, &["snapshot", "list", "--output=json", "s.qcow2"])
+        .ok()
+        .json();
+    assert_eq!(names(&lj), names(&info(d, "s.qcow2")["snapshots"]));
     vmdisk_in(d, &["snapshot", "-l", "list", "s.qcow2"]).expect_code(1);
 }
 

@@ -521,6 +521,8 @@ pub enum SnapshotAction {
         /// Read the image even if another process holds it (no locks).
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
+        #[command(flatten)]
+        out: JsonArgs,
     },
     /// Revert the image to a snapshot (by name or id).
     Apply { file: PathBuf, name: String },
@@ -1447,7 +1449,6 @@ fn compare(a: CompareArgs, quiet: bool) -> Result<u8> {
 }
 
 fn snapshot(a: SnapshotArgs) -> Result<u8> {
-    let json = a.out.is_json();
     let action = match (a.action, a.file) {
         (Some(action), _) => action,
         (None, Some(file)) => {
@@ -1461,6 +1462,7 @@ fn snapshot(a: SnapshotArgs) -> Result<u8> {
                 SnapshotAction::List {
                     file,
                     force_share: a.force_share,
+                    out: a.out.clone(),
                 }
             }
         }
@@ -1470,7 +1472,12 @@ fn snapshot(a: SnapshotArgs) -> Result<u8> {
         ),
     };
     match action {
-        SnapshotAction::List { file, force_share } => {
+        SnapshotAction::List {
+            file,
+            force_share,
+            out,
+        } => {
+            let json = out.is_json();
             let img = vmdisk_image::open(
                 &file,
                 &OpenOptions {
