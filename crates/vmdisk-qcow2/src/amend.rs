@@ -143,9 +143,34 @@ fn check_downgrade(st: &mut State, host: &dyn BlockDevice) -> Result<()> {
     Ok(())
 }
 
-/// The L1 tables of the image: the active one and each snapshot's.
-fn all_l1s(st: &State, host: &dyn BlockDevice) -> Result<Vec<Vec<u64>>> {
-    let mut out = vec![st.l1.clone()];
+/// Each distinct L2 table reachable from any L1 table (the active one and each
+/// snapshot's), once. The L1 tables are read one at a time (each bounded by
+/// `MAX_L1_BYTES`), and every offset must lie inside the file, so the set is bounded by
+/// the file's clusters.
+fn all_l2s(st: &State, host: &dyn BlockDevice) -> Result<Vec<u64>> {
+    let cs = st.cs();
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    let mut add = |l1: &[u64], base: u64| -> Result<()> {
+        for (i, &e) in l1.iter().enumerate() {
+            let at = base + i as u64 * 8;
+            let off = meta::check_l1_entry(e, cs, at)?;
+            if off == 0 {
+                continue;
+            }
+            if off.checked_add(cs).is_none_or(|end| end > host.len()) {
+                return Err(Qcow2Error::TableBeyondEnd {
+                    table: Table::L2,
+                    off,
+                });
+            }
+            if seen.insert(off) {
+                out.push(off);
+            }
+        }
+        Ok(())
+    };
+    add(&st.l1, st.h.l1_table_offset)?;
     for sn in &st.snaps {
         if u64::from(sn.l1_size) * 8 > meta::MAX_L1_BYTES {
             return Err(Qcow2Error::Limit {
@@ -154,28 +179,13 @@ fn all_l1s(st: &State, host: &dyn BlockDevice) -> Result<Vec<Vec<u64>>> {
                 limit: meta::MAX_L1_BYTES,
             });
         }
-        out.push(decode_table(&read_meta(
+        let l1 = decode_table(&read_meta(
             host,
             sn.l1_table_offset,
             u64::from(sn.l1_size) * 8,
             Table::SnapshotL1,
-        )?));
-    }
-    Ok(out)
-}
-
-/// Each distinct L2 table reachable from any L1 table, once.
-fn all_l2s(st: &State, host: &dyn BlockDevice) -> Result<Vec<u64>> {
-    let cs = st.cs();
-    let mut seen = HashSet::new();
-    let mut out = Vec::new();
-    for l1 in all_l1s(st, host)? {
-        for (i, &e) in l1.iter().enumerate() {
-            let off = meta::check_l1_entry(e, cs, i as u64 * 8)?;
-            if off != 0 && seen.insert(off) {
-                out.push(off);
-            }
-        }
+        )?);
+        add(&l1, sn.l1_table_offset)?;
     }
     Ok(out)
 }
