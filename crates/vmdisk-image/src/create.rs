@@ -92,7 +92,7 @@ fn parse_bool(key: &str, v: &str) -> Result<bool> {
 }
 
 /// Split an option string on commas, honouring qemu's `,,` escape.
-fn split_opts(s: &str) -> Vec<String> {
+pub(crate) fn split_opts(s: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut chars = s.chars().peekable();
