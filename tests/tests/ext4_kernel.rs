@@ -296,6 +296,21 @@ fn journal_start(img: &Path) -> (u32, u32) {
     (start, seq)
 }
 
+/// Entries below `dir` on the host (the mounted filesystem), counted as they are now.
+fn count_entries(dir: &Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.flatten()
+        .map(|e| {
+            1 + match e.file_type() {
+                Ok(t) if t.is_dir() => count_entries(&e.path()),
+                _ => 0,
+            }
+        })
+        .sum()
+}
+
 fn live_copies_read_like_e2fsck(mkfs: &str, label: &str) {
     require_root_and_tools();
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -311,7 +326,26 @@ fn live_copies_read_like_e2fsck(mkfs: &str, label: &str) {
     let mut replayed_blocks = 0u64;
     let mut starts = Vec::new();
     let mut copies = 0;
-    while copies < 6 {
+    // Wait for the writer to have made a tree worth comparing (a loaded machine runs its
+    // shell loop slowly), then copy until at least 6 copies were taken and the log wrapped.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count_entries(&m.dir) < 30 {
+        assert!(
+            Instant::now() < deadline,
+            "{label}: the writer made no tree in 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // And make the kernel commit that tree to the journal once, so the first copy has it
+    // (delayed allocation may otherwise keep it in memory for a while); the writer goes on.
+    sh(&format!("sync -f '{}'", m.dir.display()));
+    let wrapped = |starts: &[(u32, u32)]| starts.windows(2).any(|w| w[1].0 < w[0].0);
+    let overall = Instant::now() + Duration::from_secs(300);
+    while copies < 6 || !wrapped(&starts) {
+        assert!(
+            Instant::now() < overall,
+            "{label}: the journal never wrapped in 300 s: {starts:?}"
+        );
         // Wait on the journal itself: take a copy only once transactions are live in it.
         let deadline = Instant::now() + Duration::from_secs(30);
         let copy = tmp.path().join(format!("copy{copies}.img"));
@@ -373,9 +407,8 @@ fn live_copies_read_like_e2fsck(mkfs: &str, label: &str) {
     // The journal wrapped: its sequence advanced by far more transactions than a 1024-block
     // log holds at once, and the log start moved backwards at least once.
     let seqs: Vec<u32> = starts.iter().map(|s| s.1).collect();
-    let wrapped = starts.windows(2).any(|w| w[1].0 < w[0].0);
     assert!(
-        wrapped,
+        wrapped(&starts),
         "{label}: the journal never wrapped during the test: {starts:?}"
     );
     assert!(replayed_blocks > 0, "{label}: nothing was ever replayed");

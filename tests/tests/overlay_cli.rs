@@ -192,23 +192,46 @@ fn commit_keeps_internal_snapshots_of_the_overlay() {
     let d = tmp();
     let dir = d.path();
     chain(dir, "qcow2", "", "", 16 * MIB, 31);
-    let snap_view = qemu_raw_sha(dir, "ov.qcow2", &dir.join("snap.raw"));
     vmdisk_in(dir, &["snapshot", "create", "ov.qcow2", "before"]).ok();
     qemu_io(&dir.join("ov.qcow2"), &["write -P 0x99 5M 1M".to_string()]);
     let view = qemu_raw_sha(dir, "ov.qcow2", &dir.join("view.raw"));
+    // The oracle: a twin of the chain (the backing path is relative) committed by qemu-img.
+    let twin_dir = dir.join("twin");
+    twin(dir, &twin_dir);
+    let twin = twin_dir;
     vmdisk_in(dir, &["commit", "ov.qcow2"]).ok();
+    qemu_img_in(&twin, &["commit", "-q", "ov.qcow2"]).ok();
     assert_qemu_check_clean(
         &dir.join("ov.qcow2"),
         "overlay with a snapshot after commit",
     );
     assert_eq!(qemu_raw_sha(dir, "ov.qcow2", &dir.join("a.raw")), view);
+    let r = qemu_img_in(dir, &["compare", "base.img", "twin/base.img"]);
+    assert_eq!(
+        r.code(),
+        0,
+        "the committed base differs from qemu-img commit's:\n{r}"
+    );
     // The snapshot still holds the overlay as it was; read through the (now newer) base it
-    // shows the snapshot's own clusters, and qemu-img agrees it can be applied.
-    qemu_img_in(dir, &["snapshot", "-a", "before", "ov.qcow2"]).ok();
-    assert_qemu_check_clean(&dir.join("ov.qcow2"), "after applying the snapshot");
+    // shows its own clusters over the committed base, exactly as after qemu-img commit.
     let own = own_entries(dir, "ov.qcow2");
-    assert!(!own.is_empty(), "the snapshot's clusters are gone");
-    let _ = snap_view;
+    assert!(
+        own.is_empty(),
+        "commit left clusters in the active layer: {own:?}"
+    );
+    for d in [dir, twin.as_path()] {
+        qemu_img_in(d, &["snapshot", "-a", "before", "ov.qcow2"]).ok();
+        assert_qemu_check_clean(&d.join("ov.qcow2"), "after applying the snapshot");
+    }
+    assert!(
+        !own_entries(dir, "ov.qcow2").is_empty(),
+        "the snapshot's clusters are gone"
+    );
+    assert_eq!(
+        qemu_raw_sha(dir, "ov.qcow2", &dir.join("s.raw")),
+        qemu_raw_sha(&twin, "ov.qcow2", &twin.join("s.raw")),
+        "the snapshot reads differently than after qemu-img commit"
+    );
 }
 
 #[test]

@@ -703,6 +703,20 @@ pub fn group_has_super(sb: &Superblock, group: u64) -> bool {
     })
 }
 
+/// A filesystem or journal UUID in its usual 8-4-4-4-12 form.
+pub(crate) fn fmt_uuid(u: &[u8; 16]) -> String {
+    let hex =
+        |r: std::ops::Range<usize>| u[r].iter().map(|b| format!("{b:02x}")).collect::<String>();
+    format!(
+        "{}-{}-{}-{}-{}",
+        hex(0..4),
+        hex(4..6),
+        hex(6..8),
+        hex(8..10),
+        hex(10..16)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,9 +1,9 @@
 //! The read side: paths, entries, files and walks over our own [`Volume`].
 
 use crate::ondisk::{
-    feature_names, Superblock, COMPAT_HAS_JOURNAL, COMPAT_NAMES, FL_ENCRYPT, INCOMPAT_NAMES,
-    INCOMPAT_RECOVER, RO_COMPAT_NAMES, STATE_ERROR, STATE_ORPHANS, STATE_VALID, S_IFDIR, S_IFLNK,
-    S_IFMT, S_IFREG,
+    feature_names, fmt_uuid, Superblock, COMPAT_HAS_JOURNAL, COMPAT_NAMES, FL_ENCRYPT,
+    INCOMPAT_NAMES, INCOMPAT_RECOVER, RO_COMPAT_NAMES, STATE_ERROR, STATE_ORPHANS, STATE_VALID,
+    S_IFDIR, S_IFLNK, S_IFMT, S_IFREG,
 };
 use crate::volume::{Inode, JournalReport, Run, Volume};
 use crate::{Error, Result};
@@ -207,19 +207,6 @@ impl File {
         }
         out
     }
-}
-
-pub(crate) fn fmt_uuid(u: &[u8; 16]) -> String {
-    let hex =
-        |r: std::ops::Range<usize>| u[r].iter().map(|b| format!("{b:02x}")).collect::<String>();
-    format!(
-        "{}-{}-{}-{}-{}",
-        hex(0..4),
-        hex(4..6),
-        hex(6..8),
-        hex(8..10),
-        hex(10..16)
-    )
 }
 
 fn to_system_time(secs: i64, nsec: u32) -> SystemTime {

@@ -355,7 +355,7 @@ impl Volume {
                     let mut u = [0u8; 16];
                     u.copy_from_slice(&self.sb.raw[0xd0..0xe0]);
                     return Err(Error::ExternalJournalNeeded {
-                        uuid: crate::read::fmt_uuid(&u),
+                        uuid: crate::ondisk::fmt_uuid(&u),
                     });
                 };
                 // The journal device carries an ext4 superblock (journal_dev) and the jbd2

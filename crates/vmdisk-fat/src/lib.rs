@@ -19,6 +19,8 @@
 //! Errors ([`Error`]): not FAT at all, corrupt structures (with the byte offset), lookups,
 //! named limits, block-device IO.
 
+#![forbid(unsafe_code)]
+
 use std::sync::Arc;
 use vmdisk_block::BlockDevice;
 

@@ -21,10 +21,10 @@ use vmdisk_block::Result as BResult;
 use crate::error::{Qcow2Error, Result, Table};
 use crate::image::State;
 use crate::meta::{
-    self, decode_table, L2Entry, SnapshotHeader, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION,
-    INCOMPAT_DIRTY, OFLAG_COPIED, OFLAG_ZERO,
+    self, L2Entry, SnapshotHeader, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_DIRTY,
+    OFLAG_COPIED, OFLAG_ZERO,
 };
-use crate::{read_meta, BlockDevice, CompressionType, Qcow2Image};
+use crate::{BlockDevice, CompressionType, Qcow2Image};
 
 /// What `amend` changes; `None` leaves an option as it is.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -172,19 +172,7 @@ fn all_l2s(st: &State, host: &dyn BlockDevice) -> Result<Vec<u64>> {
     };
     add(&st.l1, st.h.l1_table_offset)?;
     for sn in &st.snaps {
-        if u64::from(sn.l1_size) * 8 > meta::MAX_L1_BYTES {
-            return Err(Qcow2Error::Limit {
-                what: "snapshot L1 table bytes",
-                needed: u64::from(sn.l1_size) * 8,
-                limit: meta::MAX_L1_BYTES,
-            });
-        }
-        let l1 = decode_table(&read_meta(
-            host,
-            sn.l1_table_offset,
-            u64::from(sn.l1_size) * 8,
-            Table::SnapshotL1,
-        )?);
+        let l1 = crate::snapshot::snapshot_l1(host, st.cs(), sn)?;
         add(&l1, sn.l1_table_offset)?;
     }
     Ok(out)

@@ -255,28 +255,39 @@ fn read_l1(st: &State, host: &dyn BlockDevice, sn: &SnapshotHeader) -> Result<Ve
             "applying a snapshot with a larger L1 table than the active one",
         ));
     }
-    if u64::from(sn.l1_size) * 8 > meta::MAX_L1_BYTES {
+    let mut l1 = snapshot_l1(host, st.cs(), sn)?;
+    l1.resize(st.h.l1_size as usize, 0);
+    Ok(l1)
+}
+
+/// A snapshot's L1 table as it is on disk: the one reader of every snapshot L1 (apply,
+/// delete, amend, snapshot views), so each gets the same size limit and alignment check.
+pub(crate) fn snapshot_l1(
+    host: &dyn BlockDevice,
+    cluster_size: u64,
+    sn: &SnapshotHeader,
+) -> Result<Vec<u64>> {
+    let bytes = u64::from(sn.l1_size) * 8;
+    if bytes > meta::MAX_L1_BYTES {
         return Err(Qcow2Error::Limit {
             what: "snapshot L1 table bytes",
-            needed: u64::from(sn.l1_size) * 8,
+            needed: bytes,
             limit: meta::MAX_L1_BYTES,
         });
     }
-    if !sn.l1_table_offset.is_multiple_of(st.cs()) {
+    if !sn.l1_table_offset.is_multiple_of(cluster_size) {
         return Err(Qcow2Error::MisalignedTable {
             table: Table::SnapshotL1,
             off: sn.l1_table_offset,
             field: sn.l1_table_offset,
         });
     }
-    let mut l1 = decode_table(&read_meta(
+    Ok(decode_table(&read_meta(
         host,
         sn.l1_table_offset,
-        u64::from(sn.l1_size) * 8,
+        bytes,
         Table::SnapshotL1,
-    )?);
-    l1.resize(st.h.l1_size as usize, 0);
-    Ok(l1)
+    )?))
 }
 
 /// Revert the active state to snapshot `name_or_id`.
@@ -344,12 +355,7 @@ pub fn delete(img: &Qcow2Image, name_or_id: &str) -> vmdisk_block::Result<()> {
         let i = find(&st.snaps, name_or_id)?;
         let sn = st.snaps[i].clone();
         st.write_back(host)?;
-        let l1 = decode_table(&read_meta(
-            host,
-            sn.l1_table_offset,
-            u64::from(sn.l1_size) * 8,
-            Table::SnapshotL1,
-        )?);
+        let l1 = snapshot_l1(host, st.cs(), &sn)?;
         let mut snaps = st.snaps.clone();
         snaps.remove(i);
         replace_table(st, host, snaps)?;
@@ -413,28 +419,7 @@ impl Qcow2Image {
             let host = img.host().clone();
             let i = which.find(&st.snaps)?;
             let sn = st.snaps[i].clone();
-            if u64::from(sn.l1_size) * 8 > meta::MAX_L1_BYTES {
-                return Err(Qcow2Error::Limit {
-                    what: "snapshot L1 table bytes",
-                    needed: u64::from(sn.l1_size) * 8,
-                    limit: meta::MAX_L1_BYTES,
-                }
-                .into());
-            }
-            if !sn.l1_table_offset.is_multiple_of(st.cs()) {
-                return Err(Qcow2Error::MisalignedTable {
-                    table: Table::SnapshotL1,
-                    off: sn.l1_table_offset,
-                    field: sn.l1_table_offset,
-                }
-                .into());
-            }
-            let l1 = decode_table(&read_meta(
-                &*host,
-                sn.l1_table_offset,
-                u64::from(sn.l1_size) * 8,
-                Table::SnapshotL1,
-            )?);
+            let l1 = snapshot_l1(&*host, st.cs(), &sn)?;
             let size = sn.disk_size.unwrap_or(st.h.size);
             let need = meta::l1_entries_for(size, st.h.cluster_bits, st.h.extended_l2());
             if need > l1.len() as u64 {
