@@ -1,0 +1,5 @@
+//! placeholder
+pub mod machines;
+pub mod nixconf;
+pub mod probe;
+pub mod uri;
