@@ -17,6 +17,8 @@
 //! itself (an unknown `--as-user`, no temporary directory). Nothing here writes the user's
 //! files.
 
+#![forbid(unsafe_code)]
+
 pub mod machines;
 pub mod nixconf;
 pub mod probe;

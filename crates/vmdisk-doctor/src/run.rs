@@ -601,7 +601,6 @@ impl Ctx<'_> {
 
         // Like nix, one master connection carries the sessions after the login.
         let control = self.tmp.join(format!("cm-{idx}"));
-        let mut args = args;
         args.extend([
             "-oControlMaster=auto".to_string(),
             format!("-oControlPath={}", control.display()),

@@ -53,7 +53,10 @@ enum Key<'a> {
     Uid(u32),
 }
 
-fn getpw(key: Key<'_>) -> Result<Option<(String, u32, u32, PathBuf, PathBuf)>, std::io::Error> {
+/// name, uid, gid, home, shell of one password entry.
+type PwEntry = (String, u32, u32, PathBuf, PathBuf);
+
+fn getpw(key: Key<'_>) -> Result<Option<PwEntry>, std::io::Error> {
     let mut size = 16 * 1024;
     loop {
         let mut buf = vec![0u8; size];
@@ -137,7 +140,7 @@ fn group_list(name: &CStr, gid: u32) -> Option<Vec<u32>> {
         };
         if rc >= 0 {
             let count = (count.max(0) as usize).min(groups.len());
-            let mut v: Vec<u32> = groups[..count].iter().map(|&g| g as u32).collect();
+            let mut v: Vec<u32> = groups[..count].to_vec();
             v.sort_unstable();
             v.dedup();
             return Some(v);

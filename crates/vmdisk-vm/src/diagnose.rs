@@ -153,8 +153,8 @@ pub fn diagnose(ev: Evidence<'_>) -> Option<Diagnosis> {
 
     // SSH side: ssh's stderr as vmdisk-ssh classifies it (shared with `vmdisk doctor
     // builder`); the harness's fixes live in ssh.rs.
-    if let Some(diag) = crate::ssh::diagnose_stderr(ev.ssh_stderr) {
-        return Some(diag);
+    if let Some(s) = crate::ssh::diagnose_stderr(ev.ssh_stderr) {
+        return d(s.id, s.cause.into(), s.fix.into(), &s.evidence);
     }
     None
 }

@@ -527,7 +527,7 @@ fn try_banner(addr: SocketAddr, deadline: Instant) -> Result<String, String> {
 /// The harness's diagnosis of a failed ssh to a test VM: the failure as vmdisk-ssh classifies
 /// it (the classification `vmdisk doctor builder` uses too), with the fix that fits a test VM
 /// (its disk, its pinned known_hosts). None when stderr shows no failure the harness knows.
-pub fn diagnose_stderr(stderr: &str) -> Option<crate::diagnose::Diagnosis> {
+pub fn diagnose_stderr(stderr: &str) -> Option<SshDiagnosis> {
     use vmdisk_ssh::SshFailureKind as Kind;
     let f = vmdisk_ssh::classify(stderr)?;
     let (id, cause, fix) = match f.kind {
@@ -552,12 +552,22 @@ pub fn diagnose_stderr(stderr: &str) -> Option<crate::diagnose::Diagnosis> {
         // Network-level failures are the boot's story (console markers), not ssh's.
         _ => return None,
     };
-    Some(crate::diagnose::Diagnosis {
+    Some(SshDiagnosis {
         id,
-        cause: cause.into(),
-        fix: fix.into(),
+        cause,
+        fix,
         evidence: f.evidence,
     })
+}
+
+/// What [`diagnose_stderr`] found (`diagnose` turns it into a `Diagnosis`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SshDiagnosis {
+    pub id: &'static str,
+    pub cause: &'static str,
+    pub fix: &'static str,
+    /// The line of ssh's stderr that matched.
+    pub evidence: String,
 }
 
 #[cfg(test)]
