@@ -129,6 +129,10 @@ fn a_good_builder_passes_every_check_in_under_two_seconds() {
         .contains("nix-store (Nix) 2.18.1"));
     // Whose view, and why.
     assert!(v["ssh_view"]["reason"].as_str().unwrap().len() > 10);
+    eprintln!(
+        "good builder: vmdisk doctor builder took {took:?} ({} ms inside)",
+        v["elapsed_ms"]
+    );
     assert!(
         took < Duration::from_secs(2),
         "a good builder took {took:?} (limit 2 s): {v:#}"

@@ -912,18 +912,20 @@ impl Ctx<'_> {
     }
 
     fn host_key(&self, cfg: &EffectiveConfig, pinned: Option<&Result<PublicKey, String>>) -> Check {
-        let scan = self.run_as(
-            &self.opts.ssh_keyscan,
-            &[
-                "-T".into(),
-                (KEYSCAN_TIMEOUT.as_secs() - 1).max(1).to_string(),
-                "-p".into(),
-                cfg.port.to_string(),
-                cfg.hostname.clone(),
-            ],
-            None,
-            KEYSCAN_TIMEOUT,
-        );
+        let mut scan_args = vec![
+            "-T".to_string(),
+            (KEYSCAN_TIMEOUT.as_secs() - 1).max(1).to_string(),
+            "-p".into(),
+            cfg.port.to_string(),
+        ];
+        // With a key pinned, only its type matters (each type scanned costs a key exchange).
+        if let Some(Ok(k)) = pinned {
+            if let Some(t) = keyscan_type(&k.kind) {
+                scan_args.extend(["-t".to_string(), t.to_string()]);
+            }
+        }
+        scan_args.push(cfg.hostname.clone());
+        let scan = self.run_as(&self.opts.ssh_keyscan, &scan_args, None, KEYSCAN_TIMEOUT);
         let offered = match &scan {
             Ok(o) => parse_keyscan(&o.stdout_text()),
             Err(_) => Vec::new(),
@@ -1551,6 +1553,19 @@ impl Ctx<'_> {
         )
         .with_evidence(ev)
     }
+}
+
+/// ssh-keyscan's `-t` name of a key type.
+fn keyscan_type(kind: &str) -> Option<&'static str> {
+    Some(match kind {
+        "ssh-ed25519" => "ed25519",
+        "ssh-rsa" => "rsa",
+        "ssh-dss" => "dsa",
+        "ecdsa-sha2-nistp256" | "ecdsa-sha2-nistp384" | "ecdsa-sha2-nistp521" => "ecdsa",
+        "sk-ssh-ed25519@openssh.com" => "ed25519-sk",
+        "sk-ecdsa-sha2-nistp256@openssh.com" => "ecdsa-sk",
+        _ => return None,
+    })
 }
 
 fn features(m: &Machine, p: &probe::ProbeOutput) -> Check {
