@@ -55,6 +55,8 @@
   #   openssl               openssl             all
   #   ssh                   openssh             all
   #   ssh-keygen            openssh             all
+  #   sshd                  openssh             all
+  #   ssh-keyscan           openssh             all
   #   sha256sum             coreutils           all
   #   cpio                  cpio                all
   #   nix-instantiate       nix                 all

@@ -59,6 +59,10 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("fallocate", "util-linux"),
     ("mount", "mount"),
     ("timeout", "coreutils"),
+    // `vmdisk doctor builder` (issue #17): the tests start a real sshd with its own host key
+    // and config; the doctor reads host keys with ssh-keyscan
+    ("sshd", "openssh-server"),
+    ("ssh-keyscan", "openssh-client"),
 ];
 
 /// Shared libraries of Debian 12's qemu-system-x86 7.2. The harness unpacks that package into

@@ -151,40 +151,10 @@ pub fn diagnose(ev: Evidence<'_>) -> Option<Diagnosis> {
         );
     }
 
-    // SSH side.
-    if let Some(l) = line_with(ev.ssh_stderr, "UNPROTECTED PRIVATE KEY FILE")
-        .or_else(|| line_with(ev.ssh_stderr, "are too open"))
-    {
-        return d(
-            "unprotected-key",
-            "ssh ignored the client key because its file is readable by others".into(),
-            "chmod 600 the private key (ssh refuses keys that group or others can read)".into(),
-            l,
-        );
-    }
-    if let Some(l) = line_with(ev.ssh_stderr, "REMOTE HOST IDENTIFICATION HAS CHANGED")
-        .or_else(|| line_with(ev.ssh_stderr, "Host key verification failed"))
-    {
-        return d(
-            "host-key-changed",
-            "the guest's SSH host key is not the one pinned in known_hosts (a rebuilt disk, a \
-             different VM on the same port, or a tampered guest)"
-                .into(),
-            "if the change is expected, drop the stale entry: `ssh-keygen -R '[127.0.0.1]:PORT' \
-             -f KNOWN_HOSTS`, then pin the new key; do not turn StrictHostKeyChecking off"
-                .into(),
-            l,
-        );
-    }
-    if let Some(l) = line_with(ev.ssh_stderr, "Permission denied (") {
-        return d(
-            "ssh-auth-refused",
-            "the guest refused every offered credential".into(),
-            "check /root/.ssh/authorized_keys on the disk (`vmdisk cat DISK \
-             /root/.ssh/authorized_keys`), or the password (`vmdisk passwd DISK`)"
-                .into(),
-            l,
-        );
+    // SSH side: ssh's stderr as vmdisk-ssh classifies it (shared with `vmdisk doctor
+    // builder`); the harness's fixes live in ssh.rs.
+    if let Some(s) = crate::ssh::diagnose_stderr(ev.ssh_stderr) {
+        return d(s.id, s.cause.into(), s.fix.into(), &s.evidence);
     }
     None
 }

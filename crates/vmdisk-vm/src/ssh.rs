@@ -20,41 +20,24 @@
 //! ```
 
 use std::fs;
-use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::io::ErrorKind;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use base64::Engine as _;
 
-/// What OpenSSH 9.2 prints when the server's host key differs from the pinned one (first of
-/// a boxed warning; followed by [`SIG_HOST_KEY_VERIFY_FAILED`]).
-pub const SIG_HOST_KEY_CHANGED: &str = "WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!";
-/// OpenSSH's last line when host key checking refused the server (changed or unknown key).
-pub const SIG_HOST_KEY_VERIFY_FAILED: &str = "Host key verification failed.";
-/// OpenSSH's warning when the private key file is readable by group or others; it then
-/// ignores the key (and key authentication fails). Printed only once the server accepts the
-/// key's public half, i.e. when the key is in the guest's authorized_keys.
-pub const SIG_UNPROTECTED_KEY: &str = "WARNING: UNPROTECTED PRIVATE KEY FILE!";
-/// Follows [`SIG_UNPROTECTED_KEY`]: "Permissions 0640 for 'PATH' are too open."
-pub const SIG_KEY_PERMISSIONS_TOO_OPEN: &str = "are too open.";
-/// Follows the box: `Load key "PATH": bad permissions`.
-pub const SIG_KEY_BAD_PERMISSIONS: &str = "bad permissions";
-/// The server refused every authentication method ("root@127.0.0.1: Permission denied
-/// (publickey).").
-pub const SIG_PERMISSION_DENIED: &str = "Permission denied (";
-/// Nothing accepted the TCP connection (qemu's forward is gone).
-pub const SIG_CONNECTION_REFUSED: &str = "Connection refused";
-/// slirp held the connection (guest network not up yet) until ConnectTimeout.
-pub const SIG_BANNER_TIMEOUT: &str = "Connection timed out during banner exchange";
-/// slirp accepted the connection but the guest closed it before the SSH banner
-/// ("kex_exchange_identification: Connection closed by remote host" /
-/// "read: Connection reset by peer").
-pub const SIG_KEX_CLOSED: &str = "kex_exchange_identification";
+// The failure signatures are the shared ones (vmdisk-ssh), which `diagnose` and
+// `vmdisk doctor builder` match on.
+pub use vmdisk_ssh::signature::{
+    SIG_BANNER_TIMEOUT, SIG_CONNECTION_REFUSED, SIG_HOST_KEY_CHANGED, SIG_HOST_KEY_VERIFY_FAILED,
+    SIG_KEX_CLOSED, SIG_KEY_BAD_PERMISSIONS, SIG_KEY_PERMISSIONS_TOO_OPEN, SIG_PERMISSION_DENIED,
+    SIG_UNPROTECTED_KEY,
+};
+/// What a finished command produced (exit status, stdout, stderr, elapsed).
+pub use vmdisk_ssh::Output as SshOutput;
 
 /// How long key generation may take.
 const KEYGEN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -65,10 +48,6 @@ const BANNER_CONNECT_TIMEOUT: Duration = Duration::from_millis(300);
 const BANNER_READ_TIMEOUT: Duration = Duration::from_millis(300);
 /// [`wait_banner`]: pause between tries.
 const BANNER_POLL: Duration = Duration::from_millis(20);
-/// [`run_bounded`]: how long to wait for output pipes to drain after the process ended.
-const DRAIN_GRACE: Duration = Duration::from_secs(2);
-/// An SSH identification line is at most 255 bytes (RFC 4253 4.2); lines before it also are.
-const MAX_BANNER_BYTES: usize = 8 * 1024;
 /// Sizes an ed25519 key file may claim, checked before use.
 const ED25519_KEY_LEN: usize = 32;
 const KEY_TYPE: &str = "ssh-ed25519";
@@ -328,177 +307,34 @@ pub fn parse_openssh_ed25519(pem: &str) -> Result<Ed25519Keypair> {
 
 /// Standard base64 with padding (OpenSSH's key blobs).
 fn base64_encode(data: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(data)
+    vmdisk_ssh::hostkey::base64_encode(data)
 }
 
 /// Standard base64 as OpenSSH writes it: whitespace (PEM line breaks) is ignored, padding
 /// optional.
 fn base64_decode(text: &str) -> Result<Vec<u8>> {
-    let compact: String = text.split_ascii_whitespace().collect();
-    base64::engine::general_purpose::STANDARD_PAD_INDIFFERENT
-        .decode(compact)
-        .context("invalid base64")
-}
-
-/// known_hosts host name for a port on 127.0.0.1 (OpenSSH brackets non-22 ports).
-fn known_hosts_name(port: u16) -> String {
-    if port == 22 {
-        "127.0.0.1".into()
-    } else {
-        format!("[127.0.0.1]:{port}")
-    }
+    vmdisk_ssh::hostkey::base64_decode(text).context("invalid base64")
 }
 
 /// Write `path` holding exactly one entry: the guest's key for 127.0.0.1:`port`.
 /// `host_public_line` is "TYPE BASE64 [comment]"; the comment is dropped.
 pub fn write_known_hosts(path: &Path, port: u16, host_public_line: &str) -> Result<()> {
-    let mut f = host_public_line.split_whitespace();
-    let (Some(kind), Some(b64)) = (f.next(), f.next()) else {
-        bail!("host key {host_public_line:?} is not \"TYPE BASE64\"");
-    };
-    ensure!(
-        kind.starts_with("ssh-") || kind.starts_with("ecdsa-"),
-        "host key type {kind:?} is not an SSH key type"
-    );
-    base64_decode(b64).with_context(|| format!("host key {host_public_line:?}"))?;
-    fs::write(path, format!("{} {kind} {b64}\n", known_hosts_name(port)))
+    let key = vmdisk_ssh::hostkey::PublicKey::parse_line(host_public_line)
+        .with_context(|| format!("host key {host_public_line:?}"))?;
+    let name = vmdisk_ssh::hostkey::known_hosts_name("127.0.0.1", port);
+    fs::write(path, format!("{name} {}\n", key.to_line()))
         .with_context(|| format!("writing {}", path.display()))
-}
-
-/// What a finished command produced.
-#[derive(Clone, Debug)]
-pub struct SshOutput {
-    /// Exit code; None when a signal ended it.
-    pub status: Option<i32>,
-    pub stdout: Vec<u8>,
-    pub stderr: Vec<u8>,
-    pub elapsed: Duration,
-}
-
-impl SshOutput {
-    pub fn stdout_text(&self) -> String {
-        String::from_utf8_lossy(&self.stdout).into_owned()
-    }
-    pub fn stderr_text(&self) -> String {
-        String::from_utf8_lossy(&self.stderr).into_owned()
-    }
 }
 
 /// Run `cmd` to completion, feeding `stdin` (or /dev/null) and collecting its output; after
 /// `timeout` kill its whole process group and fail. Never waits longer than `timeout` plus
-/// a short grace for the pipes.
+/// a short grace for the pipes. (The shared [`vmdisk_ssh::run_bounded`] with anyhow errors.)
 pub fn run_bounded(
     cmd: &mut Command,
     stdin: Option<&[u8]>,
     timeout: Duration,
 ) -> Result<SshOutput> {
-    let program = cmd.get_program().to_string_lossy().into_owned();
-    cmd.stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .process_group(0);
-    let t0 = Instant::now();
-    let mut child = spawn_retrying_busy(cmd).with_context(|| format!("starting {program}"))?;
-    let pid = child.id();
-
-    let writer = match (stdin, child.stdin.take()) {
-        (Some(data), Some(mut pipe)) => {
-            let data = data.to_vec();
-            // A write error means the command stopped reading; its exit status says why.
-            Some(std::thread::spawn(move || {
-                let _ = pipe.write_all(&data);
-            }))
-        }
-        _ => None,
-    };
-    let drain = |p: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut v = Vec::new();
-            if let Some(mut p) = p {
-                let _ = p.read_to_end(&mut v);
-            }
-            v
-        })
-    };
-    let out = drain(
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let err = drain(
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait());
-    });
-    let (status, timed_out) = match rx.recv_timeout(timeout) {
-        Ok(s) => (s, false),
-        Err(_) => {
-            // SAFETY: signals the process group we created for this child (process_group(0)
-            // made its pgid equal to its pid); the child is not reaped yet, so the id is ours.
-            unsafe {
-                libc::kill(-(pid as libc::pid_t), libc::SIGKILL);
-            }
-            let s = rx
-                .recv_timeout(DRAIN_GRACE)
-                .unwrap_or_else(|_| Err(std::io::Error::other("not reaped after SIGKILL")));
-            (s, true)
-        }
-    };
-    let elapsed = t0.elapsed();
-    let grace = Instant::now() + DRAIN_GRACE;
-    let join = |h: std::thread::JoinHandle<Vec<u8>>| {
-        while !h.is_finished() && Instant::now() < grace {
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        if h.is_finished() {
-            h.join().unwrap_or_default()
-        } else {
-            Vec::new()
-        }
-    };
-    let stdout = join(out);
-    let stderr = join(err);
-    drop(writer);
-    if timed_out {
-        bail!(
-            "{program} did not finish within {:.1}s and was killed; its stderr so far: {}",
-            timeout.as_secs_f64(),
-            String::from_utf8_lossy(&stderr).trim()
-        );
-    }
-    let status = status.with_context(|| format!("waiting for {program}"))?;
-    Ok(SshOutput {
-        status: status.code(),
-        stdout,
-        stderr,
-        elapsed,
-    })
-}
-
-/// Spawn, retrying briefly on ETXTBSY: a script written a moment ago can still be open for
-/// writing in a child another thread is forking.
-fn spawn_retrying_busy(cmd: &mut Command) -> std::io::Result<std::process::Child> {
-    let mut tries = 0;
-    loop {
-        match cmd.spawn() {
-            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
-                tries += 1;
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            r => return r,
-        }
-    }
+    Ok(vmdisk_ssh::run_bounded(cmd, stdin, timeout)?)
 }
 
 /// Quote a path for an `ssh -o Key=VALUE` option: ssh splits values on whitespace (unless
@@ -659,7 +495,7 @@ pub fn wait_banner(
         tries += 1;
         match try_banner(addr, deadline) {
             Ok(line) => {
-                if line.starts_with("SSH-2.0-") || line.starts_with("SSH-1.99-") {
+                if vmdisk_ssh::banner::is_ssh2(&line) {
                     return Ok(t0.elapsed());
                 }
                 last = format!("unexpected identification {line:?}");
@@ -674,51 +510,71 @@ pub fn wait_banner(
 /// One connection: the first line starting with "SSH-", or why there was none.
 fn try_banner(addr: SocketAddr, deadline: Instant) -> Result<String, String> {
     let left = deadline.saturating_duration_since(Instant::now());
-    let connect = BANNER_CONNECT_TIMEOUT
-        .min(left)
-        .max(Duration::from_millis(1));
-    let mut s = TcpStream::connect_timeout(&addr, connect).map_err(|e| format!("connect: {e}"))?;
-    let read_until = Instant::now() + BANNER_READ_TIMEOUT.min(left);
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 512];
-    loop {
-        // Lines before the identification are allowed (RFC 4253 4.2).
-        while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=nl).collect();
-            let text = String::from_utf8_lossy(&line).trim_end().to_string();
-            if text.starts_with("SSH-") {
-                return Ok(text);
-            }
+    vmdisk_ssh::banner::read_banner(
+        addr,
+        BANNER_CONNECT_TIMEOUT.min(left),
+        BANNER_READ_TIMEOUT.min(left),
+    )
+    .map_err(|e| {
+        let mut msg = e.to_string();
+        if let Some(src) = std::error::Error::source(&e) {
+            msg.push_str(&format!(": {src}"));
         }
-        if buf.len() > MAX_BANNER_BYTES {
-            return Err("more than 8 KiB without an SSH identification line".into());
-        }
-        let now = Instant::now();
-        if now >= read_until {
-            return Err("connected, but no banner in time".into());
-        }
-        s.set_read_timeout(Some(read_until - now))
-            .map_err(|e| format!("set_read_timeout: {e}"))?;
-        match s.read(&mut chunk) {
-            Ok(0) => {
-                return Err(
-                    "connection closed before a banner (guest sshd not listening yet)".into(),
-                )
-            }
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                return Err("connected, but no banner in time".into())
-            }
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("read: {e}")),
-        }
-    }
+        msg
+    })
+}
+
+/// The harness's diagnosis of a failed ssh to a test VM: the failure as vmdisk-ssh classifies
+/// it (the classification `vmdisk doctor builder` uses too), with the fix that fits a test VM
+/// (its disk, its pinned known_hosts). None when stderr shows no failure the harness knows.
+pub fn diagnose_stderr(stderr: &str) -> Option<SshDiagnosis> {
+    use vmdisk_ssh::SshFailureKind as Kind;
+    let f = vmdisk_ssh::classify(stderr)?;
+    let (id, cause, fix) = match f.kind {
+        Kind::UnprotectedKey => (
+            "unprotected-key",
+            "ssh ignored the client key because its file is readable by others",
+            "chmod 600 the private key (ssh refuses keys that group or others can read)",
+        ),
+        Kind::HostKeyChanged | Kind::HostKeyUnknown => (
+            "host-key-changed",
+            "the guest's SSH host key is not the one pinned in known_hosts (a rebuilt disk, a \
+             different VM on the same port, or a tampered guest)",
+            "if the change is expected, drop the stale entry: `ssh-keygen -R '[127.0.0.1]:PORT' \
+             -f KNOWN_HOSTS`, then pin the new key; do not turn StrictHostKeyChecking off",
+        ),
+        Kind::AuthRefused | Kind::KeyUnreadable | Kind::KeyMissing => (
+            "ssh-auth-refused",
+            "the guest refused every offered credential",
+            "check /root/.ssh/authorized_keys on the disk (`vmdisk cat DISK \
+             /root/.ssh/authorized_keys`), or the password (`vmdisk passwd DISK`)",
+        ),
+        // Network-level failures are the boot's story (console markers), not ssh's.
+        _ => return None,
+    };
+    Some(SshDiagnosis {
+        id,
+        cause,
+        fix,
+        evidence: f.evidence,
+    })
+}
+
+/// What [`diagnose_stderr`] found (`diagnose` turns it into a `Diagnosis`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SshDiagnosis {
+    pub id: &'static str,
+    pub cause: &'static str,
+    pub fix: &'static str,
+    /// The line of ssh's stderr that matched.
+    pub evidence: String,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::io::Write;
     use std::net::TcpListener;
 
     /// Build an OpenSSH private key file the way ssh-keygen lays it out.

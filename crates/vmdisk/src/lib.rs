@@ -8,6 +8,7 @@
 //! interrupted command 128 + the signal, after it removed its partial output).
 
 mod copy;
+mod doctor;
 mod guest;
 mod layout;
 mod overlay;
@@ -180,6 +181,8 @@ pub enum Command {
     /// How big an image converted from SRC (or of --size bytes) would be, as qemu-img measure
     /// says it; or how big a disk built from a layout must be (--layout).
     Measure(MeasureArgs),
+    /// Diagnose what stands between nix and a remote builder (`vmdisk doctor builder`).
+    Doctor(doctor::DoctorArgs),
     /// Print a shell completion script.
     Completions {
         #[arg(value_enum)]
@@ -935,6 +938,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Passwd(a) => passwd::passwd(a, quiet),
         Command::Serve(a) => serve::run(a, quiet),
         Command::Rescue(a) => rescue::run(a, quiet),
+        Command::Doctor(a) => doctor::run(a),
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "vmdisk", &mut std::io::stdout());

@@ -24,7 +24,6 @@ const NOT_YET: &[(&str, &str)] = &[
     ("ssh-inject", "#15"),
     ("edit", "#15"),
     ("vmtest", "#16"),
-    ("doctor builder", "#17"),
 ];
 
 fn design_md() -> PathBuf {
