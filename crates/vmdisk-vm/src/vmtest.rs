@@ -462,7 +462,14 @@ fn boot(
         extra_kernel_params: kernel_params,
         user: &o.user_env,
     });
-    let mut cmd = Command::new(&o.script);
+    // The script runs in the run's scratch folder: name it by an absolute path (not resolving
+    // links, so `result/bin/run-nixos-vm` stays what the user gave).
+    let script_path = if o.script.is_absolute() {
+        o.script.clone()
+    } else {
+        o.cwd.join(&o.script)
+    };
+    let mut cmd = Command::new(&script_path);
     cmd.args(&o.args).current_dir(&scratch);
     for (k, v) in &env {
         cmd.env(k, v);
