@@ -265,30 +265,24 @@ pub fn diagnose_all(ev: Evidence<'_>) -> Vec<Diagnosis> {
     }
 
     // The store share: 9p has no device with that tag, or virtiofs has no such tag.
-    let share = console
-        .find("no channels available for device ")
-        .map(|(_, l)| {
-            (
-                l.to_string(),
-                word_after(l, "no channels available for device ")
-                    .unwrap_or("nix-store")
-                    .to_string(),
-                "9p",
-            )
-        })
-        .or_else(|| {
-            console.lines.iter().find_map(|l| {
-                let tag = between(l, "virtio-fs: tag <", "> not found")?;
-                Some((l.clone(), tag.to_string(), "virtiofs"))
-            })
-        });
-    if let Some((l, tag, transport)) = share.filter(|(_, tag, _)| {
+    // Every missing share the console names; the store's is the one tagged nix-store or the
+    // one whose mount on /nix/.ro-store failed (microvm.nix tags it ro-store).
+    let mut shares = console.lines.iter().filter_map(|l| {
+        if let Some(tag) = word_after(l, "no channels available for device ") {
+            return Some((l.clone(), tag.to_string(), "9p"));
+        }
+        let tag = between(l, "virtio-fs: tag <", "> not found")?;
+        Some((l.clone(), tag.to_string(), "virtiofs"))
+    });
+    let is_store = |tag: &str| {
         tag == "nix-store"
             || console
                 .lines
                 .iter()
-                .any(|x| x.contains("/nix/.ro-store") && x.contains(tag.as_str()))
-    }) {
+                .any(|x| x.contains("/nix/.ro-store") && x.contains(tag))
+    };
+    let share = shares.find(|(_, tag, _)| is_store(tag));
+    if let Some((l, tag, transport)) = share {
         let (cause, fix) = if transport == "9p" {
             (
                 format!(
@@ -761,6 +755,19 @@ mod tests {
             d[1].cause
         );
         assert!(d[1].fix.contains("boot.panic_on_fail"));
+    }
+
+    #[test]
+    fn the_store_share_is_found_among_other_missing_shares() {
+        let log = "kernel: virtio-fs: tag <persist> not found\n\
+                   kernel: virtio-fs: tag <ro-store> not found\n\
+                   mount: /sysroot/nix/.ro-store: wrong fs type, bad option, bad superblock on ro-store, missing codepage\n";
+        let d = explain(log);
+        assert_eq!(d[0].id, "store-share-missing");
+        assert!(d[0].evidence.contains("<ro-store>"), "{}", d[0].evidence);
+        assert!(d[0].fix.contains("tag=ro-store"), "{}", d[0].fix);
+        // A missing share that is not the store is not this diagnosis.
+        assert!(explain("kernel: virtio-fs: tag <persist> not found\n").is_empty());
     }
 
     #[test]
