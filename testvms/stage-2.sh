@@ -67,9 +67,15 @@ nixos_say "$OK Reached target network.target - Network."
 [ -f /root/.ssh/authorized_keys ] && chmod 600 /root/.ssh/authorized_keys
 key=/etc/dropbear/dropbear_ed25519_host_key
 [ -f "$key" ] || fail sshd "no host key $key on the root disk"
-dropbear -E -p 22 -r "$key" -P /run/dropbear.pid 2>/dev/console || fail sshd "dropbear did not start"
-[ -n "$nixos" ] || echo "@@vmdisk stage2 sshd-started port 22"
-nixos_say "$OK Started sshd.service - SSH Daemon."
+# vmdisk.nosshd=1 (NixOS personality): a configuration without services.openssh.enable.
+case " $(cat /proc/cmdline) " in
+    *" vmdisk.nosshd=1 "*) [ -n "$nixos" ] || fail sshd "vmdisk.nosshd=1 needs the NixOS personality" ;;
+    *)
+        dropbear -E -p 22 -r "$key" -P /run/dropbear.pid 2>/dev/console || fail sshd "dropbear did not start"
+        [ -n "$nixos" ] || echo "@@vmdisk stage2 sshd-started port 22"
+        nixos_say "$OK Started sshd.service - SSH Daemon."
+        ;;
+esac
 
 if [ -n "$nbd" ]; then
     host="${nbd%%:*}"; rest="${nbd#*:}"; port="${rest%%:*}"; name=

@@ -56,6 +56,16 @@ fn guest(h: &Harness, style: NixosPersonality, tag: &str) -> (Prepared, PathBuf)
 
 /// `vmdisk vmtest SCRIPT --json` with the user's disk as NIX_DISK_IMAGE.
 fn vmtest(dir: &Path, script: &Path, disk: &Path) -> (Value, i32, String) {
+    vmtest_with(dir, script, disk, None)
+}
+
+/// [`vmtest`] with the user's own `QEMU_KERNEL_PARAMS`.
+fn vmtest_with(
+    dir: &Path,
+    script: &Path,
+    disk: &Path,
+    params: Option<&str>,
+) -> (Value, i32, String) {
     let work = dir.join("vmtest");
     fs::create_dir_all(&work).unwrap();
     let mut cmd = Command::new(vmdisk_bin());
@@ -64,9 +74,12 @@ fn vmtest(dir: &Path, script: &Path, disk: &Path) -> (Value, i32, String) {
         .env("NIX_DISK_IMAGE", disk)
         .env("TMPDIR", &work)
         .env_remove("QEMU_OPTS")
-        .env_remove("QEMU_KERNEL_PARAMS")
         .env_remove("QEMU_NET_OPTS")
         .env_remove("SHARED_DIR");
+    match params {
+        Some(p) => cmd.env("QEMU_KERNEL_PARAMS", p),
+        None => cmd.env_remove("QEMU_KERNEL_PARAMS"),
+    };
     let r = run_with_timeout(&mut cmd, RUN_TIMEOUT);
     let out = r.stdout.clone();
     let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| {
@@ -250,4 +263,19 @@ fn systemd_initrd_without_the_store_share_is_diagnosed_at_once() {
         "systemd",
         &["store-share-missing", "emergency-mode", "kernel-panic"],
     );
+}
+
+#[test]
+fn a_vm_without_sshd_is_reported_with_the_line_that_enables_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let h = harness(tmp.path());
+    let (p, script) = guest(&h, NixosPersonality::Scripted, "nosshd");
+    let (v, code, out) = vmtest_with(tmp.path(), &script, &p.disk, Some("vmdisk.nosshd=1"));
+    assert_eq!(v["passed"], false, "{out}");
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(diagnosis_ids(&v), ["sshd-missing"], "{out}");
+    let fix = v["diagnoses"][0]["fix"].as_str().unwrap();
+    assert!(fix.contains("services.openssh.enable = true;"), "{fix}");
+    assert!(phase_ids(&v).contains(&"multi-user".to_string()), "{out}");
+    assert_no_qemu(tmp.path());
 }
