@@ -5,9 +5,26 @@
 #   @@vmdisk stage2 <step> <details>      and on failure   @@vmdisk FAIL stage2 <step>: <why>
 # Parameters: vmdisk.nbd=HOST:PORT[:EXPORT] (attach /dev/nbd0)  vmdisk.console_shell=1
 #   vmdisk.net=static|dhcp
+# With vmdisk.personality=nixos-scripted|nixos-systemd (see stage-1.sh) it prints what NixOS's
+# stage 2 prints instead of markers: stage-2-init.sh's banner and steps (scripted initrd only),
+# then systemd's welcome and unit status lines in both styles.
 export PATH=@system@/bin:@system@/sbin
 export HOME=/root
-echo "@@vmdisk stage2 start"
+nixos=
+case " $(cat /proc/cmdline) " in
+    *" vmdisk.personality=nixos-scripted "*) nixos=scripted ;;
+    *" vmdisk.personality=nixos-systemd "*) nixos=systemd ;;
+esac
+OK='[  \033[0;32mOK\033[0m  ]'
+nixos_say() { [ -n "$nixos" ] && printf '%b\n' "$1"; return 0; }
+[ -n "$nixos" ] || echo "@@vmdisk stage2 start"
+if [ "$nixos" = scripted ]; then
+    printf '\n\033[1;32m<<< NixOS Stage 2 >>>\033[0m\n\n'
+    echo "running activation script..."
+    echo "setting up /etc..."
+    echo "starting systemd..."
+fi
+nixos_say '\nWelcome to \033[1mNixOS 25.11 (Xantusia)\033[0m!\n'
 
 fail() {
     echo "@@vmdisk FAIL stage2 $1: $2"
@@ -41,7 +58,8 @@ else
     ip addr add 10.0.2.15/24 dev eth0
     ip route add default via 10.0.2.2
 fi
-echo "@@vmdisk stage2 network-up eth0 $(ip -4 -o addr show dev eth0 | awk '{print $4}')"
+[ -n "$nixos" ] || echo "@@vmdisk stage2 network-up eth0 $(ip -4 -o addr show dev eth0 | awk '{print $4}')"
+nixos_say "$OK Reached target network.target - Network."
 
 # The disk may have been built by a non-root user: SSH wants root's files to be root's.
 [ -d /root ] && chown -R 0:0 /root && chmod 700 /root
@@ -49,8 +67,15 @@ echo "@@vmdisk stage2 network-up eth0 $(ip -4 -o addr show dev eth0 | awk '{prin
 [ -f /root/.ssh/authorized_keys ] && chmod 600 /root/.ssh/authorized_keys
 key=/etc/dropbear/dropbear_ed25519_host_key
 [ -f "$key" ] || fail sshd "no host key $key on the root disk"
-dropbear -E -p 22 -r "$key" -P /run/dropbear.pid 2>/dev/console || fail sshd "dropbear did not start"
-echo "@@vmdisk stage2 sshd-started port 22"
+# vmdisk.nosshd=1 (NixOS personality): a configuration without services.openssh.enable.
+case " $(cat /proc/cmdline) " in
+    *" vmdisk.nosshd=1 "*) [ -n "$nixos" ] || fail sshd "vmdisk.nosshd=1 needs the NixOS personality" ;;
+    *)
+        dropbear -E -p 22 -r "$key" -P /run/dropbear.pid 2>/dev/console || fail sshd "dropbear did not start"
+        [ -n "$nixos" ] || echo "@@vmdisk stage2 sshd-started port 22"
+        nixos_say "$OK Started sshd.service - SSH Daemon."
+        ;;
+esac
 
 if [ -n "$nbd" ]; then
     host="${nbd%%:*}"; rest="${nbd#*:}"; port="${rest%%:*}"; name=
@@ -65,7 +90,10 @@ if [ -n "$nbd" ]; then
     echo "@@vmdisk stage2 nbd-attached /dev/nbd0 $(ls /sys/block/nbd0 | grep -c '^nbd0p') partitions"
 fi
 
-echo "@@vmdisk stage2 ready"
+[ -n "$nixos" ] || echo "@@vmdisk stage2 ready"
+tty=ttyS0
+[ "$(uname -m)" = aarch64 ] && tty=ttyAMA0
+nixos_say "$OK Reached target multi-user.target - Multi-User System.\n\n\n<<< Welcome to NixOS 25.11 ($(uname -m)) - $tty >>>\n"
 
 if [ "$console_shell" = 1 ]; then
     echo "vmdisk rescue shell: the image is /dev/nbd0 (partitions /dev/nbd0p1 ...)."

@@ -37,6 +37,21 @@ impl Vmtest {
             .unwrap_or_else(|| root.join("target"));
         let vmdisk = target.join("debug/vmdisk");
 
+        // The user's own run-*-vm script: exactly what `vmdisk vmtest` does (the product
+        // command), with the binary just built.
+        if let Some(script) = &self.run_script {
+            let mut args = vec!["vmtest".to_string(), script.display().to_string()];
+            if self.json {
+                args.push("--json".into());
+            }
+            if self.keep {
+                args.push("--keep".into());
+            }
+            return cmd!(sh, "{vmdisk} {args...}")
+                .run()
+                .with_context(|| format!("vmdisk vmtest {}", script.display()));
+        }
+
         let lock_text = std::fs::read_to_string(root.join("testvms/assets.lock"))
             .context("reading testvms/assets.lock")?;
         let stamp = std::time::SystemTime::now()
@@ -51,7 +66,7 @@ impl Vmtest {
         )
         .keep_disks(self.keep);
 
-        let mut defs: Vec<VmDef> = def::load_dir(&root.join("testvms"))?
+        let defs: Vec<VmDef> = def::load_dir(&root.join("testvms"))?
             .into_iter()
             .filter(|d| !self.quick || d.quick)
             .filter(|d| self.filters.is_empty() || self.filters.iter().any(|f| d.name.contains(f)))
@@ -75,15 +90,6 @@ impl Vmtest {
 
         if self.vfkit {
             return print_vfkit(&harness, &defs);
-        }
-
-        if let Some(script) = &self.run_script {
-            let d = defs.remove(0);
-            let p = harness.prepare(&d, &PrepareOptions::default())?;
-            let script = std::fs::canonicalize(script)
-                .with_context(|| format!("--run-script {}", script.display()))?;
-            let r = harness.run_script(&p, &script);
-            return finish(&[r], self.json);
         }
 
         eprintln!(

@@ -204,6 +204,16 @@ impl Console {
         self.shared.lock().lines.clone()
     }
 
+    /// The complete lines from index `from` on (empty when there are none yet).
+    pub fn lines_since(&self, from: usize) -> Vec<Line> {
+        self.shared
+            .lock()
+            .lines
+            .get(from..)
+            .map(<[Line]>::to_vec)
+            .unwrap_or_default()
+    }
+
     /// How many complete lines arrived so far.
     pub fn line_count(&self) -> usize {
         self.shared.lock().lines.len()

@@ -17,12 +17,16 @@
 pub mod console;
 pub mod def;
 pub mod diagnose;
+pub mod nixos;
+pub mod preseed;
 pub mod qemu;
 pub mod report;
 pub mod rootfs;
 pub mod run;
+pub mod script;
 pub mod ssh;
 pub mod vfkit;
 pub mod vm;
+pub mod vmtest;
 
 pub use vmdisk_assets::{assets, Arch};

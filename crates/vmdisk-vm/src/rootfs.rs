@@ -17,6 +17,9 @@ use crate::def::VmDef;
 pub struct RootConfig {
     /// Dropbear-format private host key.
     pub host_key_dropbear: Vec<u8>,
+    /// Its public line, kept as `/etc/ssh/ssh_host_ed25519_key.pub` like a NixOS root that
+    /// booted once (what `vmdisk vmtest` pins when the user's disk has it).
+    pub host_key_public: String,
     /// `authorized_keys` content for root.
     pub authorized_keys: String,
     /// The whole `/etc/shadow`.
@@ -50,6 +53,7 @@ pub fn write_root_tree(dir: &Path, assets: &GuestAssets, cfg: &RootConfig) -> Re
         "mnt",
         "var",
         "etc/dropbear",
+        "etc/ssh",
         "root/.ssh",
     ] {
         fs::create_dir_all(dir.join(d))?;
@@ -70,6 +74,11 @@ pub fn write_root_tree(dir: &Path, assets: &GuestAssets, cfg: &RootConfig) -> Re
         "etc/dropbear/dropbear_ed25519_host_key",
         &cfg.host_key_dropbear,
         0o600,
+    )?;
+    w(
+        "etc/ssh/ssh_host_ed25519_key.pub",
+        format!("{}\n", cfg.host_key_public.trim()).as_bytes(),
+        0o644,
     )?;
     w(
         "root/.ssh/authorized_keys",

@@ -222,6 +222,7 @@ impl Harness {
             &assets,
             &RootConfig {
                 host_key_dropbear: host_key.dropbear_private.clone(),
+                host_key_public: host_key.public_line.clone(),
                 authorized_keys: format!("{}\n", client_key.public_line),
                 shadow: opts
                     .shadow
@@ -581,6 +582,36 @@ fn script_command(
 /// Write a `run-nixos-vm` script in nixpkgs' shape (testvms/run-nixos-vm.sh.in) that boots the
 /// prepared guest with `bin`.
 pub fn write_nixpkgs_script(p: &Prepared, bin: &QemuBinary, path: &Path) -> Result<()> {
+    write_nixos_script(p, bin, path, None)
+}
+
+/// The test guest's NixOS personality (stage-1.sh, stage-2.sh): it prints what NixOS prints,
+/// with the scripted stage 1 or the systemd initrd, and no `@@vmdisk` markers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NixosPersonality {
+    Scripted,
+    Systemd,
+}
+
+impl NixosPersonality {
+    /// The kernel parameter that selects it.
+    pub fn param(self) -> &'static str {
+        match self {
+            NixosPersonality::Scripted => "vmdisk.personality=nixos-scripted",
+            NixosPersonality::Systemd => "vmdisk.personality=nixos-systemd",
+        }
+    }
+}
+
+/// [`write_nixpkgs_script`], optionally for the NixOS personality: then the script's
+/// `kernel-params` are NixOS's defaults (`loglevel=4`, no `quiet panic=-1`: a user's NixOS
+/// has neither, and `vmdisk vmtest` must add what it needs).
+pub fn write_nixos_script(
+    p: &Prepared,
+    bin: &QemuBinary,
+    path: &Path,
+    personality: Option<NixosPersonality>,
+) -> Result<()> {
     const TEMPLATE: &str = include_str!("../../../testvms/run-nixos-vm.sh.in");
     let fw = bin.firmware_dir.clone();
     let machine = match p.def.arch {
@@ -603,13 +634,18 @@ pub fn write_nixpkgs_script(p: &Prepared, bin: &QemuBinary, path: &Path) -> Resu
         Arch::Aarch64 => "-machine virt,gic-version=2,accel=tcg -cpu cortex-a57".to_string(),
     };
     let params = p.dir.join("kernel-params");
-    fs::write(
-        &params,
-        format!(
+    let params_text = match personality {
+        None => format!(
             "quiet panic=-1 vmdisk.root={} vmdisk.store=9p\n",
             p.def.root
         ),
-    )?;
+        Some(n) => format!(
+            "loglevel=4 net.ifnames=0 vmdisk.root={} vmdisk.store=9p {}\n",
+            p.def.root,
+            n.param()
+        ),
+    };
+    fs::write(&params, params_text)?;
     let q = |x: &Path| vm::shell_quote(&x.display().to_string());
     let bash = [
         "/bin/bash",

@@ -524,52 +524,6 @@ fn try_banner(addr: SocketAddr, deadline: Instant) -> Result<String, String> {
     })
 }
 
-/// The harness's diagnosis of a failed ssh to a test VM: the failure as vmdisk-ssh classifies
-/// it (the classification `vmdisk doctor builder` uses too), with the fix that fits a test VM
-/// (its disk, its pinned known_hosts). None when stderr shows no failure the harness knows.
-pub fn diagnose_stderr(stderr: &str) -> Option<SshDiagnosis> {
-    use vmdisk_ssh::SshFailureKind as Kind;
-    let f = vmdisk_ssh::classify(stderr)?;
-    let (id, cause, fix) = match f.kind {
-        Kind::UnprotectedKey => (
-            "unprotected-key",
-            "ssh ignored the client key because its file is readable by others",
-            "chmod 600 the private key (ssh refuses keys that group or others can read)",
-        ),
-        Kind::HostKeyChanged | Kind::HostKeyUnknown => (
-            "host-key-changed",
-            "the guest's SSH host key is not the one pinned in known_hosts (a rebuilt disk, a \
-             different VM on the same port, or a tampered guest)",
-            "if the change is expected, drop the stale entry: `ssh-keygen -R '[127.0.0.1]:PORT' \
-             -f KNOWN_HOSTS`, then pin the new key; do not turn StrictHostKeyChecking off",
-        ),
-        Kind::AuthRefused | Kind::KeyUnreadable | Kind::KeyMissing => (
-            "ssh-auth-refused",
-            "the guest refused every offered credential",
-            "check /root/.ssh/authorized_keys on the disk (`vmdisk cat DISK \
-             /root/.ssh/authorized_keys`), or the password (`vmdisk passwd DISK`)",
-        ),
-        // Network-level failures are the boot's story (console markers), not ssh's.
-        _ => return None,
-    };
-    Some(SshDiagnosis {
-        id,
-        cause,
-        fix,
-        evidence: f.evidence,
-    })
-}
-
-/// What [`diagnose_stderr`] found (`diagnose` turns it into a `Diagnosis`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SshDiagnosis {
-    pub id: &'static str,
-    pub cause: &'static str,
-    pub fix: &'static str,
-    /// The line of ssh's stderr that matched.
-    pub evidence: String,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

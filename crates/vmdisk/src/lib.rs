@@ -17,6 +17,7 @@ mod passwd;
 mod rescue;
 mod serve;
 mod signals;
+mod vmtest;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -178,6 +179,9 @@ pub enum Command {
     /// Boot a rescue VM with the image attached over NBD and run a command (or a console
     /// shell) in it: the guest kernel's full ext4, journal replay included.
     Rescue(rescue::RescueArgs),
+    /// Boot your own NixOS VM (`./result/bin/run-nixos-vm`) on an overlay of its disk, follow
+    /// its boot phase by phase, log in over SSH, and diagnose a failure; or `--explain LOG`.
+    Vmtest(vmtest::VmtestArgs),
     /// How big an image converted from SRC (or of --size bytes) would be, as qemu-img measure
     /// says it; or how big a disk built from a layout must be (--layout).
     Measure(MeasureArgs),
@@ -939,6 +943,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Serve(a) => serve::run(a, quiet),
         Command::Rescue(a) => rescue::run(a, quiet),
         Command::Doctor(a) => doctor::run(a),
+        Command::Vmtest(a) => vmtest::run(a, quiet),
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "vmdisk", &mut std::io::stdout());

@@ -23,7 +23,6 @@ const NOT_YET: &[(&str, &str)] = &[
     ("rm", "#15"),
     ("ssh-inject", "#15"),
     ("edit", "#15"),
-    ("vmtest", "#16"),
 ];
 
 fn design_md() -> PathBuf {
