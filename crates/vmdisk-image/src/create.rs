@@ -414,15 +414,15 @@ fn refuse_own_backing(path: &Path, backing: &Path, chain: &[&Path]) -> Result<()
 fn format_host(host: &RawFile, path: &Path, plan: &CreatePlan) -> Result<()> {
     match &plan.qcow2 {
         None => {
-            host.resize(plan.size)
-                .map_err(Error::image("sizing", path))?;
             if matches!(
                 plan.prealloc,
                 Some(PreallocMode::Falloc | PreallocMode::Full)
-            ) && plan.size > 0
-            {
-                host.write_zeroes(0, plan.size, false)
+            ) {
+                host.allocate(plan.size)
                     .map_err(Error::image("preallocating", path))?;
+            } else {
+                host.resize(plan.size)
+                    .map_err(Error::image("sizing", path))?;
             }
         }
         Some(co) => q::create(host, co).map_err(Error::image("creating", path))?,
