@@ -35,10 +35,21 @@
   #   dumpe2fs              e2fsprogs           all
   #   filefrag              e2fsprogs           linux
   #   mkfs.xfs              xfsprogs            linux
+  #   xfs_repair            xfsprogs            linux
+  #   mkfs.btrfs            btrfs-progs         linux
+  #   btrfs                 btrfs-progs         linux
+  #   mkfs.f2fs             f2fs-tools          linux
+  #   sload.f2fs            f2fs-tools          linux
+  #   fsck.f2fs             f2fs-tools          linux
   #   sgdisk                gptfdisk            all
   #   sfdisk                util-linux          linux
   #   fsck.vfat             dosfstools          all
   #   mdir                  mtools              all
+  #   mcopy                 mtools              all
+  #   mkfs.vfat             dosfstools          all
+  #   fallocate             util-linux          linux
+  #   mount                 util-linux          linux
+  #   timeout               coreutils           all
   #   blkid                 util-linux          linux
   #   swaplabel             util-linux          linux
   #   openssl               openssl             all

@@ -32,7 +32,9 @@
       "libnbd" # nbdinfo, nbdcopy (Linux only in nixpkgs)
       "nbd" # nbd-client for the rescue VM's tests
       "virtiofsd" # the store share of virtiofs test VMs
-      "xfsprogs" # mkfs.xfs: a reflink-capable filesystem for the copy tests
+      "xfsprogs" # mkfs.xfs: a reflink-capable filesystem for the copy tests; xfs_repair
+      "btrfs-progs" # disko layouts with btrfs partitions, checked by `btrfs check`
+      "f2fs-tools" # disko layouts with f2fs partitions (mkfs.f2fs, sload.f2fs, fsck.f2fs)
     ]
   else
     [ ]

@@ -7,6 +7,7 @@
 //!                                [--case SUBSTR]...
 //! target/release/benches layout  [--runs 3] [--quick] [--json]   (see layout.rs)
 //! target/release/benches nbd     [--runs 3] [--quick] [--json] [--reads N]   (see nbd.rs)
+//! target/release/benches resize  [--runs 3] [--quick] [--json]   (see resize.rs)
 //! ```
 //!
 //! This program does not build vmdisk: it runs the binary next to itself
@@ -26,6 +27,7 @@ mod layout;
 mod nbd;
 mod overlay;
 mod report;
+mod resize;
 mod run;
 mod util;
 
@@ -60,6 +62,27 @@ enum Bench {
     Nbd(NbdArgs),
     /// `vmdisk commit/rebase/copy` vs `qemu-img commit/rebase` and `cp --reflink=auto`.
     Overlay(OverlayArgs),
+    /// `vmdisk resize +20G` vs `qemu-img resize +20G` of an 8 GiB qcow2 with data.
+    Resize(ResizeArgs),
+}
+
+#[derive(Args)]
+struct ResizeArgs {
+    /// Timed runs per side and case (best and median are reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Where the image is cached and the work is done [default: target/bench-data].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// The vmdisk binary [default: `vmdisk` next to this program].
+    #[arg(long)]
+    vmdisk: Option<PathBuf>,
+    /// Smoke run: 1 GiB qcow2 with 64 MiB of data.
+    #[arg(long)]
+    quick: bool,
+    /// Print the results as JSON instead of Markdown.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -186,6 +209,16 @@ fn main() -> Result<()> {
                 runs: a.runs,
                 quick: a.quick,
                 seed: a.seed,
+            })?;
+            print_report(&report, a.json, report.markdown(), report.failed())
+        }
+        Bench::Resize(a) => {
+            let (vmdisk, dir) = locate(a.vmdisk, a.dir)?;
+            let report = resize::bench(&resize::Options {
+                vmdisk: &vmdisk,
+                dir: &dir,
+                runs: a.runs,
+                quick: a.quick,
             })?;
             print_report(&report, a.json, report.markdown(), report.failed())
         }

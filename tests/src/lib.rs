@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 pub use tempfile;
 
 pub mod nbdsh;
+pub mod nothing_lost;
 
 /// KiB / MiB in bytes.
 pub const KIB: u64 = 1024;

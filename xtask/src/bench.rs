@@ -14,6 +14,7 @@ impl BenchName {
             BenchName::Layout(_) => "layout",
             BenchName::Nbd(_) => "nbd",
             BenchName::Overlay(_) => "overlay",
+            BenchName::Resize(_) => "resize",
         }
     }
 
@@ -23,7 +24,8 @@ impl BenchName {
             | BenchName::Ext4(a)
             | BenchName::Layout(a)
             | BenchName::Nbd(a)
-            | BenchName::Overlay(a) => a,
+            | BenchName::Overlay(a)
+            | BenchName::Resize(a) => a,
         }
     }
 }

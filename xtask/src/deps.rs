@@ -45,6 +45,20 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("nbdsh", "python3-libnbd"),
     // initramfs archives: GNU cpio reads what the guest builder writes
     ("cpio", "cpio"),
+    // disko layouts: the filesystems vmdisk leaves to their own tools, and their checkers
+    ("mkfs.btrfs", "btrfs-progs"),
+    ("btrfs", "btrfs-progs"),
+    ("xfs_repair", "xfsprogs"),
+    ("mkfs.f2fs", "f2fs-tools"),
+    ("sload.f2fs", "f2fs-tools"),
+    ("fsck.f2fs", "f2fs-tools"),
+    // ext4/vfat read tests (issue #14): mcopy as the FAT oracle, mkfs.vfat to make volumes,
+    // fallocate/mount for kernel-written ext4, timeout around oracles on hostile images
+    ("mcopy", "mtools"),
+    ("mkfs.vfat", "dosfstools"),
+    ("fallocate", "util-linux"),
+    ("mount", "mount"),
+    ("timeout", "coreutils"),
 ];
 
 /// Shared libraries of Debian 12's qemu-system-x86 7.2. The harness unpacks that package into

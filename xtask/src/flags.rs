@@ -120,6 +120,9 @@ pub enum BenchName {
     /// `vmdisk commit/rebase/copy` vs `qemu-img commit/rebase` and `cp --reflink`
     #[command(disable_help_flag = true)]
     Overlay(BenchArgs),
+    /// `vmdisk resize` vs `qemu-img resize` (grow a qcow2, with and without preallocation)
+    #[command(disable_help_flag = true)]
+    Resize(BenchArgs),
 }
 
 #[derive(Debug, Args)]

@@ -45,8 +45,23 @@ impl Test {
             .run()?;
             Ok(())
         })?;
+        // The binary the CLI tests run, built once up front: a build inside a test would run
+        // under that test's command timeout, on a machine the test suite keeps busy.
+        let bin = step("cargo build vmdisk", || {
+            cmd!(
+                sh,
+                "cargo build --profile test -p vmdisk --bin vmdisk --locked"
+            )
+            .run()?;
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(std::path::PathBuf::from)
+                .unwrap_or_else(|| crate::project_root().join("target"));
+            Ok(target.join("debug/vmdisk"))
+        })?;
         step("cargo test", || {
-            cmd!(sh, "cargo test --workspace --locked --no-fail-fast").run()?;
+            cmd!(sh, "cargo test --workspace --locked --no-fail-fast")
+                .env("VMDISK_BIN", &bin)
+                .run()?;
             Ok(())
         })?;
         eprintln!("xtask: all checks passed in {:.0?}", start.elapsed());
@@ -54,7 +69,7 @@ impl Test {
     }
 }
 
-fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+fn step<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     let t = Instant::now();
     eprintln!("xtask: ── {name}");
     let r = f();

@@ -7,7 +7,9 @@
 //!
 //! [`register_temp`] records a temporary output's path for the one case unwinding cannot
 //! cover: a second interrupt while the first is still being honoured, after which the CLI
-//! removes every registered path and exits at once ([`remove_registered_temps`]).
+//! removes every registered path and exits at once ([`remove_registered_temps`]) — unless an
+//! in-place edit is still open ([`register_edit`], [`pending_edits`]): exiting then would
+//! leave the edited file half-changed, so the CLI waits for its rollback instead.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -77,6 +79,36 @@ impl Drop for RegisteredTemp {
     }
 }
 
+static EDITS: Mutex<Vec<(u64, PathBuf)>> = Mutex::new(Vec::new());
+
+fn edits() -> std::sync::MutexGuard<'static, Vec<(u64, PathBuf)>> {
+    EDITS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Keeps an in-place edit on the process's list of edits that are neither committed nor
+/// rolled back yet (see [`pending_edits`]) until dropped.
+#[derive(Debug)]
+pub struct RegisteredEdit(u64);
+
+/// Put the file being edited in place at `path` on the list [`pending_edits`] reports.
+pub fn register_edit(path: &Path) -> RegisteredEdit {
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    edits().push((id, path.to_owned()));
+    RegisteredEdit(id)
+}
+
+impl Drop for RegisteredEdit {
+    fn drop(&mut self) {
+        edits().retain(|(id, _)| *id != self.0);
+    }
+}
+
+/// The files being edited in place whose edit is still open: exiting now (instead of letting
+/// the edit roll back) would leave them half-changed.
+pub fn pending_edits() -> Vec<PathBuf> {
+    edits().iter().map(|(_, p)| p.clone()).collect()
+}
+
 /// Remove every registered temporary output (best effort); returns the paths removed.
 pub fn remove_registered_temps() -> Vec<PathBuf> {
     let list = std::mem::take(&mut *temps());
@@ -125,5 +157,14 @@ mod tests {
         assert!(!a.exists());
         assert!(b.exists());
         drop(ga);
+    }
+
+    #[test]
+    fn edits_are_pending_until_their_guard_drops() {
+        let p = Path::new("/some/image.qcow2");
+        let g = register_edit(p);
+        assert!(pending_edits().iter().any(|e| e == p));
+        drop(g);
+        assert!(!pending_edits().iter().any(|e| e == p));
     }
 }

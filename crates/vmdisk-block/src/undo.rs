@@ -52,6 +52,9 @@ struct State {
     log_len: u64,
     /// Committed or rolled back: writes pass straight through.
     finished: bool,
+    /// On the process's list of open edits from the first change until finished, so a second
+    /// Ctrl-C waits for the rollback instead of exiting half-way (see `crate::cancel`).
+    registered: Option<crate::cancel::RegisteredEdit>,
 }
 
 /// A host file whose changes can be undone until [`UndoFile::commit`] (see the module docs).
@@ -74,6 +77,7 @@ impl UndoFile {
                 log: None,
                 log_len: 0,
                 finished: false,
+                registered: None,
             }),
         }
     }
@@ -102,6 +106,7 @@ impl UndoFile {
         st.finished = true;
         st.log = None;
         st.entries.clear();
+        st.registered = None;
         Ok(())
     }
 
@@ -140,6 +145,7 @@ impl UndoFile {
         st.finished = true;
         st.log = None;
         st.entries.clear();
+        st.registered = None;
         match first_err {
             None => Ok(()),
             Some(e) => Err(e),
@@ -151,6 +157,9 @@ impl UndoFile {
     fn save(&self, st: &mut State, off: u64, len: u64) -> Result<()> {
         if st.finished {
             return Ok(());
+        }
+        if st.registered.is_none() {
+            st.registered = Some(crate::cancel::register_edit(self.inner.path()));
         }
         let end = off
             .saturating_add(len)
@@ -315,9 +324,8 @@ impl BlockDevice for UndoFile {
     fn resize(&self, new_len: u64) -> Result<()> {
         let mut st = self.lock();
         let cur = self.inner.len();
-        if new_len < cur {
-            self.save(&mut st, new_len, cur - new_len)?;
-        }
+        // A file that only grows needs a rollback too (it is cut back): `save` registers it.
+        self.save(&mut st, new_len.min(cur), cur.saturating_sub(new_len))?;
         self.inner.resize(new_len)
     }
 
@@ -397,6 +405,28 @@ mod tests {
         u.commit().unwrap();
         drop(u);
         assert_eq!(&bytes(&raw)[..4096], &[5u8; 4096][..]);
+    }
+
+    #[test]
+    fn an_open_edit_is_pending_until_it_is_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = file_with(dir.path(), "pending", &[(0, &[1u8; 4096])], 1 << 20);
+        let pending = || {
+            crate::cancel::pending_edits()
+                .iter()
+                .any(|p| p == raw.path())
+        };
+        let u = UndoFile::new(raw.clone());
+        assert!(!pending(), "nothing written yet: nothing to put back");
+        u.resize(2 << 20).unwrap();
+        assert!(pending(), "a file that grew must be cut back");
+        u.rollback().unwrap();
+        assert!(!pending());
+        let u = UndoFile::new(raw.clone());
+        u.write_all_at(&[2u8; 10], 0).unwrap();
+        assert!(pending());
+        u.commit().unwrap();
+        assert!(!pending());
     }
 
     #[test]

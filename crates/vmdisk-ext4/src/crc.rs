@@ -82,6 +82,39 @@ pub fn crc32c_raw(mut crc: u32, data: &[u8]) -> u32 {
     crc
 }
 
+/// Non-reflected CRC-32 polynomial (the kernel's `crc32_be`, used by jbd2 v1 commit checksums).
+const CRC32_BE_POLY: u32 = 0x04c1_1db7;
+
+const fn crc32_be_table() -> [u32; 256] {
+    let mut t = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut c = (i as u32) << 24;
+        let mut k = 0;
+        while k < 8 {
+            c = if c & 0x8000_0000 != 0 {
+                (c << 1) ^ CRC32_BE_POLY
+            } else {
+                c << 1
+            };
+            k += 1;
+        }
+        t[i] = c;
+        i += 1;
+    }
+    t
+}
+
+static CRC32_BE: [u32; 256] = crc32_be_table();
+
+/// Continue the kernel's `crc32_be` over `data` from `crc` (no inversions).
+pub fn crc32_be(mut crc: u32, data: &[u8]) -> u32 {
+    for &b in data {
+        crc = (crc << 8) ^ CRC32_BE[((crc >> 24) ^ u32::from(b)) as usize];
+    }
+    crc
+}
+
 /// Continue the kernel's crc16 over `data` from `crc`.
 pub fn crc16(mut crc: u16, data: &[u8]) -> u16 {
     for &b in data {
@@ -100,6 +133,12 @@ mod tests {
         // Chaining equals one pass.
         let a = crc32c_raw(!0, b"1234");
         assert_eq!(!crc32c_raw(a, b"56789"), 0xe306_9283);
+    }
+
+    #[test]
+    fn crc32_be_check_value() {
+        // CRC-32/MPEG-2 (init !0, non-reflected 0x04c11db7, no final xor).
+        assert_eq!(crc32_be(!0, b"123456789"), 0x0376_e6e7);
     }
 
     #[test]

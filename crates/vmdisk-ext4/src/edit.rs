@@ -52,6 +52,7 @@ pub fn replace_file(dev: &dyn BlockDevice, path: &str, content: &[u8]) -> Result
 
 /// Check the superblock allows an edit at all.
 fn check_editable(sb: &Superblock) -> Result<()> {
+    sb.check_counters()?;
     if sb.incompat & INCOMPAT_RECOVER != 0 {
         return Err(Error::NeedsRecovery);
     }

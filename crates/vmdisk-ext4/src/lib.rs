@@ -1,9 +1,13 @@
-//! ext4 for vmdisk: read any ext4 filesystem on a [`BlockDevice`] and edit files in place.
+//! ext4 for vmdisk: read any ext2/3/4 filesystem on a [`BlockDevice`] and edit files in place.
 //!
-//! Reading goes through [ext4-view] behind an adapter ([`Ext4`]): `ls`, `cat`, `cp-out` and the
-//! ext4 part of `inspect`. Writing is our own small, careful editor ([`replace_file`]): it
-//! replaces an existing regular file's content and keeps every counter and checksum right.
-//! [`passwd`] holds the pure logic that repairs `/etc/shadow`.
+//! Reading is our own ([`Ext4`] over [`volume::Volume`]): superblock, group descriptors (meta_bg
+//! too), the jbd2 journal replayed in memory ([`jbd2`]: v1/v2, 32/64-bit, csum v1/v2/v3,
+//! revoke, async commit, external journals), inodes of any size, extents (unwritten ones read as
+//! zeros) and ext2/3 indirect block maps, inline data, and directories read linearly (so every
+//! htree hash variant works). It backs `ls`, `cat`, `cp-out` and the ext4 part of `inspect`.
+//! Writing is our own small, careful editor ([`replace_file`]): it replaces an existing regular
+//! file's content and keeps every counter and checksum right. [`passwd`] holds the pure logic
+//! that repairs `/etc/shadow`.
 //!
 //! ```text
 //!  byte 0      1024        (first_data_block+1) * block_size
@@ -35,19 +39,24 @@
 //! and block-device IO ([`Error::Block`]). The editor validates everything it will touch before
 //! the first write, so an error means nothing was written.
 //!
-//! [ext4-view]: https://docs.rs/ext4-view
+//! Per-inode damage (a bad inode checksum, a corrupt directory block, an encrypted directory)
+//! is an error for that inode only: [`Ext4::walk_lossy`] reports it on the entry and goes on.
 
 #![forbid(unsafe_code)]
 
 mod crc;
 mod edit;
+pub mod jbd2;
 mod ondisk;
 pub mod passwd;
 mod read;
+pub mod volume;
 
 pub use edit::{replace_file, EditReport};
-pub use read::{CopyReport, Entry, Ext4, FileKind, FsInfo, FsState};
+pub use jbd2::JournalError;
+pub use read::{CopyReport, Entry, Ext4, File, FileKind, FsInfo, FsState};
 pub use vmdisk_block::BlockDevice;
+pub use volume::JournalReport;
 
 /// Result of every ext4 operation.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -94,13 +103,23 @@ pub enum Error {
     BadPath { path: String },
     #[error("{path}: too many levels of symbolic links")]
     TooManySymlinks { path: String },
-    /// ext4-view refused or failed; its message names the step.
-    #[error("reading {path}")]
-    Read {
-        path: String,
+    /// The journal needs replaying and cannot be replayed as e2fsck would; says why.
+    #[error("cannot replay the ext4 journal in memory: {source}; replay it with `e2fsck -E journal_only` on a copy of the partition, or boot the VM once and shut it down cleanly")]
+    Journal {
         #[source]
-        source: ext4_view::Ext4Error,
+        source: jbd2::JournalError,
     },
+    /// The filesystem keeps its journal on another device, which must be recovered.
+    #[error("the filesystem needs recovery from its external journal (UUID {uuid}), which is on another device; give that device too, or replay it with e2fsck")]
+    ExternalJournalNeeded { uuid: String },
+    #[error("inode {ino}: checksum mismatch (at byte {off:#x}); run e2fsck on it")]
+    InodeChecksum { ino: u32, off: u64 },
+    #[error(
+        "inode {ino}: extent tree block checksum mismatch (at byte {off:#x}); run e2fsck on it"
+    )]
+    ExtentChecksum { ino: u32, off: u64 },
+    #[error("directory inode {ino}: block checksum mismatch (at byte {off:#x}); run e2fsck on it")]
+    DirChecksum { ino: u32, off: u64 },
     /// A named safety limit would be exceeded.
     #[error("limit exceeded: {what} needs {needed}, limit is {limit}")]
     Limit {

@@ -234,12 +234,6 @@ impl Superblock {
                 at(0x14),
             ));
         }
-        if free_blocks > blocks_count {
-            return Err(corrupt(
-                format!("free blocks {free_blocks} exceed the block count {blocks_count}"),
-                at(0xc),
-            ));
-        }
         let group_count = (blocks_count - first_data_block).div_ceil(blocks_per_group);
         if group_count > MAX_GROUPS {
             return Err(Error::Limit {
@@ -248,7 +242,8 @@ impl Superblock {
                 limit: MAX_GROUPS,
             });
         }
-        if inodes_count != group_count * inodes_per_group || free_inodes > inodes_count {
+        // Free counters are only hints for a reader; the editor checks them (check_counters).
+        if inodes_count != group_count * inodes_per_group {
             return Err(corrupt(
                 format!(
                     "s_inodes_count {inodes_count} != {group_count} groups * {inodes_per_group}"
@@ -319,6 +314,29 @@ impl Superblock {
         })
     }
 
+    /// The free counters fit the totals (the editor relies on them; a reader does not).
+    pub fn check_counters(&self) -> Result<()> {
+        if self.free_blocks > self.blocks_count {
+            return Err(corrupt(
+                format!(
+                    "free blocks {} exceed the block count {}",
+                    self.free_blocks, self.blocks_count
+                ),
+                SB_OFF + 0xc,
+            ));
+        }
+        if self.free_inodes > self.inodes_count {
+            return Err(corrupt(
+                format!(
+                    "free inodes {} exceed the inode count {}",
+                    self.free_inodes, self.inodes_count
+                ),
+                SB_OFF + 0x10,
+            ));
+        }
+        Ok(())
+    }
+
     pub fn metadata_csum(&self) -> bool {
         self.csum_seed.is_some()
     }
@@ -330,7 +348,13 @@ impl Superblock {
 
     /// Byte offset of the primary group descriptor table.
     pub fn gdt_off(&self) -> u64 {
-        (self.first_data_block + 1) * self.block_size
+        (self.first_data_block + 1 + self.group_zero_adjust()) * self.block_size
+    }
+
+    /// 1 KiB blocks with block 0 as the first data block (bigalloc): the superblock fills
+    /// block 1, so the descriptors start one block later (libext2fs' `group_zero_adjust`).
+    pub fn group_zero_adjust(&self) -> u64 {
+        u64::from(self.block_size == 1024 && self.first_data_block == 0)
     }
 
     /// First block of `group`.

@@ -349,8 +349,8 @@ pub fn mutable_users_from_json(json: &[u8]) -> Option<bool> {
 
 fn read_small(fs: &Ext4, path: &str) -> Option<Vec<u8>> {
     // `metadata` follows symlinks (absolute ones resolve inside the image).
-    let md = fs.view().metadata(path).ok()?;
-    if md.len() > MAX_NIXOS_FILE {
+    let md = fs.metadata(path).ok()?;
+    if md.size > MAX_NIXOS_FILE {
         return None;
     }
     fs.read_file(path).ok()

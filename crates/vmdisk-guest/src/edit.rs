@@ -297,7 +297,14 @@ pub fn edit<T>(
     // The undo point, inside the transaction: a failure below removes it again.
     let mut undo_snapshot = None;
     if undo == Undo::Snapshot {
-        let name = format!("vmdisk-before-{what}-{}", utc_stamp(now_secs()));
+        let name = free_snapshot_name(
+            writable.image(),
+            &format!("vmdisk-before-{what}-{}", utc_stamp(now_secs())),
+        )
+        .map_err(|source| EditError::Snapshot {
+            image: image.clone(),
+            source,
+        })?;
         vmdisk_image::snapshot_create(writable.image(), &name).map_err(|source| {
             EditError::Snapshot {
                 image: image.clone(),
@@ -325,6 +332,23 @@ pub fn edit<T>(
         dry_run: false,
         plan: t,
     })
+}
+
+/// `base`, or `base-2`, `base-3`, ... : the first name no snapshot of `img` has yet. Two edits
+/// in the same second (or one after a run that was killed after its snapshot) must not be
+/// refused for a clash of names.
+fn free_snapshot_name(img: &Image, base: &str) -> Result<String, vmdisk_image::Error> {
+    let taken: Vec<String> = vmdisk_image::snapshot_list(img)?
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    let mut name = base.to_string();
+    let mut n = 1;
+    while taken.contains(&name) {
+        n += 1;
+        name = format!("{base}-{n}");
+    }
+    Ok(name)
 }
 
 /// The image path an edit's undo snapshot can be applied to, for the "undo with" hint.

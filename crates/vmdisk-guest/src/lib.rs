@@ -12,10 +12,14 @@
 
 #![forbid(unsafe_code)]
 
+pub mod copyout;
 pub mod edit;
+pub mod fs;
 pub mod passwd;
 pub mod select;
 
+pub use copyout::{copy_out, resolve_dest, CopyOutError, CopyOutOptions, CopyOutReport};
 pub use edit::{edit, EditError, EditReport, EditTarget, Guest, Undo};
+pub use fs::{FsError, GuestFile, GuestFs};
 pub use passwd::{passwd, PasswdAction, PasswdPlan};
 pub use select::{candidates, device_for, select, Chosen, SelectError};

@@ -1,6 +1,7 @@
 //! `-P PART`: which partition (or the whole disk) a guest command works on.
 //!
-//! By number, GPT partition name (`disk-main-root`) or filesystem label (`nixos`). Without
+//! By number, GPT partition name (`disk-main-root`), filesystem label (`nixos`) or disko
+//! partition key (`ESP` matches the GPT name `disk-<disk>-ESP` that disko gives it). Without
 //! `-P`: an unpartitioned disk is used whole; otherwise the only Linux filesystem, else the one
 //! labelled `nixos`, else the candidates are listed and nothing is done.
 
@@ -31,11 +32,17 @@ pub enum SelectError {
         source: vmdisk_block::Error,
     },
     #[error(
-        "no partition matches -P {selector} (by number, GPT name or filesystem label); the disk \
-         has:\n{candidates}"
+        "no partition matches -P {selector} (by number, GPT name, filesystem label or disko \
+         partition key); the disk has:\n{candidates}"
     )]
     NoMatch {
         selector: String,
+        candidates: String,
+    },
+    #[error("-P {selector} matches several partitions ({how}); pick one by number:\n{candidates}")]
+    AmbiguousSelector {
+        selector: String,
+        how: &'static str,
         candidates: String,
     },
     #[error("no ext2/3/4 filesystem found on this disk; it has:\n{candidates}")]
@@ -104,28 +111,65 @@ fn describe(c: &Chosen) -> String {
     }
 }
 
+/// One way a `-P` selector can name a partition.
+type Rule<'a> = dyn Fn(&Chosen) -> bool + 'a;
+
 /// Pick by selector, or by the default policy.
 pub fn select(dev: &Arc<dyn BlockDevice>, sel: Option<&str>) -> Result<Chosen, SelectError> {
     let all = candidates(dev)?;
     let list = || all.iter().map(describe).collect::<Vec<_>>().join("\n");
     if let Some(sel) = sel {
         let by_number = sel.parse::<u32>().ok();
-        let found = all
+        if let Some(c) = all
             .iter()
-            .find(|c| by_number.is_some() && c.number == by_number);
-        let found = found
-            .or_else(|| all.iter().find(|c| c.name == sel))
-            .or_else(|| {
-                all.iter()
-                    .find(|c| c.fs.as_ref().and_then(|f| f.label.as_deref()) == Some(sel))
-            });
-        return match found {
-            Some(c) => Ok(c.clone()),
-            None => Err(SelectError::NoMatch {
-                selector: sel.to_string(),
-                candidates: list(),
+            .find(|c| by_number.is_some() && c.number == by_number)
+        {
+            return Ok(c.clone());
+        }
+        let key_suffix = format!("-{sel}");
+        let rules: [(&'static str, &Rule); 3] = [
+            ("GPT name", &|c: &Chosen| {
+                c.number.is_some() && c.name == sel
             }),
-        };
+            ("filesystem label", &|c: &Chosen| {
+                c.fs.as_ref().and_then(|f| f.label.as_deref()) == Some(sel)
+            }),
+            // disko names GPT partitions `disk-${diskname}-${partkey}`.
+            ("disko partition key", &|c: &Chosen| {
+                c.number.is_some()
+                    && c.name.starts_with("disk-")
+                    && c.name.len() > "disk-".len() + key_suffix.len()
+                    && c.name.ends_with(&key_suffix)
+            }),
+        ];
+        for (how, rule) in rules {
+            let found: Vec<&Chosen> = all.iter().filter(|c| rule(c)).collect();
+            match found.len() {
+                0 => continue,
+                1 => return Ok(found[0].clone()),
+                _ => {
+                    return Err(SelectError::AmbiguousSelector {
+                        selector: sel.to_string(),
+                        how,
+                        candidates: found
+                            .iter()
+                            .map(|c| describe(c))
+                            .collect::<Vec<_>>()
+                            .join("\n"),
+                    })
+                }
+            }
+        }
+        return Err(SelectError::NoMatch {
+            selector: sel.to_string(),
+            candidates: list(),
+        });
+    }
+    // An unpartitioned disk is used whole, whatever it holds (an ext4 or a FAT image).
+    if let [only] = all.as_slice() {
+        if only.number.is_none() && only.fs.is_some() {
+            return Ok(only.clone());
+        }
     }
     let linux: Vec<&Chosen> = all.iter().filter(|c| is_linux_fs(&c.fs)).collect();
     if linux.len() == 1 {

@@ -39,10 +39,14 @@ pub struct CheckOutcome {
     pub compressed_clusters: u64,
     pub filename: String,
     pub format: Format,
-    /// Per-problem lines ("Leaked cluster 5 refcount=1 reference=0").
+    /// Per-problem lines ("Leaked cluster 5 refcount=1 reference=0"); qemu-img prints them
+    /// on stderr, apart from the report.
     #[serde(skip)]
     pub messages: Vec<String>,
 }
+
+/// How the qcow2 engine's own repair summary line begins (see `messages`).
+const REPAIR_SUMMARY: &str = "The following inconsistencies were found and repaired";
 
 fn is_zero(v: &u64) -> bool {
     *v == 0
@@ -97,7 +101,14 @@ pub fn check(path: &Path, opts: &OpenOptions, repair: Repair) -> Result<Option<C
         compressed_clusters: r.compressed_clusters,
         filename: path.display().to_string(),
         format,
-        messages: r.messages.clone(),
+        // The engine marks where the second pass of a repair begins with a summary of its
+        // own; `human()` prints that summary in qemu-img's words, so it is not kept twice.
+        messages: r
+            .messages
+            .iter()
+            .filter(|m| !m.starts_with(REPAIR_SUMMARY))
+            .cloned()
+            .collect(),
     }))
 }
 
@@ -115,12 +126,12 @@ impl CheckOutcome {
         }
     }
 
-    /// The human report of `qemu-img check`.
+    /// The human report of `qemu-img check` (stdout; the per-problem [`messages`] go to
+    /// stderr, as qemu-img prints them).
+    ///
+    /// [`messages`]: CheckOutcome::messages
     pub fn human(&self) -> String {
         let mut s = String::new();
-        for m in &self.messages {
-            let _ = writeln!(s, "{m}");
-        }
         if self.corruptions_fixed > 0 || self.leaks_fixed > 0 {
             let _ = write!(
                 s,

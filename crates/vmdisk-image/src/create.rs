@@ -92,7 +92,7 @@ fn parse_bool(key: &str, v: &str) -> Result<bool> {
 }
 
 /// Split an option string on commas, honouring qemu's `,,` escape.
-fn split_opts(s: &str) -> Vec<String> {
+pub(crate) fn split_opts(s: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut chars = s.chars().peekable();
@@ -410,19 +410,35 @@ fn refuse_own_backing(path: &Path, backing: &Path, chain: &[&Path]) -> Result<()
     })
 }
 
-/// Write the new image's structure into the empty `host`.
+/// Write the new image's structure into the empty `host` (the temporary file of the new
+/// image at `path`, which is the name messages use: the temporary is an implementation
+/// detail the user never named).
 fn format_host(host: &RawFile, path: &Path, plan: &CreatePlan) -> Result<()> {
     match &plan.qcow2 {
         None => {
+            // The host filesystem's limit on one file's size is not a fault of the image.
+            let too_big = |step: &'static str| {
+                move |e: vmdisk_block::Error| match e {
+                    vmdisk_block::Error::Io { source, .. }
+                        if source.raw_os_error() == Some(libc::EFBIG) =>
+                    {
+                        Error::File {
+                            op: "make a file of the size asked for at",
+                            path: path.to_owned(),
+                            source,
+                        }
+                    }
+                    e => Error::image(step, path)(e),
+                }
+            };
             if matches!(
                 plan.prealloc,
                 Some(PreallocMode::Falloc | PreallocMode::Full)
             ) {
-                host.allocate(plan.size)
-                    .map_err(Error::image("preallocating", path))?;
+                // Sized and allocated in one step (fallocate / F_PREALLOCATE, else zeros).
+                host.allocate(plan.size).map_err(too_big("preallocating"))?;
             } else {
-                host.resize(plan.size)
-                    .map_err(Error::image("sizing", path))?;
+                host.resize(plan.size).map_err(too_big("sizing"))?;
             }
         }
         Some(co) => q::create(host, co).map_err(Error::image("creating", path))?,
@@ -452,7 +468,7 @@ fn pending_host(path: &Path, plan: &CreatePlan) -> Result<(PendingFile, RawFile,
 pub fn create(path: &Path, spec: &CreateSpec) -> Result<()> {
     let plan = plan_create(path, spec)?;
     let (pending, host, lock) = pending_host(path, &plan)?;
-    format_host(&host, pending.tmp_path(), &plan)?;
+    format_host(&host, path, &plan)?;
     drop((host, lock));
     // A fully preallocated raw image is as big as its size: leave the flushing to the kernel.
     if matches!(
@@ -514,7 +530,7 @@ impl NewImage {
 pub fn create_new(path: &Path, spec: &CreateSpec) -> Result<NewImage> {
     let plan = plan_create(path, spec)?;
     let (pending, host, lock) = pending_host(path, &plan)?;
-    format_host(&host, pending.tmp_path(), &plan)?;
+    format_host(&host, path, &plan)?;
     drop((host, lock));
     let image = open(
         pending.tmp_path(),
@@ -585,7 +601,7 @@ pub(crate) fn create_pending(
 ) -> Result<(PendingFile, RawFile, ImageLock)> {
     let plan = plan_create(path, spec)?;
     let (pending, host, lock) = pending_host(path, &plan)?;
-    format_host(&host, pending.tmp_path(), &plan)?;
+    format_host(&host, path, &plan)?;
     Ok((pending, host, lock))
 }
 

@@ -152,6 +152,16 @@ pub enum Error {
         needed: u64,
         available: u64,
     },
+    /// A resize would make the image smaller and `--shrink` was not given.
+    #[error(
+        "{} would shrink from {} to {} bytes, which deletes everything past the new end (a \
+         GPT disk's backup partition table lives in its last 16 KiB); make sure nothing \
+         important is there, then pass --shrink (nothing was changed)",
+        path.display(),
+        old,
+        new
+    )]
+    ShrinkWithoutFlag { path: PathBuf, old: u64, new: u64 },
     /// A directory was given where a file (an image, a destination) was expected.
     #[error("{} is a directory, not a disk image file", path.display())]
     IsADirectory { path: PathBuf },

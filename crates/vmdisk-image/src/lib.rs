@@ -18,32 +18,39 @@
 //!   check    qemu-img check over the qcow2 engine, with the qemu-img report model
 //!   commit   fold an overlay into its backing file, then empty it (qemu-img commit)
 //!   rebase   point an overlay at another backing file, keeping the guest view (qemu-img rebase)
+//!   resize   change the virtual size in place, as a transaction (qemu-img resize)
+//!   amend    change compat / lazy_refcounts of a qcow2 in place (qemu-img amend)
+//!   dd       a byte window of an image into a new image (qemu-img dd)
 //! ```
 //!
 //! Errors ([`Error`]) wrap the block taxonomy (`vmdisk_block::Error`: IO, out of range,
 //! corrupt, unsupported, limit, locked) with the path and the step that failed, and add the
 //! factory's own failures: backing loops, chains too deep, unknown formats, bad options.
 
+mod amend;
 mod check;
 mod compare;
 mod convert;
 mod copy;
-mod create;
+pub(crate) mod create;
+mod dd;
 mod error;
 mod info;
 mod map;
-mod measure;
+pub(crate) mod measure;
 mod open;
 mod output;
 mod overlay;
 mod q;
+mod resize;
 mod snapshot;
 mod sniff;
 mod sys;
 
+pub use amend::{amend, amend_options_help, parse_amend_options};
 pub use check::{check, CheckOutcome, Repair};
 pub use compare::{compare, compare_with_progress, Comparison, Difference};
-pub use convert::{convert, ConvertOptions, ConvertStats};
+pub use convert::{convert, ConvertOptions, ConvertStats, MAX_SPARSE_SIZE};
 pub use copy::{
     backing_elsewhere, copy_destination, copy_file, held_for_writing, BackingElsewhere, CopyMethod,
     CopyOptions, CopyStats, Reflink,
@@ -52,6 +59,7 @@ pub use create::{
     create, create_in_place, create_new, create_overlay, overlay_spec, parse_size, CreateSpec,
     ImageOptions, NewImage, PreallocMode,
 };
+pub use dd::{dd, parse_operands as parse_dd_operands, DdOptions, MAX_DD_BLOCK_SIZE};
 pub use error::{Error, Result};
 pub use info::{
     format_size, info, snapshot_table, FormatSpecific, ImageInfo, Qcow2Specific, SnapshotEntry,
@@ -63,6 +71,9 @@ pub use output::{ensure_space, free_space, refuse_output_onto_input, FileId, Pen
 pub use overlay::{
     commit, rebase, CommitOptions, CommitStats, NewBacking, RebaseOptions, RebaseStats,
 };
+pub use q::snapshot::SnapshotSelector;
+pub use q::{AmendOptions, AmendReport, ResizePrealloc, RESIZE_ALIGN};
+pub use resize::{parse_prealloc, resize, ResizeOptions, ResizeStats, SizeChange};
 pub use snapshot::{snapshot_apply, snapshot_create, snapshot_delete, snapshot_list};
 pub use sniff::looks_like;
 

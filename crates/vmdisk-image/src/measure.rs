@@ -11,7 +11,7 @@
 
 use vmdisk_block::{BlockDevice, ExtentKind};
 
-use crate::create::ImageOptions;
+use crate::create::{ImageOptions, PreallocMode};
 use crate::{Error, Format, Image, Result};
 
 /// Guest bytes asked about per block_status call.
@@ -37,11 +37,22 @@ pub fn measure_size(
     data: Option<DataBytes>,
 ) -> Result<Measure> {
     match format {
+        // qemu counts a raw output at its full size, source or not (raw_measure).
         Format::Raw => Ok(Measure {
-            required: data.map_or(virtual_size, |d| d.bytes),
+            required: virtual_size,
             fully_allocated: virtual_size,
         }),
         Format::Qcow2 => {
+            if virtual_size > crate::q::meta::MAX_VIRTUAL_SIZE {
+                return Err(Error::InvalidOption {
+                    option: "size".into(),
+                    reason: format!(
+                        "{} is larger than a qcow2 image can be ({})",
+                        crate::format_size(virtual_size),
+                        crate::format_size(crate::q::meta::MAX_VIRTUAL_SIZE)
+                    ),
+                });
+            }
             let o = options.qcow2_create_options(virtual_size);
             let cs = o.cluster_size;
             let aligned = virtual_size
@@ -51,9 +62,17 @@ pub fn measure_size(
             let refcount_order = u64::from(o.refcount_bits.trailing_zeros());
             let fully = prealloc_size(aligned, cs, l2e, refcount_order)
                 .ok_or_else(|| too_large(virtual_size))?;
-            // Without a source (`--size`), qemu counts no data clusters.
+            // Without a source (`--size`), qemu counts no data clusters; preallocating the
+            // data (falloc, full) needs all of it.
             let data_clusters = data.map_or(0, |d| d.clusters);
-            let required = fully - aligned + data_clusters.saturating_mul(cs).min(aligned);
+            let required = if matches!(
+                options.preallocation,
+                Some(PreallocMode::Falloc | PreallocMode::Full)
+            ) {
+                fully
+            } else {
+                fully - aligned + data_clusters.saturating_mul(cs).min(aligned)
+            };
             Ok(Measure {
                 required,
                 fully_allocated: fully,
@@ -137,12 +156,42 @@ pub fn data_bytes(dev: &dyn BlockDevice, cluster: u64) -> vmdisk_block::Result<D
 
 /// `qemu-img measure -O FORMAT [-o OPTIONS] SRC`.
 pub fn measure(src: &Image, format: Format, options: &ImageOptions) -> Result<Measure> {
+    measure_device(&*src.dev(), src.path(), format, options)
+}
+
+/// Bytes a converted copy of `dev` will occupy on the host: qemu's `required`, except
+/// that a sparse raw output needs only its data (qemu counts a raw output whole).
+pub(crate) fn space_needed(
+    dev: &dyn BlockDevice,
+    path: &std::path::Path,
+    format: Format,
+    options: &ImageOptions,
+) -> Result<u64> {
+    let preallocated = matches!(
+        options.preallocation,
+        Some(PreallocMode::Falloc | PreallocMode::Full)
+    );
+    if format == Format::Raw && !preallocated {
+        return Ok(data_bytes(dev, 1)
+            .map_err(Error::image("measuring", path))?
+            .bytes);
+    }
+    Ok(measure_device(dev, path, format, options)?.required)
+}
+
+/// [`measure`] of any device (`path` names it in errors).
+pub(crate) fn measure_device(
+    dev: &dyn BlockDevice,
+    path: &std::path::Path,
+    format: Format,
+    options: &ImageOptions,
+) -> Result<Measure> {
     let cluster = match format {
         Format::Raw => 1,
-        Format::Qcow2 => options.qcow2_create_options(src.len()).cluster_size,
+        Format::Qcow2 => options.qcow2_create_options(dev.len()).cluster_size,
     };
-    let data = data_bytes(&*src.dev(), cluster).map_err(Error::image("measuring", src.path()))?;
-    measure_size(format, options, src.len(), Some(data))
+    let data = data_bytes(dev, cluster).map_err(Error::image("measuring", path))?;
+    measure_size(format, options, dev.len(), Some(data))
 }
 
 #[cfg(test)]

@@ -292,6 +292,26 @@ pub(crate) fn open_file(
     Ok((host, lock, format))
 }
 
+/// `e` from opening `bpath`, the backing file `name` of `overlay`: a file that is not there is
+/// named as the overlay's missing backing file (with the way to repoint it), not as a bare
+/// "No such file" about a name the user never typed.
+pub(crate) fn missing_backing(e: Error, overlay: &Path, name: &str, bpath: &Path) -> Error {
+    match e {
+        Error::Image {
+            path,
+            source: vmdisk_block::Error::File { source, .. },
+            ..
+        } if source.kind() == std::io::ErrorKind::NotFound && path == bpath => {
+            Error::MissingBacking {
+                overlay: overlay.to_owned(),
+                name: name.to_owned(),
+                resolved: bpath.to_owned(),
+            }
+        }
+        e => e,
+    }
+}
+
 /// What the file behind `host` looks like (see `sniff`); read errors count as "raw data".
 pub(crate) fn sniff(host: &dyn BlockDevice) -> &'static str {
     let n = host.len().min(SNIFF_LEN as u64) as usize;
@@ -374,17 +394,8 @@ fn open_layer(
                 Some(f) => Some(f.parse::<Format>()?),
                 None => None,
             };
-            let layer = open_layer(&bpath, bfmt, opts, true, seen).map_err(|e| match e {
-                Error::Image {
-                    source: vmdisk_block::Error::File { source, .. },
-                    ..
-                } if source.kind() == std::io::ErrorKind::NotFound => Error::MissingBacking {
-                    overlay: path.to_owned(),
-                    name: name.clone(),
-                    resolved: bpath.clone(),
-                },
-                e => e,
-            })?;
+            let layer = open_layer(&bpath, bfmt, opts, true, seen)
+                .map_err(|e| missing_backing(e, path, name, &bpath))?;
             Some(Box::new(layer))
         }
         _ => None,

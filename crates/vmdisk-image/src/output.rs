@@ -167,7 +167,7 @@ impl PendingFile {
             return Err(file_err(
                 "create a file in",
                 &dir,
-                io::Error::from(io::ErrorKind::NotFound),
+                io::Error::from_raw_os_error(libc::ENOENT),
             ));
         }
         let tmp = dir.join(format!(

@@ -116,7 +116,8 @@ pub fn commit(
             undo: true,
             ..Default::default()
         },
-    )?;
+    )
+    .map_err(|e| crate::open::missing_backing(e, path, name, &bpath))?;
     let dev = top.dev();
     let bdev = base.dev();
 

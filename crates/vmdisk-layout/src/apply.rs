@@ -1,13 +1,19 @@
-//! Writing a [`Plan`] to a device: every filesystem is prepared (trees scanned, mke2fs run in
-//! the scratch directory) before the first byte of the target is touched.
+//! Writing a [`Plan`] to a device: every filesystem is prepared (FAT layouts planned from the
+//! scanned trees, mke2fs run in the scratch directory) before the first byte of the target is
+//! touched.
 
 use std::path::Path;
 
-use vmdisk_block::{BlockDevice, ExtentKind, Slice};
+use vmdisk_block::{BlockDevice, Slice};
 
 use crate::error::{Error, Result};
+use crate::fat::FatLayout;
+use crate::model::FsFormat;
 use crate::plan::{Plan, PlannedContent};
 use crate::probe::{probe_filesystem, FsInfo};
+use crate::scratch::{copy_into, ScratchImage};
+use crate::tree::Sources;
+use crate::zero::zero_range;
 
 /// What `apply` wrote.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -25,19 +31,6 @@ pub struct AppliedPartition {
     pub offset: u64,
     pub size: u64,
     pub filesystem: Option<FsInfo>,
-}
-
-/// Make `[off, off+len)` of `dev` read as zeros, writing only where it holds data.
-pub(crate) fn zero_range(dev: &dyn BlockDevice, off: u64, len: u64) -> Result<()> {
-    if len == 0 {
-        return Ok(());
-    }
-    for e in dev.block_status(off, len)? {
-        if e.kind == ExtentKind::Data {
-            dev.write_zeroes(e.off, e.len, true)?;
-        }
-    }
-    Ok(())
 }
 
 /// A `Plan` has public fields: re-check what serialising it relies on.
@@ -71,14 +64,50 @@ fn check_plan(plan: &Plan) -> Result<()> {
 
 enum Prepared<'a> {
     None,
-    Fat(crate::fat::FatImage<'a>),
-    Ext(crate::ext::ScratchImage),
+    Fat(FatLayout<'a>),
+    Ext(ScratchImage),
     Swap(Vec<u8>),
+}
+
+/// Check, before anything is created, that the installed tools can make what `plan` asks
+/// for: btrfs subvolumes need `mkfs.btrfs --subvol` (btrfs-progs 6.11 or newer).
+pub fn preflight(plan: &Plan) -> Result<()> {
+    for p in &plan.partitions {
+        if let PlannedContent::Mkfs {
+            format: FsFormat::Btrfs,
+            subvolumes,
+            ..
+        } = &p.content
+        {
+            if subvolumes.is_empty() {
+                continue;
+            }
+            let (version, ok) = crate::scratch::btrfs_subvol_support()?;
+            if !ok {
+                return Err(Error::ToolLacks {
+                    path: p.path.key("content").key("subvolumes"),
+                    detail: format!(
+                        "btrfs subvolumes cannot be made without root here: the installed \
+                         mkfs.btrfs ({version}) has no --subvol option (btrfs-progs 6.11 or \
+                         newer has it), and otherwise only a mounted filesystem (root and a \
+                         kernel, the builder VM) can get subvolumes"
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Write `plan` to `target` (exactly `plan.disk_size` bytes): the whole device is zeroed,
 /// filesystems are written, and the GPT (protective MBR, primary and backup) comes last.
-pub fn apply(plan: &Plan, target: &dyn BlockDevice, scratch_dir: &Path) -> Result<ApplyReport> {
+/// `sources` are the trees the plan was made with.
+pub fn apply(
+    plan: &Plan,
+    sources: &Sources,
+    target: &dyn BlockDevice,
+    scratch_dir: &Path,
+) -> Result<ApplyReport> {
     if target.len() != plan.disk_size {
         return Err(Error::TargetSize {
             planned: plan.disk_size,
@@ -86,28 +115,24 @@ pub fn apply(plan: &Plan, target: &dyn BlockDevice, scratch_dir: &Path) -> Resul
         });
     }
     check_plan(plan)?;
+    preflight(plan)?;
     // Phase 1: everything that can fail on bad content, no writes to the target.
-    let mut trees = Vec::with_capacity(plan.partitions.len());
-    for p in &plan.partitions {
-        trees.push(match &p.content {
-            PlannedContent::Fat {
-                copy_in: Some(d), ..
-            } => Some(crate::fat::Tree::scan(d, &p.path)?),
-            _ => None,
-        });
-    }
     let mut prepared = Vec::with_capacity(plan.partitions.len());
-    for (p, tree) in plan.partitions.iter().zip(&trees) {
+    for p in &plan.partitions {
         prepared.push(match &p.content {
             PlannedContent::None => Prepared::None,
             PlannedContent::Fat {
-                label, volume_id, ..
-            } => Prepared::Fat(crate::fat::FatImage::new(
+                bits,
+                label,
+                volume_id,
+                ..
+            } => Prepared::Fat(FatLayout::new(
                 p.len(),
                 p.first_lba,
+                *bits,
                 label.as_deref(),
                 *volume_id,
-                tree.as_ref(),
+                sources.get(p.number),
                 &p.path,
             )?),
             PlannedContent::Ext {
@@ -127,6 +152,54 @@ pub fn apply(plan: &Plan, target: &dyn BlockDevice, scratch_dir: &Path) -> Resul
                 &format!("{}-{}", plan.disk_name.replace('/', "_"), p.number),
                 &p.path,
             )?),
+            PlannedContent::Mkfs {
+                format,
+                uuid,
+                extra_args,
+                subvolumes,
+                ..
+            } => {
+                let tag = format!("{}-{}", plan.disk_name.replace('/', "_"), p.number);
+                let img = ScratchImage::create(scratch_dir, &tag, p.len())?;
+                let tree = sources.get(p.number);
+                let skeleton;
+                let rootdir = match tree {
+                    Some(t) => Some(t.dir.as_path()),
+                    None if !subvolumes.is_empty() => {
+                        skeleton =
+                            crate::scratch::subvolume_skeleton(scratch_dir, &tag, subvolumes)?;
+                        Some(skeleton.as_path())
+                    }
+                    None => None,
+                };
+                let proto_path =
+                    scratch_dir.join(format!("vmdisk-layout-{}-{tag}.proto", std::process::id()));
+                let proto = match (format, tree) {
+                    (FsFormat::Xfs, Some(t)) => {
+                        let text = crate::mkfs::xfs_protofile(t, &p.path)?;
+                        std::fs::write(&proto_path, text).map_err(|source| Error::Scratch {
+                            path: proto_path.clone(),
+                            source,
+                        })?;
+                        Some(proto_path.as_path())
+                    }
+                    _ => None,
+                };
+                let runs =
+                    crate::mkfs::commands(*format, *uuid, extra_args, rootdir, proto, subvolumes);
+                let r = crate::scratch::run_tools(&runs, &img, &p.path);
+                if proto.is_some() {
+                    // Best effort: a leftover protofile is only a small scratch file.
+                    let _ = std::fs::remove_file(&proto_path);
+                }
+                if tree.is_none() && rootdir.is_some() {
+                    if let Some(d) = rootdir {
+                        let _ = std::fs::remove_dir_all(d);
+                    }
+                }
+                r?;
+                Prepared::Ext(img)
+            }
             PlannedContent::Swap { label, uuid } => {
                 Prepared::Swap(crate::swap::header(p.len(), *uuid, label.as_deref()))
             }
@@ -143,8 +216,8 @@ pub fn apply(plan: &Plan, target: &dyn BlockDevice, scratch_dir: &Path) -> Resul
         let part = Slice::new(target, p.offset(), p.len())?;
         match prep {
             Prepared::None => {}
-            Prepared::Fat(f) => f.write(&part)?,
-            Prepared::Ext(img) => crate::ext::copy_into(img, &part)?,
+            Prepared::Fat(f) => crate::fatwrite::write(f, &part)?,
+            Prepared::Ext(img) => copy_into(img, &part)?,
             Prepared::Swap(h) => part.write_all_at(h, 0)?,
         }
         report.partitions.push(AppliedPartition {

@@ -69,6 +69,10 @@ pub enum Error {
     /// The layout asks for something vmdisk does not build yet.
     #[error("{path}: {what} is not supported yet")]
     Unsupported { path: JsonPath, what: String },
+    /// The layout needs something only a Linux kernel can make (LUKS, LVM, mdadm, ZFS,
+    /// bcachefs): that is the builder VM's job, which is not built yet.
+    #[error("{path}: {what} needs the builder VM (not built yet)")]
+    NeedsBuilderVm { path: JsonPath, what: String },
     /// `--disk NAME` named no disk of the layout.
     #[error("the layout has no disk named {name:?} (it has: {available})")]
     NoSuchDisk { name: String, available: String },
@@ -82,7 +86,7 @@ pub enum Error {
     #[error("--copy-in {selector}: {rule}")]
     CopyIn { selector: String, rule: String },
     /// Neither a size argument nor `imageSize` gave the disk a size.
-    #[error("{path}: no disk size: give SIZE, --size auto, or set imageSize")]
+    #[error("{path}: no disk size: give SIZE (or `auto`) after the file name, or set imageSize")]
     NoDiskSize { path: JsonPath },
     /// Reading a copy-in source failed.
     #[error("reading {}", path.display())]
@@ -101,13 +105,17 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// An external program (mke2fs) could not be started.
-    #[error("cannot run {tool} (install e2fsprogs)")]
+    /// An external program (mke2fs, mkfs.btrfs, ...) could not be started.
+    #[error("cannot run {tool} (install {package})")]
     SpawningTool {
         tool: &'static str,
+        package: &'static str,
         #[source]
         source: std::io::Error,
     },
+    /// The installed tool cannot make what the layout asks for.
+    #[error("{path}: {detail}")]
+    ToolLacks { path: JsonPath, detail: String },
     /// An external program failed.
     #[error("{path}: {tool} failed ({status}): {stderr}")]
     ToolFailed {

@@ -5,9 +5,10 @@ use vmdisk_block::BlockDevice;
 
 use crate::error::Result;
 use crate::guid::{type_code_of, Guid};
+use crate::mbr::HybridPart;
+use crate::model::{GPT_ENTRIES, GPT_NAME_UNITS};
 use crate::plan::Plan;
 use crate::size::SECTOR;
-use crate::spec::{GPT_ENTRIES, GPT_NAME_UNITS};
 
 const SIGNATURE: &[u8; 8] = b"EFI PART";
 const REVISION: u32 = 0x0001_0000;
@@ -57,16 +58,29 @@ pub(crate) fn serialize(plan: &Plan) -> Vec<(u64, Vec<u8>)> {
         h[16..20].copy_from_slice(&crc.to_le_bytes());
         h
     };
-    let mut mbr = vec![0u8; SECTOR as usize];
-    // One partition of type 0xEE covering the disk (capped at 32 bits), CHS fields maxed.
-    mbr[446 + 1..446 + 4].copy_from_slice(&[0x00, 0x02, 0x00]);
-    mbr[446 + 4] = 0xEE;
-    mbr[446 + 5..446 + 8].copy_from_slice(&[0xFF, 0xFF, 0xFF]);
-    mbr[446 + 8..446 + 12].copy_from_slice(&1u32.to_le_bytes());
-    let mbr_len = (sectors - 1).min(u64::from(u32::MAX)) as u32;
-    mbr[446 + 12..446 + 16].copy_from_slice(&mbr_len.to_le_bytes());
-    mbr[510] = 0x55;
-    mbr[511] = 0xAA;
+    let hybrids: Vec<HybridPart> = plan
+        .partitions
+        .iter()
+        .filter_map(|p| {
+            let h = p.hybrid.as_ref()?;
+            Some(HybridPart {
+                number: p.number,
+                first_lba: p.first_lba,
+                sectors: p.last_lba - p.first_lba + 1,
+                // sgdisk: the MBR type is the high byte of the GPT type's listed code.
+                derived_kind: type_code_of(p.type_guid).map_or(0, |(c, _)| (c >> 8) as u8),
+                kind: h.mbr_type,
+                bootable: h.bootable,
+            })
+        })
+        .collect();
+    let mbr = if plan.parted {
+        crate::mbr::protective_parted(sectors)
+    } else if hybrids.is_empty() {
+        crate::mbr::protective(sectors)
+    } else {
+        crate::mbr::hybrid(&hybrids, !plan.efi_gpt_partition_first)
+    };
     let backup_entries = last - entries_sectors;
     vec![
         (0, mbr),
@@ -102,7 +116,7 @@ pub struct PartitionInfo {
     pub size: u64,
     pub type_guid: Guid,
     /// sgdisk short code and description when known.
-    pub type_code: Option<&'static str>,
+    pub type_code: Option<String>,
     pub type_name: Option<&'static str>,
     pub guid: Guid,
     pub name: String,
@@ -216,7 +230,7 @@ fn read_table(dev: &dyn BlockDevice, lba: u64, sectors: u64) -> Result<Option<Pa
             offset: first.saturating_mul(SECTOR),
             size,
             type_guid,
-            type_code: known.map(|k| k.0),
+            type_code: known.map(|k| format!("{:04X}", k.0)),
             type_name: known.map(|k| k.1),
             guid: guid_at(e, 16),
             name: String::from_utf16_lossy(&units),

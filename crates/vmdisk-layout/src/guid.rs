@@ -101,68 +101,24 @@ impl serde::Serialize for Guid {
     }
 }
 
-/// sgdisk short type codes vmdisk knows, with their GUIDs and names.
-pub const TYPE_CODES: &[(&str, &str, &str)] = &[
-    (
-        "EF00",
-        "c12a7328-f81f-11d2-ba4b-00a0c93ec93b",
-        "EFI system partition",
-    ),
-    (
-        "EF02",
-        "21686148-6449-6e6f-744e-656564454649",
-        "BIOS boot partition",
-    ),
-    (
-        "8300",
-        "0fc63daf-8483-4772-8e79-3d69d8477de4",
-        "Linux filesystem",
-    ),
-    ("8200", "0657fd6d-a4ab-43c4-84e5-0933c84b4f4f", "Linux swap"),
-    ("8E00", "e6d6d379-f507-44c2-a23c-238f2a3df928", "Linux LVM"),
-    ("FD00", "a19d880f-05fc-4d3b-a006-743f0f84911e", "Linux RAID"),
-    (
-        "8304",
-        "4f68bce3-e8cd-4db1-96e7-fbcaf984b709",
-        "Linux x86-64 root (/)",
-    ),
-    (
-        "8305",
-        "b921b045-1df0-41c3-af44-4c6f280d3fae",
-        "Linux ARM64 root (/)",
-    ),
-    (
-        "8302",
-        "933ac7e1-2eb4-4f13-b844-0e14e2aef915",
-        "Linux /home",
-    ),
-    ("8309", "ca7d7ccb-63ed-4c53-861c-1742536059cc", "Linux LUKS"),
-    (
-        "EA00",
-        "bc13c2ff-59e6-4262-a352-b275fd6f7172",
-        "XBOOTLDR partition",
-    ),
-    (
-        "0700",
-        "ebd0a0a2-b9e5-4433-87c0-68b6b72699c7",
-        "Microsoft basic data",
-    ),
-];
+/// sgdisk's type codes: every code sgdisk 1.0.9 accepts, with its GUID and name.
+pub use crate::typecodes::SGDISK_TYPE_CODES as TYPE_CODES;
 
-/// The GUID of a short type code (case-insensitive), if vmdisk knows it.
+/// The GUID of a 4-hex-digit type code (case-insensitive), if sgdisk knows it.
 pub fn type_code_guid(code: &str) -> Option<Guid> {
+    let n = u16::from_str_radix(code, 16).ok()?;
     TYPE_CODES
         .iter()
-        .find(|(c, _, _)| c.eq_ignore_ascii_case(code))
-        .and_then(|(_, g, _)| g.parse().ok())
+        .find(|(c, _, _, _)| *c == n)
+        .and_then(|(_, g, _, _)| g.parse().ok())
 }
 
-/// The short code and name of a type GUID, if it is one vmdisk knows.
-pub fn type_code_of(guid: Guid) -> Option<(&'static str, &'static str)> {
+/// The code sgdisk shows for a type GUID (the first listed one) and its name.
+pub fn type_code_of(guid: Guid) -> Option<(u16, &'static str)> {
     TYPE_CODES
         .iter()
-        .find(|(_, g, _)| g.parse() == Ok(guid))
-        .map(|(c, _, n)| (*c, *n))
+        .find(|(_, g, _, listed)| *listed && g.parse() == Ok(guid))
+        .map(|(c, _, n, _)| (*c, *n))
 }
 
 #[cfg(test)]
@@ -189,9 +145,14 @@ mod tests {
 
     #[test]
     fn every_type_code_parses() {
-        for (c, _, _) in TYPE_CODES {
-            assert!(type_code_guid(c).is_some(), "{c}");
+        for (c, _, _, _) in TYPE_CODES {
+            assert!(type_code_guid(&format!("{c:04X}")).is_some(), "{c:04X}");
         }
+        assert_eq!(TYPE_CODES.len(), 255);
+        assert_eq!(
+            type_code_of(type_code_guid("0b00").unwrap()).unwrap().0,
+            0x0700
+        );
         assert_eq!(type_code_guid("ef00"), type_code_guid("EF00"));
     }
 

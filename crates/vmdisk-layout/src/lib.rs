@@ -15,8 +15,9 @@
 //! LBA N-1          backup GPT header (my/alternate LBAs swapped, entries at N-33)
 //! ```
 //!
-//! Flow: [`parse`] → [`select_disk`] → [`plan`] (pure: sectors, GUIDs, filesystem ids; or
-//! [`measure`] for `--size auto`) → [`apply`]. [`probe_partitions`] and [`probe_filesystem`]
+//! Flow: [`parse`] → [`select_disk`] → [`scan_copy_in`] (the only read of the `--copy-in`
+//! trees: each becomes a [`Tree`] value) → [`plan`] (pure: sectors, GUIDs, filesystem ids; or
+//! [`measure`] for size `auto`) → [`apply`] (IO: filesystems from the plan and the trees). [`probe_partitions`] and [`probe_filesystem`]
 //! read back what is on a device for `vmdisk inspect`.
 //!
 //! Errors ([`Error`]): layout mistakes name the JSON path and the rule broken
@@ -31,29 +32,44 @@ mod apply;
 mod error;
 mod ext;
 mod fat;
+mod fatwrite;
 mod gpt;
 mod guid;
 mod json;
+mod legacy;
+mod mbr;
+mod mkfs;
+mod model;
 mod plan;
 mod probe;
+mod scan;
+mod scratch;
 mod size;
 mod spec;
 mod swap;
+mod tree;
+mod typecodes;
+mod usage;
+mod zero;
 
-pub use apply::{apply, AppliedPartition, ApplyReport};
+pub use apply::{apply, preflight, AppliedPartition, ApplyReport};
 pub use error::{Error, JsonPath, Result};
 pub use ext::FIXED_TIME;
+pub use fat::{Geometry as FatGeometry, MIN_CLUSTERS_32 as FAT_MIN_CLUSTERS_32};
 pub use gpt::{probe_partitions, PartitionInfo, PartitionTable};
 pub use guid::{type_code_guid, type_code_of, Guid, TYPE_CODES};
+pub use model::{
+    Content, DiskSpec, FsFormat, FsSpec, HybridSpec, PartitionSpec, PlanOptions, Subvolume,
+    SwapSpec, GPT_ENTRIES,
+};
 pub use plan::{
-    measure, plan, Plan, PlanOptions, PlannedContent, PlannedPartition, DEFAULT_ALIGNMENT,
-    MAX_DISK_BYTES,
+    measure, plan, Plan, PlannedContent, PlannedPartition, DEFAULT_ALIGNMENT, MAX_DISK_BYTES,
 };
 pub use probe::{probe_filesystem, FsInfo, FsKind};
+pub use scan::scan_copy_in;
 pub use size::{Position, SizeSpec, SECTOR};
-pub use spec::{
-    parse, select_disk, Content, DiskSpec, FsFormat, FsSpec, PartitionSpec, SwapSpec, GPT_ENTRIES,
-};
+pub use spec::{default_label, parse, parse_layout, select_disk, Layout, DEFAULT_IMAGE_SIZE};
+pub use tree::{Sources, Tree};
 
 #[cfg(test)]
 mod tests;

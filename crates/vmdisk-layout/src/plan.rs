@@ -1,11 +1,13 @@
 //! Pure planning: sector ranges (sgdisk semantics), GUIDs and filesystem ids from the seed.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::error::{Error, JsonPath, Result};
 use crate::guid::Guid;
+use crate::model::{Content, DiskSpec, FsFormat, HybridSpec, PartitionSpec, PlanOptions};
 use crate::size::{Position, SizeSpec, SECTOR};
-use crate::spec::{Content, DiskSpec, FsFormat, PartitionSpec};
+use crate::tree::{Sources, Tree};
+use crate::usage::Usage;
 
 /// sgdisk's default partition alignment: 2048 sectors (1 MiB).
 pub const DEFAULT_ALIGNMENT: u64 = 2048;
@@ -24,19 +26,6 @@ const MEASURE_ROUNDS: usize = 64;
 /// Sizes `measure` returns are whole MiB.
 const MIB: u64 = 1 << 20;
 
-/// Options for [`plan`] and [`measure`].
-#[derive(Debug, Clone, Default)]
-pub struct PlanOptions {
-    /// Seed for every GUID and filesystem id the layout does not give; None derives one from
-    /// the layout's content.
-    pub seed: Option<String>,
-    /// `--copy-in PART=DIR`: PART is a partition attribute name, disko name, GPT name, number,
-    /// or mountpoint.
-    pub copy_in: Vec<(String, PathBuf)>,
-    /// Free bytes `measure` leaves in the `100%` partition's filesystem beyond its content.
-    pub free_margin: u64,
-}
-
 /// The whole disk, ready to write.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Plan {
@@ -47,6 +36,10 @@ pub struct Plan {
     pub disk_guid: Guid,
     pub first_usable_lba: u64,
     pub last_usable_lba: u64,
+    /// Hybrid MBRs: the 0xEE entry first (disko's `efiGptPartitionFirst`).
+    pub efi_gpt_partition_first: bool,
+    /// Made as parted makes it (the legacy `table` type): its protective MBR's CHS end.
+    pub parted: bool,
     /// In creation (disko) order.
     pub partitions: Vec<PlannedPartition>,
 }
@@ -66,6 +59,8 @@ pub struct PlannedPartition {
     pub first_lba: u64,
     pub last_lba: u64,
     pub attributes: u64,
+    /// The partition's entry in a hybrid MBR.
+    pub hybrid: Option<HybridSpec>,
     pub content: PlannedContent,
 }
 
@@ -83,12 +78,14 @@ impl PlannedPartition {
     }
 }
 
-/// What [`crate::apply`] puts into a partition.
+/// What `apply` puts into a partition; `copy_in` names the scanned tree's directory.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum PlannedContent {
     None,
     Fat {
+        /// `-F`: 12, 16 or 32; None lets the size decide, as mkfs.fat does.
+        bits: Option<u8>,
         label: Option<String>,
         volume_id: u32,
         copy_in: Option<PathBuf>,
@@ -104,6 +101,15 @@ pub enum PlannedContent {
         label: Option<String>,
         uuid: Guid,
     },
+    /// btrfs, xfs, f2fs: made by their own mkfs tool on a scratch file.
+    Mkfs {
+        format: FsFormat,
+        uuid: Guid,
+        extra_args: Vec<String>,
+        /// btrfs subvolumes (paths below the top level).
+        subvolumes: Vec<String>,
+        copy_in: Option<PathBuf>,
+    },
 }
 
 /// The seed bytes for a disk.
@@ -114,36 +120,77 @@ fn seed_bytes(disk: &DiskSpec, opts: &PlanOptions) -> Vec<u8> {
     }
 }
 
-/// Plan `disk` on a device of `disk_size` bytes (None: the layout's `imageSize`).
-pub fn plan(disk: &DiskSpec, disk_size: Option<u64>, opts: &PlanOptions) -> Result<Plan> {
+/// Plan `disk` on a device of `disk_size` bytes (None: the layout's `imageSize`), with the
+/// trees `scan_copy_in` scanned. Pure: no file is read.
+pub fn plan(
+    disk: &DiskSpec,
+    disk_size: Option<u64>,
+    opts: &PlanOptions,
+    sources: &Sources,
+) -> Result<Plan> {
     let size = disk_size
         .or(disk.image_size)
         .ok_or_else(|| Error::NoDiskSize {
             path: disk.path.clone(),
         })?;
-    let copy_in = resolve_copy_in(disk, opts)?;
-    let ranges = allocate(disk, size).map_err(FitError::into_error)?;
+    let ranges = if disk.parted {
+        allocate_parted(disk, size)?
+    } else {
+        allocate(disk, size).map_err(FitError::into_error)?
+    };
     let seed = seed_bytes(disk, opts);
     let tag = |what: &str, p: &PartitionSpec| format!("{what}:{}:{}", disk.name, p.key);
     let mut partitions = Vec::with_capacity(disk.partitions.len());
     for (p, &(first, last)) in disk.partitions.iter().zip(&ranges) {
         let len = (last - first + 1) * SECTOR;
-        let src = copy_in
-            .iter()
-            .find(|(n, _)| *n == p.number)
-            .map(|(_, d)| d.clone());
+        let src = sources.get(p.number).map(|t| t.dir.clone());
         let content = match &p.content {
             Content::None => PlannedContent::None,
             Content::Filesystem(fs) if fs.format == FsFormat::Vfat => {
-                crate::fat::Geometry::for_size(len, first).map_err(|rule| {
-                    Error::invalid(&size_path(p), format!("{} bytes: {rule}", len))
-                })?;
+                crate::fat::Geometry::mkfs(len, first, fs.fat_bits)
+                    .map_err(|rule| Error::invalid(&size_path(p), rule))?;
                 let id = Guid::derive(&seed, &tag("fat-volume-id", p)).0;
                 PlannedContent::Fat {
+                    bits: fs.fat_bits,
                     label: fs.fat_label.clone(),
                     volume_id: fs
                         .fat_volume_id
                         .unwrap_or(u32::from_le_bytes([id[0], id[1], id[2], id[3]])),
+                    copy_in: src,
+                }
+            }
+            Content::Filesystem(fs) if !fs.format.is_ext() => {
+                let min = crate::mkfs::min_bytes(fs.format);
+                if len < min {
+                    return Err(Error::invalid(
+                        &size_path(p),
+                        format!(
+                            "{len} bytes is too small for {} (mkfs.{} needs at least {min})",
+                            fs.format.name(),
+                            fs.format.name()
+                        ),
+                    ));
+                }
+                if let Some(tree) = sources.get(p.number) {
+                    for sv in &fs.subvolumes {
+                        if !tree_has_dir(tree, &sv.name) {
+                            return Err(Error::CopyIn {
+                                selector: format!("{}={}", p.key, tree.dir.display()),
+                                rule: format!(
+                                    "subvolume {:?} ({}) must be a directory of the tree copied \
+                                     in (mkfs.btrfs --subvol makes existing directories \
+                                     subvolumes)",
+                                    sv.name, sv.path
+                                ),
+                            });
+                        }
+                    }
+                }
+                PlannedContent::Mkfs {
+                    format: fs.format,
+                    uuid: Guid::derive(&seed, &tag("fs-uuid", p)),
+                    extra_args: fs.extra_args.clone(),
+                    subvolumes: fs.subvolumes.iter().map(|s| s.name.clone()).collect(),
                     copy_in: src,
                 }
             }
@@ -162,6 +209,8 @@ pub fn plan(disk: &DiskSpec, disk_size: Option<u64>, opts: &PlanOptions) -> Resu
                     copy_in: src,
                 }
             }
+            // disko leaves a randomly encrypted swap partition empty: NixOS sets it up at boot.
+            Content::Swap(sw) if sw.random_encryption => PlannedContent::None,
             Content::Swap(sw) => {
                 if len < MIN_SWAP_BYTES {
                     return Err(Error::invalid(
@@ -191,6 +240,7 @@ pub fn plan(disk: &DiskSpec, disk_size: Option<u64>, opts: &PlanOptions) -> Resu
             first_lba: first,
             last_lba: last,
             attributes: p.attributes,
+            hybrid: p.hybrid.clone(),
             content,
         });
     }
@@ -210,6 +260,8 @@ pub fn plan(disk: &DiskSpec, disk_size: Option<u64>, opts: &PlanOptions) -> Resu
         sector_size: SECTOR,
         disk_guid: Guid::derive(&seed, &format!("disk-guid:{}", disk.name)),
         first_usable_lba: GPT_HEAD_SECTORS,
+        efi_gpt_partition_first: disk.efi_gpt_partition_first,
+        parted: disk.parted,
         last_usable_lba: sectors - GPT_TAIL_SECTORS - 1,
         partitions,
     })
@@ -221,52 +273,6 @@ fn size_path(p: &PartitionSpec) -> JsonPath {
     } else {
         p.path.key("end")
     }
-}
-
-/// Map `--copy-in` selectors to partition numbers.
-fn resolve_copy_in(disk: &DiskSpec, opts: &PlanOptions) -> Result<Vec<(u32, PathBuf)>> {
-    let mut out: Vec<(u32, PathBuf)> = Vec::new();
-    for (sel, dir) in &opts.copy_in {
-        let err = |rule: String| Error::CopyIn {
-            selector: format!("{sel}={}", dir.display()),
-            rule,
-        };
-        let matches: Vec<&PartitionSpec> = disk
-            .partitions
-            .iter()
-            .filter(|p| {
-                p.key == *sel
-                    || p.name == *sel
-                    || p.label == *sel
-                    || p.number.to_string() == *sel
-                    || matches!(&p.content, Content::Filesystem(fs)
-                        if fs.mountpoint.as_deref() == Some(sel.as_str()))
-            })
-            .collect();
-        let p = match matches.as_slice() {
-            [one] => *one,
-            [] => {
-                let names: Vec<&str> = disk.partitions.iter().map(|p| p.key.as_str()).collect();
-                return Err(err(format!(
-                    "no partition of disk {:?} is called that (partitions: {})",
-                    disk.name,
-                    names.join(", ")
-                )));
-            }
-            _ => return Err(err("more than one partition matches".into())),
-        };
-        if !matches!(p.content, Content::Filesystem(_)) {
-            return Err(err(format!("{} holds no filesystem", p.path)));
-        }
-        if out.iter().any(|(n, _)| *n == p.number) {
-            return Err(err(format!("{} already gets a --copy-in", p.path)));
-        }
-        if !dir.is_dir() {
-            return Err(err("not a directory".into()));
-        }
-        out.push((p.number, dir.clone()));
-    }
-    Ok(out)
 }
 
 /// Why a layout does not fit a disk size.
@@ -304,12 +310,62 @@ fn free_blocks(first: u64, last: u64, used: &[(u64, u64)]) -> Vec<(u64, u64)> {
     out
 }
 
-fn align_up(v: u64, a: u64) -> Option<u64> {
-    v.div_ceil(a).checked_mul(a)
+/// The free-space model sgdisk works on while it adds partitions one by one.
+struct Disk<'a> {
+    first_usable: u64,
+    last_usable: u64,
+    used: &'a [(u64, u64)],
 }
 
-/// sgdisk `--align-end --new=N:start:end` for each partition in order; returns inclusive LBA
-/// ranges in the same order.
+impl Disk<'_> {
+    /// Whether every sector of `a..=b` is usable and in no partition.
+    fn range_free(&self, a: u64, b: u64) -> bool {
+        a >= self.first_usable
+            && b <= self.last_usable
+            && !self.used.iter().any(|&(x, y)| x <= b && a <= y)
+    }
+
+    fn is_free(&self, s: u64) -> bool {
+        self.range_free(s, s)
+    }
+
+    /// sgdisk's FindLastInFree: the sector before the next partition starting after `s`, or
+    /// the last usable sector.
+    fn last_in_free(&self, s: u64) -> u64 {
+        self.used
+            .iter()
+            .filter(|&&(a, _)| a > s)
+            .map(|&(a, _)| a - 1)
+            .min()
+            .unwrap_or(self.last_usable)
+    }
+
+    /// sgdisk's Align: move `s` down to a multiple of `align` when every sector in between is
+    /// free, else up when that is, else leave it.
+    fn align(&self, s: u64, align: u64) -> u64 {
+        if s % align == 0 {
+            return s;
+        }
+        let earlier = s / align * align;
+        if earlier >= self.first_usable && self.range_free(earlier, s - 1) {
+            return earlier;
+        }
+        match earlier.checked_add(align) {
+            Some(later) if later <= self.last_usable && self.range_free(s + 1, later) => later,
+            _ => s,
+        }
+    }
+}
+
+/// `sgdisk --align-end [--set-alignment=A] --new=N:START:END` for each partition in order,
+/// as gdisk 1.0.9 does it; returns inclusive LBA ranges in the same order.
+///
+/// sgdisk takes the first sector of the largest free block, aligned (`low`), and the last
+/// sector of that block (`high`), which `--align-end` moves down to just before an alignment
+/// boundary. START: `0` is `low`, `+N` is `low + N`, `-N` is `high - N`, else a sector. END:
+/// `0` is `high`, `+N` is START + N - 1, `-N` is `high - N`, else the last sector itself.
+/// Then START is aligned (down when the sectors in between are free, else up), and the range
+/// must be free.
 pub(crate) fn allocate(
     disk: &DiskSpec,
     size: u64,
@@ -358,54 +414,65 @@ pub(crate) fn allocate(
         };
         let too_small =
             |what: &str, rule: String| FitError::TooSmall(Error::invalid(&p.path.key(what), rule));
+        let end_path = if p.size.is_some() && p.end_is_default {
+            "size"
+        } else {
+            "end"
+        };
+        let d = Disk {
+            first_usable,
+            last_usable,
+            used: &used,
+        };
         let free = free_blocks(first_usable, last_usable, &used);
-        // The largest free block (the first of equals), as sgdisk's default.
-        let Some(&(lo, hi)) = free.iter().rev().max_by_key(|(a, b)| b - a) else {
+        // The first sector of the largest free block (the first of equals), as sgdisk's.
+        let Some(&(lo, _)) = free.iter().rev().max_by_key(|(a, b)| b - a) else {
             return Err(too_small(
                 "size",
                 format!("no free space left on a {size}-byte disk"),
             ));
         };
-        let low = match align_up(lo, align) {
-            Some(a) if a <= hi => a,
-            _ => lo,
+        let low = d.align(lo, align);
+        let high = d.last_in_free(low);
+        // --align-end: the default and "-N" ends count back from an alignment boundary.
+        let high = match (high + 1) / align * align {
+            b if b > low => b - 1,
+            _ => high,
         };
+        // Offsets and ends below are checked: a layout can ask for any sector.
         let start = match p.start {
-            Position::Default => low,
-            Position::Absolute(s) => s,
-            Position::Plus(n) => low.saturating_add(n),
-            Position::Minus(n) => hi.saturating_sub(n),
-        };
-        let start = match align_up(start, align) {
-            Some(a) if free.iter().any(|&(x, y)| x <= a && a <= y) => a,
-            _ => start,
-        };
-        let Some(&(_, fhi)) = free.iter().find(|&&(x, y)| x <= start && start <= y) else {
+            Position::Default => Some(low),
+            Position::Absolute(s) => Some(s),
+            Position::Plus(n) => low.checked_add(n),
+            Position::Minus(n) => high.checked_sub(n),
+        }
+        .ok_or_else(|| too_small("start", format!("start is outside a {size}-byte disk")))?;
+        let end = match p.end {
+            Position::Default => Some(high),
+            Position::Absolute(s) => Some(s),
+            Position::Plus(n) => start.checked_add(n - 1),
+            Position::Minus(n) => high.checked_sub(n),
+        }
+        .ok_or_else(|| too_small(end_path, format!("the end is outside a {size}-byte disk")))?;
+        let start = d.align(start, align);
+        if !d.is_free(start) {
             let rule = format!("start sector {start} is not in free space on a {size}-byte disk");
             return Err(if start > last_usable {
                 too_small("start", rule)
             } else {
                 FitError::Other(Error::invalid(&p.path.key("start"), rule))
             });
-        };
-        let end_path = if p.size.is_some() && !matches!(p.end, Position::Minus(0)) {
-            "size"
-        } else {
-            "end"
-        };
-        let mut end = match p.end {
-            Position::Default | Position::Plus(0) => fhi,
-            Position::Plus(n) => start
-                .checked_add(n - 1)
-                .ok_or_else(|| too_small(end_path, "end sector overflows".to_string()))?,
-            Position::Minus(n) => fhi.checked_sub(n).ok_or_else(|| {
-                too_small(
-                    end_path,
-                    format!("{n} sectors before the end leaves no room"),
-                )
-            })?,
-            Position::Absolute(s) => s,
-        };
+        }
+        if end < start {
+            let rule = format!("end sector {end} is before start sector {start}");
+            // An end counted back from the end of the disk moves out as the disk grows.
+            return Err(if matches!(p.end, Position::Minus(_) | Position::Default) {
+                too_small(end_path, rule)
+            } else {
+                FitError::Other(Error::invalid(&p.path.key(end_path), rule))
+            });
+        }
+        let fhi = d.last_in_free(start);
         if end > fhi {
             return Err(too_small(
                 end_path,
@@ -415,48 +482,72 @@ pub(crate) fn allocate(
                 ),
             ));
         }
-        // end <= fhi < sectors <= MAX_DISK_BYTES / 512: no overflow below.
-        if (end + 1) % align != 0 {
-            let aligned = (end + 1) / align * align;
-            if aligned > start + 1 {
-                end = aligned - 1;
-            }
-        }
-        if end < start {
-            let rule = format!("end sector {end} is before start sector {start}");
-            // An end counted back from the end of the disk moves out as the disk grows.
-            return Err(if matches!(p.end, Position::Minus(_)) {
-                too_small(end_path, rule)
-            } else {
-                FitError::Other(Error::invalid(&p.path.key(end_path), rule))
-            });
-        }
         used.push((start, end));
     }
     Ok(used)
 }
 
-/// The smallest disk size (whole MiB) that holds the layout, the content copied in, and
-/// `free_margin` spare bytes in the `100%` partition's filesystem.
-pub fn measure(disk: &DiskSpec, opts: &PlanOptions) -> Result<u64> {
-    let copy_in = resolve_copy_in(disk, opts)?;
-    // Minimum bytes each partition's content needs.
-    let mut need: Vec<u64> = Vec::with_capacity(disk.partitions.len());
-    for p in &disk.partitions {
-        let src = copy_in
+/// Whether `rel` (a/b/c) is a directory of `tree`.
+fn tree_has_dir(tree: &Tree, rel: &str) -> bool {
+    let mut nodes = tree.root.as_slice();
+    for comp in rel.split('/') {
+        match nodes
             .iter()
-            .find(|(n, _)| *n == p.number)
-            .map(|(_, d)| d.as_path());
-        let rest = p.size == Some(SizeSpec::Rest);
-        let margin = if rest { opts.free_margin } else { 0 };
-        need.push(content_min_bytes(p, src, margin)?);
+            .find(|n| n.name == std::ffi::OsStr::new(comp))
+            .map(|n| &n.kind)
+        {
+            Some(crate::tree::Kind::Dir(c)) => nodes = c,
+            _ => return false,
+        }
     }
+    true
+}
+
+/// The legacy `table`: each partition placed as `parted mkpart` places it, in list order.
+fn allocate_parted(disk: &DiskSpec, size: u64) -> Result<Vec<(u64, u64)>> {
+    let size_path = disk.path.key("imageSize");
+    let sectors = size / SECTOR;
+    if size > MAX_DISK_BYTES
+        || size % SECTOR != 0
+        || sectors < GPT_HEAD_SECTORS + GPT_TAIL_SECTORS + 1
+    {
+        return Err(Error::invalid(
+            &size_path,
+            format!("disk size {size} cannot hold a GPT (or is not whole sectors)"),
+        ));
+    }
+    let last_usable = sectors - GPT_TAIL_SECTORS - 1;
+    let mut next = GPT_HEAD_SECTORS;
+    let mut out = Vec::with_capacity(disk.partitions.len());
+    for p in &disk.partitions {
+        let Some((start, end)) = &p.parted else {
+            return Err(Error::invalid(&p.path, "not a legacy table partition"));
+        };
+        let (a, b) =
+            crate::legacy::place(start, end, sectors, next, last_usable).ok_or_else(|| {
+                Error::invalid(
+                    &p.path,
+                    format!("parted cannot place this partition on a {size}-byte disk"),
+                )
+            })?;
+        out.push((a, b));
+        next = b + 1;
+    }
+    Ok(out)
+}
+
+/// The smallest disk size (whole MiB) that holds the layout, the content copied in (the
+/// scanned `sources`), and `free_margin` spare bytes in the `100%` partition's filesystem.
+pub fn measure(disk: &DiskSpec, opts: &PlanOptions, sources: &Sources) -> Result<u64> {
     for p in &disk.partitions {
         if let Some(SizeSpec::Bytes(b)) = p.size {
             if b > MAX_DISK_BYTES {
                 return Err(Error::invalid(
                     &p.path.key("size"),
-                    format!("{b} bytes is larger than the largest supported disk ({MAX_DISK_BYTES} bytes)"),
+                    format!(
+                        "{b} bytes is larger than the largest supported disk \
+                         ({MAX_DISK_BYTES} bytes)"
+                    ),
                 ));
             }
         }
@@ -469,32 +560,57 @@ pub fn measure(disk: &DiskSpec, opts: &PlanOptions) -> Result<u64> {
             _ => 0,
         })
         .fold(0u64, u64::saturating_add);
-    let rest_need: u64 = disk
-        .partitions
-        .iter()
-        .zip(&need)
-        .filter(|(p, _)| p.size == Some(SizeSpec::Rest))
-        .map(|(_, n)| *n)
-        .sum();
     let mut candidate = fixed
-        .saturating_add(rest_need)
         .saturating_add(2 * MIB)
         .div_ceil(MIB)
         .saturating_mul(MIB);
+    // The partitions that grow with the disk (a "100%" size, an end counted from the end of
+    // the disk, no size at all) get the free margin; fixed ones only what their content needs.
+    let mut need: Option<Vec<u64>> = None;
     for _ in 0..MEASURE_ROUNDS {
         match allocate(disk, candidate) {
             Ok(ranges) => {
-                let deficit = disk
-                    .partitions
-                    .iter()
-                    .zip(&ranges)
-                    .zip(&need)
-                    .map(|((_, &(a, b)), &n)| n.saturating_sub((b - a + 1) * SECTOR))
-                    .max()
-                    .unwrap_or(0);
+                let need = match &need {
+                    Some(n) => n,
+                    None => {
+                        let bigger = candidate.saturating_add(64 * MIB);
+                        let grown = match allocate(disk, bigger) {
+                            Ok(r) => r,
+                            Err(_) => ranges.clone(),
+                        };
+                        let mut n = Vec::with_capacity(disk.partitions.len());
+                        for (i, p) in disk.partitions.iter().enumerate() {
+                            let grows = grown[i].1 - grown[i].0 > ranges[i].1 - ranges[i].0;
+                            let margin = if grows { opts.free_margin } else { 0 };
+                            n.push(content_min_bytes(p, sources.get(p.number), margin, grows)?);
+                        }
+                        need.insert(n)
+                    }
+                };
+                let mut deficit = 0u64;
+                for ((p, &(a, b)), &n) in disk.partitions.iter().zip(&ranges).zip(need) {
+                    let have = (b - a + 1) * SECTOR;
+                    if n > have {
+                        let bigger = candidate.saturating_add(n - have + 64 * MIB);
+                        let grows = allocate(disk, bigger).is_ok_and(|r| {
+                            let i = disk.partitions.iter().position(|q| q.number == p.number);
+                            i.is_some_and(|i| r[i].1 - r[i].0 > b - a)
+                        });
+                        if !grows {
+                            return Err(Error::ContentTooLarge {
+                                path: size_path(p),
+                                detail: format!(
+                                    "the partition has a fixed size of {have} bytes, its \
+                                     content needs {n}; make it larger"
+                                ),
+                            });
+                        }
+                        deficit = deficit.max(n - have);
+                    }
+                }
                 if deficit == 0 {
                     // Validate the rest (GUIDs, content sizes) the way create will.
-                    plan(disk, Some(candidate), opts)?;
+                    plan(disk, Some(candidate), opts, sources)?;
                     return Ok(candidate);
                 }
                 candidate = candidate.saturating_add(deficit.div_ceil(MIB) * MIB);
@@ -514,29 +630,37 @@ pub fn measure(disk: &DiskSpec, opts: &PlanOptions) -> Result<u64> {
 }
 
 /// Minimum partition bytes for the content of `p` (with `src` copied in).
-fn content_min_bytes(p: &PartitionSpec, src: Option<&Path>, margin: u64) -> Result<u64> {
+fn content_min_bytes(
+    p: &PartitionSpec,
+    src: Option<&Tree>,
+    margin: u64,
+    grows: bool,
+) -> Result<u64> {
     Ok(match &p.content {
-        Content::None => MIB,
+        Content::None => 0,
+        Content::Swap(sw) if sw.random_encryption => 0,
         Content::Swap(_) => {
-            if p.size == Some(SizeSpec::Rest) && margin == 0 {
-                MIB
-            } else {
+            if grows {
                 margin.max(MIN_SWAP_BYTES)
+            } else {
+                MIN_SWAP_BYTES
             }
         }
         Content::Filesystem(fs) if fs.format == FsFormat::Vfat => {
-            let tree = match src {
-                Some(d) => Some(crate::fat::Tree::scan(d, &p.path)?),
-                None => None,
-            };
-            crate::fat::min_size(tree.as_ref(), margin)
+            if let Some(t) = src {
+                crate::fat::check_tree(t, &p.path)?;
+            }
+            crate::fat::min_size(src, margin, fs.fat_bits)
         }
-        Content::Filesystem(_) => {
-            let usage = match src {
-                Some(d) => crate::ext::Usage::scan(d)?,
-                None => crate::ext::Usage::default(),
-            };
-            usage.min_fs_bytes(margin)
+        Content::Filesystem(fs) if fs.format.is_ext() => {
+            src.map(Usage::of).unwrap_or_default().min_fs_bytes(margin)
+        }
+        Content::Filesystem(fs) => {
+            let usage = src.map(Usage::of).unwrap_or_default();
+            // The data, with the ext estimate's overheads, but never below what the tool takes.
+            usage
+                .min_fs_bytes(margin)
+                .max(crate::mkfs::min_bytes(fs.format))
         }
     })
 }

@@ -22,7 +22,10 @@ fn number_and_unit(text: &str, path: &JsonPath, what: &str) -> Result<(u64, Opti
     let bad = || {
         Error::invalid(
             path,
-            format!("{text:?} is not a valid {what} (digits with an optional K, M, G, T or P)"),
+            format!(
+                "{text:?} is not a valid {what} (disko takes digits with an optional K, M, G, T \
+                 or P, e.g. 512M)"
+            ),
         )
     };
     let (digits, mult) = match text.chars().last() {
@@ -70,38 +73,84 @@ pub fn parse_image_size(text: &str, path: &JsonPath) -> Result<u64> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Position {
-    /// `0`: the default (start or end of the largest free block).
+    /// `0` (or any zero, signed or not, with any unit): sgdisk's default (the start of the
+    /// largest free block, or its end).
     Default,
-    /// An absolute sector (`2048`, `1M`).
+    /// An absolute sector (`2048`, `2048s`, `1M`, `1MiB`); as an end, the last sector (inclusive).
     Absolute(u64),
-    /// `+N`: relative to the start of the free block (start) or to the partition start (end).
+    /// `+N`: N sectors after the start of the free block (start) or the partition start (end).
     Plus(u64),
-    /// `-N`: back from the end of the free block.
+    /// `-N`: N sectors before the (aligned) end of the free block.
     Minus(u64),
 }
 
-/// Parse an sgdisk position (`0`, `2048`, `1M`, `+512M`, `-0`).
+/// Parse an sgdisk position the way sgdisk 1.0.9 reads it: an optional `+` or `-`, digits, and
+/// an optional unit: `s` (sectors; also the meaning of no unit) or `K`, `M`, `G`, `T`, `P`, `E`
+/// (binary), optionally written `KiB` or `KB`. A zero value of any form is the default.
 pub fn parse_position(text: &str, path: &JsonPath) -> Result<Position> {
+    let bad = || {
+        Error::invalid(
+            path,
+            format!(
+                "{text:?} is not a valid sgdisk position (an optional + or -, digits, and an \
+                 optional unit: s, K, M, G, T, P, E, KiB, MiB, ...)"
+            ),
+        )
+    };
     let (sign, rest) = match text.as_bytes().first() {
         Some(b'+') => (1, &text[1..]),
         Some(b'-') => (-1, &text[1..]),
         _ => (0, text),
     };
-    let (n, mult) = number_and_unit(rest, path, "sgdisk position")?;
-    let sectors = match mult {
-        None => n,
-        Some(m) => {
-            n.checked_mul(m).ok_or_else(|| {
-                Error::invalid(path, format!("{text:?} overflows 64 bits of bytes"))
-            })? / SECTOR
+    let digits_end = rest
+        .bytes()
+        .position(|b| !b.is_ascii_digit())
+        .unwrap_or(rest.len());
+    let (digits, suffix) = rest.split_at(digits_end);
+    if digits.is_empty() {
+        return Err(bad());
+    }
+    let bytes_per_unit: Option<u64> = match suffix.to_ascii_lowercase().as_str() {
+        "" | "s" => None,
+        u => {
+            let mut chars = u.chars();
+            let letter = chars.next();
+            if !matches!(chars.as_str(), "" | "b" | "ib") {
+                return Err(bad());
+            }
+            let shift = match letter {
+                Some('k') => 10,
+                Some('m') => 20,
+                Some('g') => 30,
+                Some('t') => 40,
+                Some('p') => 50,
+                Some('e') => 60,
+                _ => return Err(bad()),
+            };
+            Some(1u64 << shift)
         }
     };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| Error::invalid(path, format!("{text:?} overflows a 64-bit number")))?;
+    let sectors = match bytes_per_unit {
+        None => n,
+        Some(u) => n.checked_mul(u / SECTOR).ok_or_else(|| {
+            Error::invalid(path, format!("{text:?} overflows 64 bits of sectors"))
+        })?,
+    };
     Ok(match sign {
+        _ if sectors == 0 => Position::Default,
         1 => Position::Plus(sectors),
         -1 => Position::Minus(sectors),
-        _ if sectors == 0 => Position::Default,
         _ => Position::Absolute(sectors),
     })
+}
+
+/// Whether an sgdisk position is written in sectors with an `s` (disko then defaults the
+/// partition's alignment to 1).
+pub fn in_sector_units(text: &str) -> bool {
+    text.ends_with('s')
 }
 
 #[cfg(test)]
@@ -137,7 +186,32 @@ mod tests {
     #[test]
     fn positions() {
         assert_eq!(parse_position("0", &p()).unwrap(), Position::Default);
-        assert_eq!(parse_position("-0", &p()).unwrap(), Position::Minus(0));
+        assert_eq!(parse_position("-0", &p()).unwrap(), Position::Default);
+        assert_eq!(parse_position("+0", &p()).unwrap(), Position::Default);
+        assert_eq!(
+            parse_position("2048s", &p()).unwrap(),
+            Position::Absolute(2048)
+        );
+        assert_eq!(
+            parse_position("1MiB", &p()).unwrap(),
+            Position::Absolute(2048)
+        );
+        assert_eq!(
+            parse_position("4096MiB", &p()).unwrap(),
+            Position::Absolute(4096 * 2048)
+        );
+        assert_eq!(
+            parse_position("-18GiB", &p()).unwrap(),
+            Position::Minus(18 << 21)
+        );
+        assert_eq!(
+            parse_position("+1000K", &p()).unwrap(),
+            Position::Plus(2000)
+        );
+        let e = parse_position("-18GB!", &p()).unwrap_err().to_string();
+        assert!(e.contains("\"-18GB!\""), "{e}");
+        assert!(parse_position("1.5G", &p()).is_err());
+        assert!(parse_position("1Q", &p()).is_err());
         assert_eq!(
             parse_position("+1G", &p()).unwrap(),
             Position::Plus(2 << 20)

@@ -3,138 +3,96 @@
 use crate::error::{Error, JsonPath, Result};
 use crate::guid::{type_code_guid, Guid};
 use crate::json::Json;
-use crate::size::{parse_image_size, parse_position, parse_size, Position, SizeSpec};
+use crate::model::{
+    Content, DiskSpec, FsFormat, FsSpec, HybridSpec, PartitionSpec, Subvolume, SwapSpec,
+    GPT_ENTRIES, GPT_NAME_UNITS, PRIORITY_BIOS_BOOT, PRIORITY_DEFAULT, PRIORITY_REST,
+};
+use crate::size::{
+    in_sector_units, parse_image_size, parse_position, parse_size, Position, SizeSpec, SECTOR,
+};
 
-/// GPT tables vmdisk writes have this many entries (the UEFI minimum, what sgdisk writes).
-pub const GPT_ENTRIES: u32 = 128;
-/// A GPT partition name holds at most 36 UTF-16 code units.
-pub const GPT_NAME_UNITS: usize = 36;
 /// Cap on disks in one layout (a layout is hand-written; this only bounds work).
 pub const MAX_DISKS: usize = 256;
 
-/// disko's default priorities.
-pub const PRIORITY_BIOS_BOOT: i64 = 100;
-pub const PRIORITY_DEFAULT: i64 = 1000;
-pub const PRIORITY_REST: i64 = 9001;
-
-/// One disk of a layout, partitions in disko's creation order.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct DiskSpec {
-    /// The attribute name under `disk` (or `name` of a lone disk object).
-    pub name: String,
-    /// Where the disk sits in the JSON.
-    pub path: JsonPath,
-    /// `imageSize` in bytes.
-    pub image_size: Option<u64>,
-    pub partitions: Vec<PartitionSpec>,
-    /// Canonical JSON of the disk object; the default seed derives from it.
-    #[serde(skip)]
-    pub canonical: String,
-}
-
-/// One partition of a disk.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct PartitionSpec {
-    /// Attribute name under `partitions`.
-    pub key: String,
-    /// disko `name` (defaults to the key).
-    pub name: String,
-    pub path: JsonPath,
-    /// GPT entry number (disko `_index`), from 1.
-    pub number: u32,
-    pub priority: i64,
-    /// GPT partition name (disko `label`, default `disk-<disk>-<name>`).
-    pub label: String,
-    /// The type as written (`EF00` or a GUID).
-    pub type_code: String,
-    pub type_guid: Guid,
-    /// Partition GUID (disko `uuid`) when given.
-    pub guid: Option<Guid>,
-    pub size: Option<SizeSpec>,
-    pub start: Position,
-    pub end: Position,
-    /// GPT attribute bits (disko `attributes`, bit numbers).
-    pub attributes: u64,
-    /// Alignment in sectors (disko `alignment`; 0 means sgdisk's 2048).
-    pub alignment: u64,
-    pub content: Content,
-}
-
-/// What goes into a partition.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum Content {
-    /// Nothing (e.g. a BIOS boot partition).
-    None,
-    Filesystem(FsSpec),
-    Swap(SwapSpec),
-}
-
-/// Filesystem formats vmdisk can make.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FsFormat {
-    Vfat,
-    Ext4,
-    Ext3,
-    Ext2,
-}
-
-impl FsFormat {
-    pub fn name(self) -> &'static str {
-        match self {
-            FsFormat::Vfat => "vfat",
-            FsFormat::Ext4 => "ext4",
-            FsFormat::Ext3 => "ext3",
-            FsFormat::Ext2 => "ext2",
-        }
-    }
-
-    pub fn is_ext(self) -> bool {
-        !matches!(self, FsFormat::Vfat)
-    }
-}
-
-/// `content.type = "filesystem"`.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct FsSpec {
-    pub format: FsFormat,
-    /// Passed to mke2fs (ext*); for vfat the mkfs.fat options `-n LABEL`, `-i VOLID`, `-F 32`.
-    pub extra_args: Vec<String>,
-    pub mountpoint: Option<String>,
-    /// vfat: label from `-n`; volume id from `-i`.
-    pub fat_label: Option<String>,
-    pub fat_volume_id: Option<u32>,
-}
-
-/// `content.type = "swap"`.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct SwapSpec {
-    /// From mkswap `-L`.
-    pub label: Option<String>,
-    /// From mkswap `-U`.
-    pub uuid: Option<Guid>,
-}
-
-/// Content types disko has that vmdisk does not build yet.
-const UNSUPPORTED_CONTENT: &[&str] = &[
-    "luks", "lvm_pv", "btrfs", "zfs", "mdraid", "bcachefs", "nodev", "bcache", "verity", "table",
+/// Content types that need a Linux kernel (dm-crypt, LVM, md, ZFS, bcachefs): the builder VM.
+const BUILDER_VM_CONTENT: &[(&str, &str)] = &[
+    ("luks", "LUKS encryption"),
+    ("lvm_pv", "an LVM physical volume"),
+    ("mdraid", "an mdadm RAID member"),
+    ("zfs", "a ZFS pool member"),
+    ("bcachefs", "a bcachefs member"),
 ];
 
-/// Top-level device kinds besides `disk`; a non-empty one is refused.
-const OTHER_DEVICE_KINDS: &[&str] = &[
-    "lvm_vg",
-    "mdadm",
-    "zpool",
-    "nodev",
-    "bcachefs_filesystems",
-    "bcachefs",
-];
+/// Content types disko has that vmdisk does not build at all yet.
+const UNSUPPORTED_CONTENT: &[&str] = &["nodev", "bcache", "verity"];
+
+/// disko's default `imageSize`.
+pub const DEFAULT_IMAGE_SIZE: u64 = 2 << 30;
+
+/// A parsed layout: every disk, each either valid or with the reason it cannot be built, so
+/// that `--disk X` only needs what disk X needs.
+#[derive(Debug)]
+pub struct Layout {
+    disks: Vec<(String, Result<DiskSpec>)>,
+}
+
+impl Layout {
+    /// The attribute names of the disks, in document order.
+    pub fn names(&self) -> Vec<&str> {
+        self.disks.iter().map(|(k, _)| k.as_str()).collect()
+    }
+
+    /// The disks that can be built.
+    pub fn valid(&self) -> Vec<&DiskSpec> {
+        self.disks
+            .iter()
+            .filter_map(|(_, d)| d.as_ref().ok())
+            .collect()
+    }
+
+    /// Pick the disk to build: `name` (its attribute name or disko `name`), or the only one;
+    /// its refusal, if it has one, comes out here.
+    pub fn select(self, name: Option<&str>) -> Result<DiskSpec> {
+        let available = self.names().join(", ");
+        let at = match name {
+            Some(n) => self
+                .disks
+                .iter()
+                .position(|(k, d)| k == n || d.as_ref().is_ok_and(|d| d.name == n))
+                .ok_or_else(|| Error::NoSuchDisk {
+                    name: n.to_string(),
+                    available: available.clone(),
+                })?,
+            None => match self.disks.len() {
+                1 => 0,
+                0 => {
+                    return Err(Error::NoDisk {
+                        path: JsonPath::root(),
+                    })
+                }
+                _ => return Err(Error::AmbiguousDisk { available }),
+            },
+        };
+        self.disks
+            .into_iter()
+            .nth(at)
+            .map(|(_, d)| d)
+            .unwrap_or(Err(Error::NoDisk {
+                path: JsonPath::root(),
+            }))
+    }
+
+    /// Every disk's result, for callers that go through all of them.
+    pub fn into_results(self) -> Vec<(String, Result<DiskSpec>)> {
+        self.disks
+    }
+}
 
 /// Parse a disko layout: `nix eval --json` output (`{"disko":{"devices":{"disk":…}}}`), an
 /// evaluated `disko.devices` (`{"disk":…}`, `_`-keys other than `_index` ignored), or a
-/// single disk object (`{"type":"disk",…}`).
-pub fn parse(json: &str) -> Result<Vec<DiskSpec>> {
+/// single disk object (`{"type":"disk",…}`). A disk that cannot be built does not fail the
+/// whole layout: its error comes out when it is selected ([`Layout::select`]).
+pub fn parse_layout(json: &str) -> Result<Layout> {
     let doc = Json::parse(json)?;
     let root = JsonPath::root();
     doc.members(&root)?;
@@ -153,6 +111,12 @@ pub fn parse(json: &str) -> Result<Vec<DiskSpec>> {
     if doc.get("disk").is_some() {
         return parse_devices(&doc, &root);
     }
+    if doc.get("type").is_none() && doc.get("nodev").is_some() {
+        // Only tmpfs-like entries: nothing goes on a disk.
+        return Err(Error::NoDisk {
+            path: root.key("disk"),
+        });
+    }
     match doc.get_str("type", &root)? {
         Some("disk") => {
             let name = doc
@@ -160,7 +124,9 @@ pub fn parse(json: &str) -> Result<Vec<DiskSpec>> {
                 .or(doc.get_str("imageName", &root)?)
                 .unwrap_or("main")
                 .to_string();
-            Ok(vec![parse_disk(&name, &doc, &root)?])
+            Ok(Layout {
+                disks: vec![(name.clone(), parse_disk(&name, &doc, &root))],
+            })
         }
         Some(t) => Err(content_type_error(t, &root.key("type"))),
         None => Err(Error::invalid(
@@ -172,23 +138,31 @@ pub fn parse(json: &str) -> Result<Vec<DiskSpec>> {
 }
 
 fn content_type_error(t: &str, path: &JsonPath) -> Error {
-    if UNSUPPORTED_CONTENT.contains(&t) {
+    if let Some((_, what)) = BUILDER_VM_CONTENT.iter().find(|(k, _)| *k == t) {
+        Error::NeedsBuilderVm {
+            path: path.clone(),
+            what: format!("content type {t:?} ({what})"),
+        }
+    } else if UNSUPPORTED_CONTENT.contains(&t) {
         Error::unsupported(path, format!("content type {t:?}"))
     } else {
         Error::invalid(path, format!("unknown content type {t:?}"))
     }
 }
 
-fn parse_devices(devices: &Json, path: &JsonPath) -> Result<Vec<DiskSpec>> {
-    let members = devices.members(path)?;
-    for (k, v) in members {
-        if OTHER_DEVICE_KINDS.contains(&k.as_str()) {
-            let p = path.key(k);
-            if let Some((name, _)) = v.members(&p)?.first() {
-                return Err(Error::unsupported(&p.key(name), format!("{k} device")));
-            }
-        }
-    }
+/// The old single-result API: every disk, failing on the first that cannot be built.
+pub fn parse(json: &str) -> Result<Vec<DiskSpec>> {
+    parse_layout(json)?
+        .into_results()
+        .into_iter()
+        .map(|(_, d)| d)
+        .collect()
+}
+
+fn parse_devices(devices: &Json, path: &JsonPath) -> Result<Layout> {
+    // lvm_vg, mdadm, zpool, bcachefs_filesystems and nodev live outside the disks: a disk
+    // that needs one says so through its own content, and nodev (tmpfs) puts nothing on disk.
+    devices.members(path)?;
     let disk_path = path.key("disk");
     let disks = devices.get("disk").ok_or_else(|| Error::NoDisk {
         path: disk_path.clone(),
@@ -203,13 +177,15 @@ fn parse_devices(devices: &Json, path: &JsonPath) -> Result<Vec<DiskSpec>> {
             format!("{} disks; at most {MAX_DISKS} are supported", members.len()),
         ));
     }
-    members
-        .iter()
-        .map(|(name, d)| parse_disk(name, d, &disk_path.key(name)))
-        .collect()
+    Ok(Layout {
+        disks: members
+            .iter()
+            .map(|(name, d)| (name.clone(), parse_disk(name, d, &disk_path.key(name))))
+            .collect(),
+    })
 }
 
-fn parse_disk(name: &str, d: &Json, path: &JsonPath) -> Result<DiskSpec> {
+fn parse_disk(key: &str, d: &Json, path: &JsonPath) -> Result<DiskSpec> {
     d.members(path)?;
     if let Some(t) = d.get_str("type", path)? {
         if t != "disk" {
@@ -219,10 +195,17 @@ fn parse_disk(name: &str, d: &Json, path: &JsonPath) -> Result<DiskSpec> {
             ));
         }
     }
-    let image_size = d
-        .get_str("imageSize", path)?
-        .map(|s| parse_image_size(s, &path.key("imageSize")))
-        .transpose()?;
+    // disko: name defaults to the attribute name with "/" replaced by "_".
+    let name = match d.get_str("name", path)? {
+        Some(n) => n.to_string(),
+        None => key.replace('/', "_"),
+    };
+    let image_size = Some(
+        d.get_str("imageSize", path)?
+            .map(|s| parse_image_size(s, &path.key("imageSize")))
+            .transpose()?
+            .unwrap_or(DEFAULT_IMAGE_SIZE),
+    );
     let cpath = path.key("content");
     let content = match d.get("content") {
         None | Some(Json::Null) => {
@@ -233,9 +216,20 @@ fn parse_disk(name: &str, d: &Json, path: &JsonPath) -> Result<DiskSpec> {
     content.members(&cpath)?;
     match content.get_str("type", &cpath)? {
         Some("gpt") => {}
+        Some("table") => return parse_table(key, name, image_size, content, &cpath, d, path),
         Some(t) => return Err(content_type_error(t, &cpath.key("type"))),
         None => return Err(Error::invalid(&cpath.key("type"), "missing content type")),
     }
+    let efi_gpt_partition_first = match content.get("efiGptPartitionFirst") {
+        None | Some(Json::Null) => true,
+        Some(Json::Bool(b)) => *b,
+        Some(other) => {
+            return Err(Error::invalid(
+                &cpath.key("efiGptPartitionFirst"),
+                format!("expected a boolean, found {}", other.kind()),
+            ))
+        }
+    };
     let ppath = cpath.key("partitions");
     let parts = match content.get("partitions") {
         None | Some(Json::Null) => &[][..],
@@ -249,15 +243,144 @@ fn parse_disk(name: &str, d: &Json, path: &JsonPath) -> Result<DiskSpec> {
     }
     let mut partitions = parts
         .iter()
-        .map(|(k, v)| parse_partition(name, k, v, &ppath.key(k)))
+        .map(|(k, v)| parse_partition(&name, k, v, &ppath.key(k)))
         .collect::<Result<Vec<_>>>()?;
     order_partitions(&mut partitions)?;
     let mut canonical = String::new();
     d.canonical(&mut canonical);
     Ok(DiskSpec {
-        name: name.to_string(),
+        key: key.to_string(),
+        name,
         path: path.clone(),
         image_size,
+        efi_gpt_partition_first,
+        parted: false,
+        partitions,
+        canonical,
+    })
+}
+
+/// disko's legacy `type = "table"`: a list of partitions made with parted, in list order.
+fn parse_table(
+    key: &str,
+    name: String,
+    image_size: Option<u64>,
+    content: &Json,
+    cpath: &JsonPath,
+    d: &Json,
+    path: &JsonPath,
+) -> Result<DiskSpec> {
+    match content.get_str("format", cpath)?.unwrap_or("gpt") {
+        "gpt" => {}
+        f => {
+            return Err(Error::unsupported(
+                &cpath.key("format"),
+                format!("a legacy table with format {f:?} (vmdisk writes its gpt format)"),
+            ))
+        }
+    }
+    let ppath = cpath.key("partitions");
+    let items = match content.get("partitions") {
+        None | Some(Json::Null) => &[][..],
+        Some(Json::Arr(a)) => a.as_slice(),
+        Some(other) => {
+            return Err(Error::invalid(
+                &ppath,
+                format!("expected a list of partitions, found {}", other.kind()),
+            ))
+        }
+    };
+    if items.len() > GPT_ENTRIES as usize {
+        return Err(Error::invalid(
+            &ppath,
+            format!("{} partitions; a GPT holds {GPT_ENTRIES}", items.len()),
+        ));
+    }
+    let mut partitions = Vec::with_capacity(items.len());
+    for (i, v) in items.iter().enumerate() {
+        let p = ppath.index(i);
+        v.members(&p)?;
+        let content = parse_content(v.get("content"), &p.key("content"))?;
+        let pname = v.get_str("name", &p)?.unwrap_or("").to_string();
+        let mut type_code = match v.get_str("fs-type", &p)? {
+            Some("linux-swap" | "linux-swap(v1)" | "linux-swap(new)") => "8200",
+            Some("fat16" | "fat32" | "ntfs") => "0700",
+            _ => "8300",
+        };
+        let flag = |v: &Json, k: &str| -> Result<bool> {
+            match v.get(k) {
+                None | Some(Json::Null) => Ok(false),
+                Some(Json::Bool(b)) => Ok(*b),
+                Some(o) => Err(Error::invalid(
+                    &p.key(k),
+                    format!("expected a boolean, found {}", o.kind()),
+                )),
+            }
+        };
+        let mut attributes = 0u64;
+        if flag(v, "bootable")? {
+            type_code = "EF00";
+        }
+        for (j, f) in v.get_str_list("flags", &p)?.iter().enumerate() {
+            match f.as_str() {
+                "boot" | "esp" => type_code = "EF00",
+                "bios_grub" => type_code = "EF02",
+                "lvm" => type_code = "8E00",
+                "raid" => type_code = "FD00",
+                "swap" => type_code = "8200",
+                "legacy_boot" => attributes |= 1 << 2,
+                other => {
+                    return Err(Error::unsupported(
+                        &p.key("flags").index(j),
+                        format!("parted flag {other:?} (vmdisk knows boot, esp, bios_grub, lvm, raid, swap, legacy_boot)"),
+                    ))
+                }
+            }
+        }
+        let start =
+            crate::legacy::parse_parted(v.get_str("start", &p)?.unwrap_or("0%"), &p.key("start"))?;
+        let end =
+            crate::legacy::parse_parted(v.get_str("end", &p)?.unwrap_or("100%"), &p.key("end"))?;
+        let label = crate::legacy::hex_escape(&pname);
+        if label.encode_utf16().count() > GPT_NAME_UNITS {
+            return Err(Error::invalid(
+                &p.key("name"),
+                format!(
+                    "GPT partition name {label:?} is longer than {GPT_NAME_UNITS} UTF-16 units"
+                ),
+            ));
+        }
+        partitions.push(PartitionSpec {
+            key: (i + 1).to_string(),
+            name: pname,
+            path: p.clone(),
+            // i < GPT_ENTRIES (checked above).
+            number: i as u32 + 1,
+            priority: i as i64,
+            label,
+            type_code: type_code.to_string(),
+            type_guid: type_code_guid(type_code).unwrap_or(Guid::NIL),
+            guid: None,
+            size: None,
+            start: Position::Default,
+            end: Position::Default,
+            end_is_default: false,
+            hybrid: None,
+            parted: Some((start, end)),
+            attributes,
+            alignment: 0,
+            content,
+        });
+    }
+    let mut canonical = String::new();
+    d.canonical(&mut canonical);
+    Ok(DiskSpec {
+        key: key.to_string(),
+        name,
+        path: path.clone(),
+        image_size,
+        efi_gpt_partition_first: true,
+        parted: true,
         partitions,
         canonical,
     })
@@ -333,7 +456,7 @@ fn parse_partition(disk: &str, key: &str, v: &Json, path: &JsonPath) -> Result<P
     let name = v.get_str("name", path)?.unwrap_or(key).to_string();
     let label = match v.get_str("label", path)? {
         Some(l) => l.to_string(),
-        None => format!("disk-{disk}-{name}"),
+        None => default_label(disk, &name),
     };
     let label_path = path.key("label");
     if label.encode_utf16().count() > GPT_NAME_UNITS {
@@ -359,13 +482,19 @@ fn parse_partition(disk: &str, key: &str, v: &Json, path: &JsonPath) -> Result<P
     let size = size_text
         .map(|s| parse_size(s, &path.key("size")))
         .transpose()?;
-    let start = parse_position(v.get_str("start", path)?.unwrap_or("0"), &path.key("start"))?;
-    let end = match (v.get_str("end", path)?, size) {
+    let start_text = v.get_str("start", path)?.unwrap_or("0");
+    let start = parse_position(start_text, &path.key("start"))?;
+    let end_text = v.get_str("end", path)?;
+    let end_is_default = end_text.is_none();
+    let end = match (end_text, size) {
         (Some(e), _) => parse_position(e, &path.key("end"))?,
-        (None, Some(SizeSpec::Rest)) => Position::Minus(0),
-        (None, Some(SizeSpec::Bytes(b))) => Position::Plus(b / crate::size::SECTOR),
-        (None, None) => Position::Plus(0),
+        (None, Some(SizeSpec::Rest)) => Position::Default,
+        (None, Some(SizeSpec::Bytes(b))) if b / SECTOR > 0 => Position::Plus(b / SECTOR),
+        // disko's default size "0" gives end "+0": sgdisk's default end.
+        (None, _) => Position::Default,
     };
+    // disko: alignment defaults to 1 when start or end is written in sectors ("2048s").
+    let sector_units = in_sector_units(start_text) || end_text.is_some_and(in_sector_units);
     let priority = match v.get_int("priority", path)? {
         Some(p) => p,
         None if size == Some(SizeSpec::Rest) => PRIORITY_REST,
@@ -411,6 +540,7 @@ fn parse_partition(disk: &str, key: &str, v: &Json, path: &JsonPath) -> Result<P
         }
     }
     let alignment = match v.get_int("alignment", path)? {
+        None if sector_units => 1,
         None | Some(0) => 0,
         Some(a) if (1..=(1 << 24)).contains(&a) => a as u64,
         Some(a) => {
@@ -420,10 +550,10 @@ fn parse_partition(disk: &str, key: &str, v: &Json, path: &JsonPath) -> Result<P
             ))
         }
     };
-    match v.get("hybrid") {
-        None | Some(Json::Null) => {}
-        Some(_) => return Err(Error::unsupported(&path.key("hybrid"), "a hybrid MBR")),
-    }
+    let hybrid = match v.get("hybrid") {
+        None | Some(Json::Null) => None,
+        Some(h) => Some(parse_hybrid(h, &path.key("hybrid"))?),
+    };
     Ok(PartitionSpec {
         key: key.to_string(),
         name,
@@ -437,19 +567,70 @@ fn parse_partition(disk: &str, key: &str, v: &Json, path: &JsonPath) -> Result<P
         size,
         start,
         end,
+        end_is_default,
+        hybrid,
+        parted: None,
         attributes,
         alignment,
         content,
     })
 }
 
+/// disko's default GPT name: `disk-DISK-PART`, or, when that is longer than 36 characters,
+/// the first 36 hex digits of its SHA-256 (lib/types/gpt.nix).
+pub fn default_label(disk: &str, part: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let label = format!("disk-{disk}-{part}");
+    // Nix's stringLength counts bytes.
+    if label.len() > GPT_NAME_UNITS {
+        let digest = Sha256::digest(label.as_bytes());
+        digest
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+            .chars()
+            .take(GPT_NAME_UNITS)
+            .collect()
+    } else {
+        label
+    }
+}
+
+fn parse_hybrid(h: &Json, path: &JsonPath) -> Result<HybridSpec> {
+    h.members(path)?;
+    let mbr_type = match h.get_str("mbrPartitionType", path)? {
+        None => None,
+        Some(t) => {
+            let hex = t.strip_prefix("0x").or(t.strip_prefix("0X")).unwrap_or(t);
+            Some(u8::from_str_radix(hex, 16).map_err(|_| {
+                Error::invalid(
+                    &path.key("mbrPartitionType"),
+                    format!("{t:?} is not an MBR type byte (e.g. 0x0c)"),
+                )
+            })?)
+        }
+    };
+    let bootable = match h.get("mbrBootableFlag") {
+        None | Some(Json::Null) => false,
+        Some(Json::Bool(b)) => *b,
+        Some(other) => {
+            return Err(Error::invalid(
+                &path.key("mbrBootableFlag"),
+                format!("expected a boolean, found {}", other.kind()),
+            ))
+        }
+    };
+    Ok(HybridSpec { mbr_type, bootable })
+}
+
 fn parse_type(code: &str, path: &JsonPath) -> Result<Guid> {
     if code.len() == 4 && code.bytes().all(|b| b.is_ascii_hexdigit()) {
         return type_code_guid(code).ok_or_else(|| {
-            Error::unsupported(
+            Error::invalid(
                 path,
                 format!(
-                    "type code {code:?} (use EF00, EF02, 8300, 8200, 8E00, FD00 or a full GUID)"
+                    "sgdisk has no type code {code:?} (it would silently use 8300, Linux \
+                     filesystem); see `sgdisk -L`, or give the type GUID"
                 ),
             )
         });
@@ -482,6 +663,9 @@ fn parse_content(c: Option<&Json>, path: &JsonPath) -> Result<Content> {
                 Some("ext4") => FsFormat::Ext4,
                 Some("ext3") => FsFormat::Ext3,
                 Some("ext2") => FsFormat::Ext2,
+                Some("btrfs") => FsFormat::Btrfs,
+                Some("xfs") => FsFormat::Xfs,
+                Some("f2fs") => FsFormat::F2fs,
                 Some(f) => {
                     return Err(Error::unsupported(
                         &fpath,
@@ -496,18 +680,79 @@ fn parse_content(c: Option<&Json>, path: &JsonPath) -> Result<Content> {
                 mountpoint: c.get_str("mountpoint", path)?.map(str::to_string),
                 fat_label: None,
                 fat_volume_id: None,
+                fat_bits: None,
+                subvolumes: Vec::new(),
             };
-            if format == FsFormat::Vfat {
-                parse_fat_args(&mut fs, &apath)?;
-            } else {
-                check_mke2fs_args(&fs.extra_args, &apath)?;
+            match format {
+                FsFormat::Vfat => parse_fat_args(&mut fs, &apath)?,
+                f if f.is_ext() => check_mke2fs_args(&fs.extra_args, &apath)?,
+                _ => check_tool_args(&fs.extra_args, &apath)?,
             }
             Ok(Content::Filesystem(fs))
+        }
+        "btrfs" => {
+            check_tool_args(&extra_args, &apath)?;
+            if let Some(sw) = c.get("swap") {
+                if !sw.members(&path.key("swap"))?.is_empty() {
+                    return Err(Error::NeedsBuilderVm {
+                        path: path.key("swap"),
+                        what: "a btrfs swap file (`btrfs filesystem mkswapfile` runs on the \
+                               mounted filesystem)"
+                            .into(),
+                    });
+                }
+            }
+            let mut subvolumes = Vec::new();
+            if let Some(sv) = c.get("subvolumes") {
+                let spath = path.key("subvolumes");
+                for (k, s) in sv.members(&spath)? {
+                    let p = spath.key(k);
+                    s.members(&p)?;
+                    if let Some(sw) = s.get("swap") {
+                        if !sw.members(&p.key("swap"))?.is_empty() {
+                            return Err(Error::NeedsBuilderVm {
+                                path: p.key("swap"),
+                                what: "a btrfs swap file (`btrfs filesystem mkswapfile` runs \
+                                       on the mounted filesystem)"
+                                    .into(),
+                            });
+                        }
+                    }
+                    let name = s.get_str("name", &p)?.unwrap_or(k).to_string();
+                    let rel = name.trim_start_matches('/');
+                    if rel.is_empty()
+                        || rel
+                            .split('/')
+                            .any(|c| c.is_empty() || c == "." || c == "..")
+                    {
+                        return Err(Error::invalid(
+                            &p,
+                            format!("{name:?} is not a subvolume path"),
+                        ));
+                    }
+                    subvolumes.push(Subvolume {
+                        name: rel.to_string(),
+                        mountpoint: s.get_str("mountpoint", &p)?.map(str::to_string),
+                        path: p,
+                    });
+                }
+            }
+            subvolumes.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(Content::Filesystem(FsSpec {
+                format: FsFormat::Btrfs,
+                extra_args,
+                mountpoint: c.get_str("mountpoint", path)?.map(str::to_string),
+                fat_label: None,
+                fat_volume_id: None,
+                fat_bits: None,
+                subvolumes,
+            }))
         }
         "swap" => {
             let mut swap = SwapSpec {
                 label: None,
                 uuid: None,
+                random_encryption: c.get("randomEncryption") == Some(&Json::Bool(true)),
             };
             let mut args = extra_args.iter().enumerate();
             while let Some((i, a)) = args.next() {
@@ -541,12 +786,6 @@ fn parse_content(c: Option<&Json>, path: &JsonPath) -> Result<Content> {
                     }
                 }
             }
-            if c.get("randomEncryption") == Some(&Json::Bool(true)) {
-                return Err(Error::unsupported(
-                    &path.key("randomEncryption"),
-                    "random swap encryption",
-                ));
-            }
             Ok(Content::Swap(swap))
         }
         other => Err(content_type_error(other, &tpath)),
@@ -566,7 +805,7 @@ fn parse_fat_args(fs: &mut FsSpec, apath: &JsonPath) -> Result<()> {
         match a.as_str() {
             "-n" => {
                 let l = value()?;
-                crate::fat::check_label(&l)
+                crate::fat::names::check_label(&l)
                     .map_err(|rule| Error::invalid(&apath.index(i + 1), rule))?;
                 fs.fat_label = Some(l);
             }
@@ -577,17 +816,22 @@ fn parse_fat_args(fs: &mut FsSpec, apath: &JsonPath) -> Result<()> {
                 })?);
             }
             "-F" => {
-                if value()? != "32" {
-                    return Err(Error::unsupported(
-                        &apath.index(i + 1),
-                        "FAT12/FAT16 (vmdisk writes FAT32)",
-                    ));
-                }
+                fs.fat_bits = Some(match value()?.as_str() {
+                    "12" => 12,
+                    "16" => 16,
+                    "32" => 32,
+                    v => {
+                        return Err(Error::invalid(
+                            &apath.index(i + 1),
+                            format!("-F {v}: mkfs.fat takes 12, 16 or 32"),
+                        ))
+                    }
+                });
             }
             other => {
                 return Err(Error::unsupported(
                     &apath.index(i),
-                    format!("mkfs.fat option {other:?} (only -n, -i and -F 32 are)"),
+                    format!("mkfs.fat option {other:?} (only -n, -i and -F are)"),
                 ))
             }
         }
@@ -609,6 +853,20 @@ fn check_mke2fs_args(args: &[String], apath: &JsonPath) -> Result<()> {
                 &apath.index(i),
                 format!("mke2fs option {a:?} here"),
             ));
+        }
+    }
+    Ok(())
+}
+
+/// mkfs.btrfs / mkfs.xfs / mkfs.f2fs arguments: options only (disko puts the device first or
+/// last itself; another device would make a multi-device filesystem).
+fn check_tool_args(args: &[String], apath: &JsonPath) -> Result<()> {
+    for (i, a) in args.iter().enumerate() {
+        if a.starts_with("/dev/") {
+            return Err(Error::NeedsBuilderVm {
+                path: apath.index(i),
+                what: format!("a filesystem over several devices ({a})"),
+            });
         }
     }
     Ok(())
@@ -640,31 +898,7 @@ fn takes_value(opt: &str) -> bool {
     )
 }
 
-/// Pick the disk to build: `name`, or the only one.
-pub fn select_disk<'a>(disks: &'a [DiskSpec], name: Option<&str>) -> Result<&'a DiskSpec> {
-    let available = || {
-        disks
-            .iter()
-            .map(|d| d.name.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    match name {
-        Some(n) => disks
-            .iter()
-            .find(|d| d.name == n)
-            .ok_or_else(|| Error::NoSuchDisk {
-                name: n.to_string(),
-                available: available(),
-            }),
-        None => match disks {
-            [only] => Ok(only),
-            [] => Err(Error::NoDisk {
-                path: JsonPath::root(),
-            }),
-            _ => Err(Error::AmbiguousDisk {
-                available: available(),
-            }),
-        },
-    }
+/// Pick the disk to build from a parsed layout (see [`Layout::select`]).
+pub fn select_disk(layout: Layout, name: Option<&str>) -> Result<DiskSpec> {
+    layout.select(name)
 }

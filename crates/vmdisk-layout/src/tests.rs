@@ -7,8 +7,11 @@ use vmdisk_block::{BlockDevice, MemDisk};
 
 use crate::*;
 
+/// A fixture from the team's shared data (`../shared/fixtures/disko` beside the repo root),
+/// else our copy of it.
 fn shared(name: &str) -> String {
-    std::fs::read_to_string(format!("/work/shared/fixtures/disko/{name}"))
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/disko");
+    std::fs::read_to_string(dir.join(name))
         .or_else(|_| {
             std::fs::read_to_string(
                 PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -43,8 +46,8 @@ fn raw_and_evaluated_shapes_plan_identically() {
         seed: Some("s".into()),
         ..Default::default()
     };
-    let a = plan(&raw[0], None, &opts).unwrap();
-    let b = plan(&ev[0], None, &opts).unwrap();
+    let a = plan(&raw[0], None, &opts, &Sources::none()).unwrap();
+    let b = plan(&ev[0], None, &opts, &Sources::none()).unwrap();
     let want = vec![
         (1, "disk-main-ESP", 2048, 1050623),
         (2, "disk-main-swap", 1050624, 3147775),
@@ -70,8 +73,8 @@ fn raw_and_evaluated_shapes_plan_identically() {
 #[test]
 fn default_seed_comes_from_the_layout() {
     let d = &parse(&shared("raw-esp-swap-root.json")).unwrap()[0];
-    let a = plan(d, None, &PlanOptions::default()).unwrap();
-    let b = plan(d, None, &PlanOptions::default()).unwrap();
+    let a = plan(d, None, &PlanOptions::default(), &Sources::none()).unwrap();
+    let b = plan(d, None, &PlanOptions::default(), &Sources::none()).unwrap();
     let c = plan(
         d,
         None,
@@ -79,6 +82,7 @@ fn default_seed_comes_from_the_layout() {
             seed: Some("other".into()),
             ..Default::default()
         },
+        &Sources::none(),
     )
     .unwrap();
     assert_eq!(a.disk_guid, b.disk_guid);
@@ -91,16 +95,16 @@ fn default_seed_comes_from_the_layout() {
 #[test]
 fn luks_content_fixture_is_refused_with_its_path() {
     let e = parse(&shared("evaluated-luks-root-content.json")).unwrap_err();
-    assert!(matches!(e, Error::Unsupported { .. }), "{e:?}");
+    assert!(matches!(e, Error::NeedsBuilderVm { .. }), "{e:?}");
     assert_eq!(
         e.to_string(),
-        "type: content type \"luks\" is not supported yet"
+        "type: content type \"luks\" (LUKS encryption) needs the builder VM (not built yet)"
     );
     let e = parse(&ours("luks-partition.json")).unwrap_err();
     assert_eq!(
         e.to_string(),
         "disko.devices.disk.main.content.partitions.root.content.type: content type \"luks\" \
-         is not supported yet"
+         (LUKS encryption) needs the builder VM (not built yet)"
     );
 }
 
@@ -123,7 +127,7 @@ fn ordering_priority_then_byte_order() {
 #[test]
 fn explicit_guids_types_and_attributes() {
     let d = &parse(&ours("guid-types.json")).unwrap()[0];
-    let p = plan(d, None, &PlanOptions::default()).unwrap();
+    let p = plan(d, None, &PlanOptions::default(), &Sources::none()).unwrap();
     assert_eq!(
         p.partitions[0].guid.to_string(),
         "11111111-2222-4333-8444-555555555555"
@@ -146,14 +150,18 @@ fn explicit_guids_types_and_attributes() {
 #[test]
 fn start_end_forms() {
     let d = &parse(&ours("start-end.json")).unwrap()[0];
-    let p = plan(d, None, &PlanOptions::default()).unwrap();
+    let p = plan(d, None, &PlanOptions::default(), &Sources::none()).unwrap();
     let sectors = 300u64 << 11;
     let r = ranges(&p);
-    assert_eq!(r[0].2..=r[0].3, 2048..=65 * 2048 - 1);
-    assert_eq!(r[1].2, 65 * 2048);
-    // "-64M" from the end of the free block, then aligned down.
+    // sgdisk reads an absolute end ("65M") as the last sector, inclusive; the next start is
+    // aligned up past it.
+    assert_eq!(r[0].2..=r[0].3, 2048..=65 * 2048);
+    assert_eq!(r[1].2, 66 * 2048);
+    // "-64M" counts back from the last sector before an alignment boundary (sgdisk
+    // --align-end), and stays unaligned itself.
     let last_usable = sectors - 34;
-    assert_eq!(r[1].3, (last_usable - 64 * 2048 + 1) / 2048 * 2048 - 1);
+    let aligned_high = (last_usable + 1) / 2048 * 2048 - 1;
+    assert_eq!(r[1].3, aligned_high - 64 * 2048);
     assert_eq!(r[2].2, r[1].3 + 1);
     assert_eq!(r[2].3, (last_usable + 1) / 2048 * 2048 - 1);
 }
@@ -161,7 +169,7 @@ fn start_end_forms() {
 fn err_of(json: &str, size: Option<u64>) -> String {
     match parse(json) {
         Err(e) => e.to_string(),
-        Ok(d) => plan(&d[0], size, &PlanOptions::default())
+        Ok(d) => plan(&d[0], size, &PlanOptions::default(), &Sources::none())
             .map(|_| "planned fine".to_string())
             .unwrap_or_else(|e| e.to_string()),
     }
@@ -184,8 +192,8 @@ fn bad_inputs_name_path_and_rule() {
             format!("{p}.x.content.type: unknown content type \"frobfs\""),
         ),
         (
-            disk(r#""x":{"size":"1M","content":{"type":"filesystem","format":"xfs"}}"#),
-            format!("{p}.x.content.format: filesystem format \"xfs\" is not supported yet"),
+            disk(r#""x":{"size":"1M","content":{"type":"filesystem","format":"reiser4"}}"#),
+            format!("{p}.x.content.format: filesystem format \"reiser4\" is not supported yet"),
         ),
         (
             disk(r#""x":{"size":"99999999999999999999P"}"#),
@@ -213,19 +221,22 @@ fn bad_inputs_name_path_and_rule() {
         ),
         (
             disk(r#""x":{"size":"1M","type":"ABCD"}"#),
-            format!("{p}.x.type: type code \"ABCD\""),
+            format!("{p}.x.type: sgdisk has no type code \"ABCD\""),
         ),
         (
             disk(r#""x":{"size":"1M","label":"0123456789012345678901234567890123456"}"#),
             format!("{p}.x.label: GPT partition name"),
         ),
         (
-            disk(r#""x":{"size":"16M","content":{"type":"filesystem","format":"vfat"}}"#),
-            format!("{p}.x.size: 16777216 bytes: too small for FAT32"),
+            disk(r#""x":{"size":"8K","content":{"type":"filesystem","format":"vfat"}}"#),
+            format!("{p}.x.size: 8192 bytes is too small for FAT12"),
         ),
         (
             disk(r#""x":{"size":"1M","content":{"type":"zfs","pool":"z"}}"#),
-            format!("{p}.x.content.type: content type \"zfs\" is not supported yet"),
+            format!(
+                "{p}.x.content.type: content type \"zfs\" (a ZFS pool member) needs the \
+                 builder VM (not built yet)"
+            ),
         ),
         (
             disk(
@@ -235,7 +246,8 @@ fn bad_inputs_name_path_and_rule() {
         ),
         (
             r#"{"disko":{"devices":{"disk":{},"nodev":{"/tmp":{"fsType":"tmpfs"}}}}}"#.into(),
-            "disko.devices.nodev.\"/tmp\": nodev device is not supported yet".into(),
+            // nodev (tmpfs) puts nothing on a disk: a layout with only that has no disk.
+            "disko.devices.disk: the layout defines no disk".into(),
         ),
         (
             disk(r#""x":{"end":"18446744073709551615"}"#),
@@ -267,8 +279,22 @@ fn bad_inputs_leave_the_target_untouched() {
     ];
     for json in layouts {
         let r = parse(&json)
-            .and_then(|d| plan(&d[0], Some(4 << 20), &PlanOptions::default()))
-            .and_then(|p| apply(&p, &target, std::path::Path::new("/nonexistent")));
+            .and_then(|d| {
+                plan(
+                    &d[0],
+                    Some(4 << 20),
+                    &PlanOptions::default(),
+                    &Sources::none(),
+                )
+            })
+            .and_then(|p| {
+                apply(
+                    &p,
+                    &Sources::none(),
+                    &target,
+                    std::path::Path::new("/nonexistent"),
+                )
+            });
         assert!(r.is_err(), "{json}");
         assert!(target.to_vec().iter().all(|&b| b == 0), "{json}");
     }
@@ -281,9 +307,10 @@ fn bad_inputs_leave_the_target_untouched() {
         copy_in: vec![("ESP".into(), dir.path().to_owned())],
         ..Default::default()
     };
-    let p = plan(&d[0], Some(40 << 20), &opts).unwrap();
+    let sources = scan_copy_in(&d[0], &opts).unwrap();
+    let p = plan(&d[0], Some(40 << 20), &opts, &sources).unwrap();
     let target = MemDisk::new(40 << 20);
-    let e = apply(&p, &target, dir.path()).unwrap_err();
+    let e = apply(&p, &sources, &target, dir.path()).unwrap_err();
     assert!(
         e.to_string().starts_with(
             "disko.devices.disk.main.content.partitions.ESP: the content copied in does not fit"
@@ -295,14 +322,14 @@ fn bad_inputs_leave_the_target_untouched() {
 
 #[test]
 fn disk_selection() {
-    let disks = parse(&ours("three-disks.json")).unwrap();
-    assert_eq!(disks.len(), 3);
+    let layout = || parse_layout(&ours("three-disks.json")).unwrap();
+    assert_eq!(layout().names().len(), 3);
     assert!(matches!(
-        select_disk(&disks, None),
+        select_disk(layout(), None),
         Err(Error::AmbiguousDisk { .. })
     ));
-    assert_eq!(select_disk(&disks, Some("b")).unwrap().name, "b");
-    let e = select_disk(&disks, Some("q")).unwrap_err().to_string();
+    assert_eq!(select_disk(layout(), Some("b")).unwrap().name, "b");
+    let e = select_disk(layout(), Some("q")).unwrap_err().to_string();
     assert_eq!(e, "the layout has no disk named \"q\" (it has: a, b, c)");
 }
 
@@ -315,7 +342,7 @@ fn copy_in_selectors() {
             copy_in: vec![(sel.into(), dir.path().to_owned())],
             ..Default::default()
         };
-        let p = plan(d, None, &opts).unwrap();
+        let p = plan(d, None, &opts, &scan_copy_in(d, &opts).unwrap()).unwrap();
         assert!(
             matches!(
                 &p.partitions[2].content,
@@ -331,16 +358,16 @@ fn copy_in_selectors() {
         copy_in: vec![("swap".into(), dir.path().to_owned())],
         ..Default::default()
     };
-    let e = plan(d, None, &opts).unwrap_err().to_string();
+    let e = scan_copy_in(d, &opts).unwrap_err().to_string();
     assert!(e.contains("holds no filesystem"), "{e}");
 }
 
 #[test]
 fn gpt_roundtrip_and_backup_fallback() {
     let d = &parse(&ours("guid-types.json")).unwrap()[0];
-    let mut p = plan(d, Some(64 << 20), &PlanOptions::default());
+    let mut p = plan(d, Some(64 << 20), &PlanOptions::default(), &Sources::none());
     if p.is_err() {
-        p = plan(d, None, &PlanOptions::default());
+        p = plan(d, None, &PlanOptions::default(), &Sources::none());
     }
     let p = p.unwrap();
     let dev = MemDisk::new(p.disk_size);
@@ -362,7 +389,7 @@ fn gpt_roundtrip_and_backup_fallback() {
         );
         assert_eq!(a.attributes, b.attributes);
     }
-    assert_eq!(t.partitions[0].type_code, Some("EF00"));
+    assert_eq!(t.partitions[0].type_code.as_deref(), Some("EF00"));
     // Damage the primary header: the backup is used.
     dev.write_all_at(&[0xFF], 512 + 20).unwrap();
     let t2 = probe_partitions(&dev).unwrap().unwrap();
@@ -381,9 +408,21 @@ fn fat_and_swap_on_memdisk_probe_back() {
     // Drop the ext4 root so no tool is needed here.
     let mut d = d.clone();
     d.partitions.pop();
-    let p = plan(&d, Some(100 << 20), &PlanOptions::default()).unwrap();
+    let p = plan(
+        &d,
+        Some(100 << 20),
+        &PlanOptions::default(),
+        &Sources::none(),
+    )
+    .unwrap();
     let dev = MemDisk::new(p.disk_size);
-    let r = apply(&p, &dev, std::path::Path::new("/nonexistent")).unwrap();
+    let r = apply(
+        &p,
+        &Sources::none(),
+        &dev,
+        std::path::Path::new("/nonexistent"),
+    )
+    .unwrap();
     let fs: Vec<_> = r
         .partitions
         .iter()
@@ -398,15 +437,21 @@ fn fat_and_swap_on_memdisk_probe_back() {
     assert_eq!(fs[1].uuid.as_deref(), Some(uuid.to_string().as_str()));
     // Same plan, same bytes.
     let dev2 = MemDisk::new(p.disk_size);
-    apply(&p, &dev2, std::path::Path::new("/nonexistent")).unwrap();
+    apply(
+        &p,
+        &Sources::none(),
+        &dev2,
+        std::path::Path::new("/nonexistent"),
+    )
+    .unwrap();
     assert!(dev.to_vec() == dev2.to_vec());
 }
 
 #[test]
 fn measure_without_content() {
     let d = &parse(&shared("raw-esp-swap-root.json")).unwrap()[0];
-    let size = measure(d, &PlanOptions::default()).unwrap();
-    let p = plan(d, Some(size), &PlanOptions::default()).unwrap();
+    let size = measure(d, &PlanOptions::default(), &Sources::none()).unwrap();
+    let p = plan(d, Some(size), &PlanOptions::default(), &Sources::none()).unwrap();
     assert!(p.partitions[2].len() >= 1 << 20);
     assert!(size < (512u64 + 1024 + 64) << 20, "{size}");
     // One MiB less does not hold it.
@@ -416,7 +461,8 @@ fn measure_without_content() {
             &PlanOptions {
                 free_margin: 100 << 20,
                 ..Default::default()
-            }
+            },
+            &Sources::none()
         )
         .unwrap()
             > size
@@ -451,8 +497,8 @@ proptest! {
     fn parse_and_plan_never_panic(json in mutated(), size in proptest::option::of(0u64..(1 << 40))) {
         if let Ok(disks) = parse(&json) {
             for d in &disks {
-                let _ = plan(d, size.map(|s| s / 512 * 512), &PlanOptions::default());
-                let _ = plan(d, size, &PlanOptions::default());
+                let _ = plan(d, size.map(|s| s / 512 * 512), &PlanOptions::default(), &Sources::none());
+                let _ = plan(d, size, &PlanOptions::default(), &Sources::none());
             }
         }
     }
@@ -462,5 +508,46 @@ proptest! {
         let dev = MemDisk::from_vec(bytes);
         let _ = probe_partitions(&dev);
         let _ = probe_filesystem(&dev);
+    }
+}
+
+#[test]
+fn measure_handles_sub_mib_partitions_without_content() {
+    // disko's derived-odd-units: 1000K and 100-sector partitions with nothing in them.
+    let json = r#"{"disk":{"main":{"type":"disk","content":{"type":"gpt","partitions":{
+        "ESP":{"size":"64M","type":"EF00","content":{"type":"filesystem","format":"vfat"}},
+        "a":{"size":"1000K"},"b":{"size":"4096"},"c":{"size":"100"},
+        "root":{"size":"100%","content":{"type":"filesystem","format":"ext4"}}}}}}}"#;
+    let d = &parse(json).unwrap()[0];
+    let size = measure(d, &PlanOptions::default(), &Sources::none()).unwrap();
+    let p = plan(d, Some(size), &PlanOptions::default(), &Sources::none()).unwrap();
+    let lens: Vec<u64> = p.partitions.iter().map(|p| p.len()).collect();
+    assert_eq!(&lens[1..4], &[1_024_000, 4096 * 512, 100 * 512]);
+}
+
+#[test]
+fn the_free_margin_goes_to_the_partition_that_grows() {
+    // A rest-of-disk root written with `end = "-10M"` (and a swap after it), or with no size
+    // at all: that root gets the margin, not the fixed-size partitions.
+    let margin = 200 << 20;
+    let opts = PlanOptions {
+        free_margin: margin,
+        ..Default::default()
+    };
+    for root in [
+        r#""root":{"end":"-10M","content":{"type":"filesystem","format":"ext4"}},
+           "swap":{"size":"100%","content":{"type":"swap"}}"#,
+        r#""root":{"content":{"type":"filesystem","format":"ext4"}}"#,
+    ] {
+        let json = format!(
+            r#"{{"disk":{{"main":{{"type":"disk","content":{{"type":"gpt","partitions":{{
+            "ESP":{{"size":"64M","type":"EF00","content":{{"type":"filesystem","format":"vfat"}}}},
+            {root}}}}}}}}}}}"#
+        );
+        let d = &parse(&json).unwrap()[0];
+        let size = measure(d, &opts, &Sources::none()).unwrap();
+        let p = plan(d, Some(size), &opts, &Sources::none()).unwrap();
+        let root = p.partitions.iter().find(|p| p.key == "root").unwrap();
+        assert!(root.len() >= margin, "{root:?} on {size} bytes: {json}");
     }
 }

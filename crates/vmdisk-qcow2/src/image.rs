@@ -97,6 +97,10 @@ impl<T> Cache<T> {
             },
         );
     }
+    /// Forget the entry at `off` (a table that was freed).
+    pub(crate) fn remove(&mut self, off: u64) {
+        self.map.remove(&off);
+    }
     fn dirty_count(&self) -> usize {
         self.map.values().filter(|s| s.dirty).count()
     }
@@ -149,7 +153,7 @@ pub(crate) struct State {
     pub snaps: Vec<SnapshotHeader>,
     pub l1: Vec<u64>,
     pub l1_dirty: bool,
-    l2: Cache<Vec<u64>>,
+    pub(crate) l2: Cache<Vec<u64>>,
     rt: Vec<u64>,
     rt_dirty: bool,
     rb: Cache<Vec<u8>>,
@@ -159,14 +163,14 @@ pub(crate) struct State {
     /// next write-back (set while emptying an image, so its file shrinks on disk).
     pub punch_freed: bool,
     /// Cluster-aligned end of the space in use (allocation appends here).
-    host_end: u64,
+    pub(crate) host_end: u64,
     /// Lowest cluster index that may be free.
-    free_hint: u64,
+    pub(crate) free_hint: u64,
     /// Next free byte after the last compressed cluster written (0: none).
-    compressed_tail: u64,
+    pub(crate) compressed_tail: u64,
     /// Length the host file needs (what it would be grown to exactly); the host itself may
     /// be longer while writing, see [`State::ensure_host_len`] and [`State::trim_host`].
-    file_end: u64,
+    pub(crate) file_end: u64,
     pub has_backing: bool,
     /// Persistent bitmaps (kept valid while writing; see `bitmap.rs`).
     pub bitmaps: Bitmaps,
@@ -265,10 +269,10 @@ impl State {
     pub fn adopt_host_len(&mut self, host: &dyn BlockDevice) {
         self.file_end = self.file_end.max(host.len());
     }
-    fn cbits(&self) -> u32 {
+    pub(crate) fn cbits(&self) -> u32 {
         self.h.cluster_bits
     }
-    fn l2_bits(&self) -> u32 {
+    pub(crate) fn l2_bits(&self) -> u32 {
         meta::l2_bits(self.h.cluster_bits, self.h.extended_l2())
     }
     fn wpe(&self) -> usize {
@@ -319,7 +323,7 @@ impl State {
     }
 
     /// L2 table offset for L1 index `l1i` (0 when unallocated).
-    fn l2_off(&self, l1i: u64) -> Result<u64> {
+    pub(crate) fn l2_off(&self, l1i: u64) -> Result<u64> {
         let Some(&e) = self.l1.get(l1i as usize) else {
             return Ok(0);
         };
@@ -401,7 +405,7 @@ impl State {
     }
 
     /// Set the entry of guest cluster `gidx` (standard word; bitmap word cleared).
-    fn set_entry(&mut self, host: &dyn BlockDevice, gidx: u64, raw: u64) -> Result<()> {
+    pub(crate) fn set_entry(&mut self, host: &dyn BlockDevice, gidx: u64, raw: u64) -> Result<()> {
         self.set_entry_bm(host, gidx, raw, 0)
     }
 
@@ -421,7 +425,7 @@ impl State {
     }
 
     /// Queue decrements for every host cluster an entry references.
-    fn release(&mut self, e: L2Entry) {
+    pub(crate) fn release(&mut self, e: L2Entry) {
         match e {
             L2Entry::Normal { host_off, .. } => self.pending_dec.push(host_off),
             L2Entry::Zero { host_off, .. } if host_off != 0 => self.pending_dec.push(host_off),
@@ -696,16 +700,26 @@ impl State {
         }
     }
 
-    /// Longest run `alloc_clusters` is asked for by writes: a run that straddles into a
-    /// range without a refcount block restarts after the new block, so short runs (1/8 of
-    /// a block's range) bound the space skipped to a few percent.
+    /// Longest run `alloc_clusters` is asked for by writes: at most 1/8 of a refcount
+    /// block's range, and never past the end of the range the next allocation (at the end
+    /// of the space in use) falls in. A run that straddles into a range without a refcount
+    /// block would restart after the new block and leave a hole — a longer file than
+    /// qemu's, and free clusters at `free_hint` every later allocation scans past.
     pub fn max_run(&self) -> u64 {
-        (self.rb_entries() / 8).clamp(1, 1024)
+        let cap = (self.rb_entries() / 8).clamp(1, 1024);
+        let per = self.rb_entries();
+        let next = self.host_end / self.cs();
+        // At a range's first cluster the new refcount block itself takes that cluster.
+        let left = match per - next % per {
+            n if n == per => per - 1,
+            n => n,
+        };
+        cap.min(left.max(1))
     }
 
     // ---------------------------------------------------------------- write-back
 
-    fn write_dirty_rbs(&mut self, host: &dyn BlockDevice) -> Result<bool> {
+    pub(crate) fn write_dirty_rbs(&mut self, host: &dyn BlockDevice) -> Result<bool> {
         let cs = self.cs();
         let mut any = false;
         let end = self.rb.dirty_end(cs);
@@ -895,7 +909,7 @@ impl State {
 
 /// What `zero_clusters` makes of each whole cluster.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Clear {
+pub(crate) enum Clear {
     /// Reads as zeros from now on (zero flag, or unallocated when nothing is below).
     Zero,
     /// Reads as zeros and keeps its storage (`write_zeroes` without `may_unmap`, i.e.
@@ -909,10 +923,10 @@ enum Clear {
 
 /// A qcow2 image opened over a host device. `Send + Sync`; see the module doc for locking.
 pub struct Qcow2Image {
-    host: Arc<dyn BlockDevice>,
+    pub(crate) host: Arc<dyn BlockDevice>,
     backing: Option<Arc<dyn BlockDevice>>,
     read_only: bool,
-    gate: RwLock<()>,
+    pub(crate) gate: RwLock<()>,
     st: Mutex<State>,
     closed: std::sync::atomic::AtomicBool,
 }
@@ -1094,21 +1108,21 @@ impl Qcow2Image {
         self.read_segs(&segs, buf, off, st.read_ctx())
     }
 
-    fn check_writable(&self) -> Result<()> {
+    pub(crate) fn check_writable(&self) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly.into());
         }
         Ok(())
     }
 
-    fn maybe_write_back(&self, st: &mut State) -> Result<()> {
+    pub(crate) fn maybe_write_back(&self, st: &mut State) -> Result<()> {
         if st.l2.len() * 2 >= st.l2.max && st.dirty_l2_count() * 2 >= st.l2.max {
             st.write_back(&*self.host)?;
         }
         Ok(())
     }
 
-    fn write_locked(&self, st: &mut State, buf: &[u8], off: u64) -> Result<()> {
+    pub(crate) fn write_locked(&self, st: &mut State, buf: &[u8], off: u64) -> Result<()> {
         let host = &*self.host;
         let cs = st.cs();
         let cbits = st.cbits();
@@ -1186,7 +1200,13 @@ impl Qcow2Image {
     }
 
     /// Zero (or discard, when `discard`) whole clusters `[first, last)`.
-    fn zero_clusters(&self, st: &mut State, first: u64, last: u64, clear: Clear) -> Result<()> {
+    pub(crate) fn zero_clusters(
+        &self,
+        st: &mut State,
+        first: u64,
+        last: u64,
+        clear: Clear,
+    ) -> Result<()> {
         if clear == Clear::ZeroKeep {
             return self.zero_clusters_keep(st, first, last);
         }
@@ -1744,6 +1764,36 @@ mod tests {
                 (ExtentKind::Data, 0),
                 (ExtentKind::Unallocated, 0)
             ]
+        );
+    }
+
+    #[test]
+    fn runs_leave_no_holes_at_refcount_block_boundaries() {
+        // 512-byte clusters, 16-bit refcounts: one refcount block per 256 clusters, so a
+        // 4 MiB write crosses 32 block ranges. Every cluster below the end is in use.
+        let host = Arc::new(MemDisk::new(0));
+        create(
+            &*host,
+            &CreateOptions {
+                size: 8 << 20,
+                cluster_size: 512,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let img = Qcow2Image::open(host.clone(), None, false).unwrap();
+        img.write_all_at(&vec![9u8; 4 << 20], 0).unwrap();
+        img.flush().unwrap();
+        let mut st = img.lock();
+        let end = host.len() / 512;
+        let free: Vec<u64> = (1..end)
+            .filter(|&c| st.refcount(&*host, c * 512).unwrap() == 0)
+            .collect();
+        assert!(
+            free.is_empty(),
+            "{} free clusters below the end: {:?}",
+            free.len(),
+            &free[..free.len().min(8)]
         );
     }
 

@@ -42,18 +42,22 @@
 
 #![forbid(unsafe_code)]
 
+mod amend;
 mod bitmap;
 pub mod check;
 mod create;
 pub mod error;
 mod image;
 pub mod meta;
+mod resize;
 pub mod snapshot;
 
+pub use amend::{AmendOptions, AmendReport};
 pub use create::create;
 pub use error::Qcow2Error;
 pub use image::Qcow2Image;
 pub use meta::CompressionType;
+pub use resize::{ResizePrealloc, RESIZE_ALIGN};
 pub use vmdisk_block::{BlockDevice, Error, Result};
 
 use error::Result as QResult;

@@ -133,7 +133,11 @@ fn fix_copied(st: &mut State, host: &dyn BlockDevice) -> Result<()> {
 }
 
 /// Write `snaps` as the new snapshot table and point the header at it (crash-safe order).
-fn replace_table(st: &mut State, host: &dyn BlockDevice, snaps: Vec<SnapshotHeader>) -> Result<()> {
+pub(crate) fn replace_table(
+    st: &mut State,
+    host: &dyn BlockDevice,
+    snaps: Vec<SnapshotHeader>,
+) -> Result<()> {
     let cs = st.cs();
     let old_off = st.h.snapshots_offset;
     let old_len = if st.h.nb_snapshots > 0 {
@@ -251,6 +255,13 @@ fn read_l1(st: &State, host: &dyn BlockDevice, sn: &SnapshotHeader) -> Result<Ve
             "applying a snapshot with a larger L1 table than the active one",
         ));
     }
+    if u64::from(sn.l1_size) * 8 > meta::MAX_L1_BYTES {
+        return Err(Qcow2Error::Limit {
+            what: "snapshot L1 table bytes",
+            needed: u64::from(sn.l1_size) * 8,
+            limit: meta::MAX_L1_BYTES,
+        });
+    }
     if !sn.l1_table_offset.is_multiple_of(st.cs()) {
         return Err(Qcow2Error::MisalignedTable {
             table: Table::SnapshotL1,
@@ -290,12 +301,18 @@ pub fn apply(img: &Qcow2Image, name_or_id: &str) -> vmdisk_block::Result<()> {
                 names.join(", ")
             )));
         }
-        if sn.disk_size.is_some_and(|d| d != st.h.size) {
-            return Err(Qcow2Error::refused(
-                "applying a snapshot taken at a different disk size",
-            ));
+        // A snapshot taken before a resize brings its own size back, as in qemu
+        // (qcow2_snapshot_goto truncates to it and grows the active L1 to fit).
+        let disk_size = sn.disk_size.unwrap_or(st.h.size);
+        if disk_size > meta::MAX_VIRTUAL_SIZE {
+            return Err(Qcow2Error::Limit {
+                what: "snapshot disk size",
+                needed: disk_size,
+                limit: meta::MAX_VIRTUAL_SIZE,
+            });
         }
         st.write_back(host)?;
+        st.grow_l1(host, u64::from(sn.l1_size))?;
         let new_l1: Vec<u64> = read_l1(st, host, &sn)?
             .into_iter()
             .map(|e| e & !OFLAG_COPIED)
@@ -310,6 +327,12 @@ pub fn apply(img: &Qcow2Image, name_or_id: &str) -> vmdisk_block::Result<()> {
         st.write_back(host)?;
         fix_copied(st, host)?;
         st.write_back(host)?;
+        if disk_size != st.h.size {
+            host.flush()?;
+            st.h.size = disk_size;
+            st.write_header(host)?;
+            host.flush()?;
+        }
         st.invalidate_caches();
         Ok(())
     })
@@ -339,4 +362,96 @@ pub fn delete(img: &Qcow2Image, name_or_id: &str) -> vmdisk_block::Result<()> {
         fix_copied(st, host)?;
         st.write_back(host)
     })
+}
+
+/// How a snapshot is named on the command line (`qemu-img convert -l`): by id, by name, by
+/// both (both must match), or by one string tried as an id first, then as a name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotSelector {
+    IdOrName(String),
+    Id(String),
+    Name(String),
+    IdAndName { id: String, name: String },
+}
+
+impl SnapshotSelector {
+    fn find(&self, snaps: &[SnapshotHeader]) -> Result<usize> {
+        let pos = |f: &dyn Fn(&SnapshotHeader) -> bool| snaps.iter().position(f);
+        let (found, what) = match self {
+            SnapshotSelector::IdOrName(s) => {
+                (find(snaps, s).ok(), format!("named or numbered '{s}'"))
+            }
+            SnapshotSelector::Id(id) => (
+                pos(&|s: &SnapshotHeader| s.id == *id),
+                format!("with id '{id}'"),
+            ),
+            SnapshotSelector::Name(n) => (
+                pos(&|s: &SnapshotHeader| s.name == *n),
+                format!("named '{n}'"),
+            ),
+            SnapshotSelector::IdAndName { id, name } => (
+                pos(&|s: &SnapshotHeader| s.id == *id && s.name == *name),
+                format!("with id '{id}' and name '{name}'"),
+            ),
+        };
+        found.ok_or_else(|| Qcow2Error::refused(format!("no snapshot {what}")))
+    }
+}
+
+impl Qcow2Image {
+    /// Open the image as it was when snapshot `which` was taken: read-only, its size and
+    /// its L1 table (the active state is never touched). `backing` is the image's backing
+    /// device, as for [`Qcow2Image::open`].
+    pub fn open_snapshot(
+        host: std::sync::Arc<dyn BlockDevice>,
+        backing: Option<std::sync::Arc<dyn BlockDevice>>,
+        which: &SnapshotSelector,
+    ) -> vmdisk_block::Result<Qcow2Image> {
+        let img = Qcow2Image::open(host, backing, true)?;
+        {
+            let mut st = img.lock();
+            let host = img.host().clone();
+            let i = which.find(&st.snaps)?;
+            let sn = st.snaps[i].clone();
+            if u64::from(sn.l1_size) * 8 > meta::MAX_L1_BYTES {
+                return Err(Qcow2Error::Limit {
+                    what: "snapshot L1 table bytes",
+                    needed: u64::from(sn.l1_size) * 8,
+                    limit: meta::MAX_L1_BYTES,
+                }
+                .into());
+            }
+            if !sn.l1_table_offset.is_multiple_of(st.cs()) {
+                return Err(Qcow2Error::MisalignedTable {
+                    table: Table::SnapshotL1,
+                    off: sn.l1_table_offset,
+                    field: sn.l1_table_offset,
+                }
+                .into());
+            }
+            let l1 = decode_table(&read_meta(
+                &*host,
+                sn.l1_table_offset,
+                u64::from(sn.l1_size) * 8,
+                Table::SnapshotL1,
+            )?);
+            let size = sn.disk_size.unwrap_or(st.h.size);
+            let need = meta::l1_entries_for(size, st.h.cluster_bits, st.h.extended_l2());
+            if need > l1.len() as u64 {
+                return Err(Qcow2Error::refused(format!(
+                    "snapshot '{}' has an L1 table of {} entries, too small for its disk size \
+                     of {size} bytes",
+                    sn.name,
+                    l1.len()
+                ))
+                .into());
+            }
+            st.h.size = size;
+            st.h.l1_size = sn.l1_size;
+            st.h.l1_table_offset = sn.l1_table_offset;
+            st.l1 = l1;
+            st.invalidate_caches();
+        }
+        Ok(img)
+    }
 }

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use vmdisk_image::{CreateSpec, Format, ImageOptions, OpenOptions};
-use vmdisk_layout::{DiskSpec, PlanOptions};
+use vmdisk_layout::{DiskSpec, PlanOptions, Sources};
 
 /// Layout flags shared by create and measure.
 #[derive(Debug, Clone, clap::Args)]
@@ -28,14 +28,18 @@ pub struct LayoutArgs {
     pub free: String,
 }
 
-fn load(a: &LayoutArgs) -> Result<(DiskSpec, PlanOptions)> {
+/// Parse the layout, pick the disk, and scan every `--copy-in` tree (once).
+fn load(a: &LayoutArgs) -> Result<(DiskSpec, PlanOptions, Sources)> {
     let Some(path) = &a.layout else {
         bail!("--layout is required here");
     };
     let json =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let disks = vmdisk_layout::parse(&json).with_context(|| format!("in {}", path.display()))?;
-    let disk = vmdisk_layout::select_disk(&disks, a.disk.as_deref())?.clone();
+    let layout =
+        vmdisk_layout::parse_layout(&json).with_context(|| format!("in {}", path.display()))?;
+    let disk = layout
+        .select(a.disk.as_deref())
+        .with_context(|| format!("in {}", path.display()))?;
     let mut copy_in = Vec::new();
     for c in &a.copy_in {
         let Some((part, dir)) = c.split_once('=') else {
@@ -48,13 +52,19 @@ fn load(a: &LayoutArgs) -> Result<(DiskSpec, PlanOptions)> {
         copy_in,
         free_margin: vmdisk_image::parse_size(&a.free)?,
     };
-    Ok((disk, opts))
+    let sources = vmdisk_layout::scan_copy_in(&disk, &opts)?;
+    Ok((disk, opts, sources))
 }
 
 /// Size from SIZE (`auto` measures), else the layout's imageSize.
-fn disk_size(disk: &DiskSpec, opts: &PlanOptions, size: Option<&str>) -> Result<Option<u64>> {
+fn disk_size(
+    disk: &DiskSpec,
+    opts: &PlanOptions,
+    sources: &Sources,
+    size: Option<&str>,
+) -> Result<Option<u64>> {
     match size {
-        Some("auto") => Ok(Some(vmdisk_layout::measure(disk, opts)?)),
+        Some("auto") => Ok(Some(vmdisk_layout::measure(disk, opts, sources)?)),
         Some(s) => Ok(Some(vmdisk_image::parse_size(s)?)),
         None => Ok(None),
     }
@@ -69,30 +79,36 @@ pub fn create(
     quiet: bool,
 ) -> Result<u8> {
     let cancel = crate::signals::cancel_on_interrupt();
-    let (disk, opts) = load(a)?;
-    let size = disk_size(&disk, &opts, size)?;
+    let (disk, opts, sources) = load(a)?;
+    let size = disk_size(&disk, &opts, &sources, size)?;
     // Plan fully (this validates everything) before a byte is written.
-    let plan = vmdisk_layout::plan(&disk, size, &opts)?;
-    // Content that cannot fit is refused now, not half-way through writing.
-    let needed = vmdisk_layout::measure(
+    let plan = vmdisk_layout::plan(&disk, size, &opts, &sources).context("nothing was written")?;
+    // And the installed tools can make it.
+    vmdisk_layout::preflight(&plan)?;
+    // Content that cannot fit is refused now, not half-way through writing. measure is the
+    // size `auto` would pick; where it cannot estimate (it is conservative for some content),
+    // the build itself decides, and a failure still leaves FILE as it was.
+    if let Ok(needed) = vmdisk_layout::measure(
         &disk,
         &PlanOptions {
             free_margin: 0,
             ..opts.clone()
         },
-    )?;
-    if plan.disk_size < needed {
-        bail!(
-            "the layout's content needs a disk of at least {} ({needed} bytes, see `vmdisk \
-             measure --layout`), but {} was asked for; pass a bigger SIZE or `auto`; nothing \
-             was written",
-            vmdisk_image::format_size(needed),
-            vmdisk_image::format_size(plan.disk_size)
-        );
+        &sources,
+    ) {
+        if plan.disk_size < needed {
+            bail!(
+                "the layout's content needs a disk of at least {} ({needed} bytes, see `vmdisk \
+                 measure --layout`), but {} was asked for; pass a bigger SIZE or `auto`; \
+                 nothing was written",
+                vmdisk_image::format_size(needed),
+                vmdisk_image::format_size(plan.disk_size)
+            );
+        }
     }
     // The disk is built under a temporary name beside FILE, and so are the scratch
-    // filesystems mke2fs writes: one free-space check covers both.
-    vmdisk_image::ensure_space(file, needed.saturating_mul(2))?;
+    // filesystems mke2fs writes: the copied-in data lands there twice at most.
+    vmdisk_image::ensure_space(file, sources.allocated_bytes().saturating_mul(2))?;
     let new = vmdisk_image::create_new(
         file,
         &CreateSpec {
@@ -109,7 +125,7 @@ pub fn create(
         .context("creating a scratch directory")?;
     let _registered = vmdisk_block::register_temp(scratch.path());
     cancel.check()?;
-    let report = vmdisk_layout::apply(&plan, new.image().dev().as_ref(), scratch.path())
+    let report = vmdisk_layout::apply(&plan, &sources, new.image().dev().as_ref(), scratch.path())
         .with_context(|| format!("building {}", file.display()))?;
     cancel.check()?;
     drop(scratch);
@@ -138,8 +154,8 @@ fn scratch_dir(file: &Path) -> PathBuf {
 }
 
 pub fn measure(a: &LayoutArgs) -> Result<u8> {
-    let (disk, opts) = load(a)?;
-    let required = vmdisk_layout::measure(&disk, &opts)?;
+    let (disk, opts, sources) = load(a)?;
+    let required = vmdisk_layout::measure(&disk, &opts, &sources)?;
     let v = serde_json::json!({ "disk": disk.name, "required": required });
     println!("{}", serde_json::to_string_pretty(&v)?);
     Ok(0)

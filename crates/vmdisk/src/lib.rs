@@ -137,7 +137,9 @@ pub enum Command {
     /// Copy an image file: reflink when the filesystem can, sparse otherwise; `--qmp` copies a
     /// running VM's disk consistently.
     Copy(copy::CopyArgs),
-    /// Show what an image is: format, sizes, backing file, snapshots (like qemu-img info).
+    /// Show what an image is: format, sizes, backing file, snapshots (like qemu-img info;
+    /// `vmdisk info` is the same command).
+    #[command(visible_alias = "info")]
     Inspect(InspectArgs),
     /// Check a qcow2 image's metadata, optionally repairing it (like qemu-img check).
     Check(CheckArgs),
@@ -145,8 +147,17 @@ pub enum Command {
     Map(MapArgs),
     /// Compare the guest contents of two images (like qemu-img compare).
     Compare(CompareArgs),
-    /// Create, list, apply or delete internal snapshots of a qcow2 image.
+    /// Create, list, apply or delete internal snapshots of a qcow2 image (subcommands, or
+    /// qemu-img's -l / -c NAME / -a NAME / -d NAME).
     Snapshot(SnapshotArgs),
+    /// Grow or shrink an image's virtual size in place (like qemu-img resize). Only the disk
+    /// changes: partitions and filesystems inside keep their size.
+    Resize(ResizeArgs),
+    /// Change a qcow2 image's format options in place: compat (0.10 / 1.1) and
+    /// lazy_refcounts (like qemu-img amend).
+    Amend(AmendArgs),
+    /// Copy a byte range of an image into a new image (like qemu-img dd).
+    Dd(DdArgs),
     /// Write an overlay's contents into its backing file and empty it (like qemu-img commit).
     Commit(overlay::CommitArgs),
     /// Point an overlay at another backing file, keeping what the guest sees (like qemu-img
@@ -166,7 +177,8 @@ pub enum Command {
     /// Boot a rescue VM with the image attached over NBD and run a command (or a console
     /// shell) in it: the guest kernel's full ext4, journal replay included.
     Rescue(rescue::RescueArgs),
-    /// How big a disk built from a layout must be (JSON).
+    /// How big an image converted from SRC (or of --size bytes) would be, as qemu-img measure
+    /// says it; or how big a disk built from a layout must be (--layout).
     Measure(MeasureArgs),
     /// Print a shell completion script.
     Completions {
@@ -188,6 +200,7 @@ pub struct CreateArgs {
     pub format: FormatArg,
     /// Format options: cluster_size=64k,compression_type=zlib|zstd,lazy_refcounts=on,
     /// preallocation=off|metadata|falloc|full,refcount_bits=16,compat=0.10|1.1,extended_l2=on
+    /// (`-o help` lists the options of the format given with -f)
     #[arg(short = 'o', value_name = "OPTIONS")]
     pub options: Vec<String>,
     /// Backing file (qcow2 only); relative names are relative to FILE's directory.
@@ -198,19 +211,42 @@ pub struct CreateArgs {
     pub backing_format: Option<FormatArg>,
     #[command(flatten)]
     pub layout: layout::LayoutArgs,
-    pub file: PathBuf,
+    /// The image to create (not needed with `-o help`).
+    #[arg(required_unless_present = "options")]
+    pub file: Option<PathBuf>,
     /// Virtual size in bytes, or with a k, M, G, T suffix (default: the backing file's size,
     /// or the layout's imageSize); `auto` with --layout: just big enough for the content.
     pub size: Option<String>,
 }
 
 #[derive(Debug, Args)]
+#[command(
+    after_help = "qemu-img's numbers: `required` is the file size an image converted from SRC \
+needs (its data, with metadata counted as if every cluster were allocated), `fully-allocated` \
+the file size with every cluster allocated. With --layout: the disk size a layout needs (JSON)."
+)]
 pub struct MeasureArgs {
     #[command(flatten)]
     pub layout: layout::LayoutArgs,
-    /// Print JSON (the only output form for now).
-    #[arg(long)]
-    pub json: bool,
+    /// Format of the image to measure for (default raw, as in qemu-img).
+    #[arg(short = 'O', value_enum, value_name = "FMT", conflicts_with = "layout")]
+    pub output_format: Option<FormatArg>,
+    /// Options of that image (see `vmdisk create -o`; `-o help` lists them).
+    #[arg(short = 'o', value_name = "OPTIONS", conflicts_with = "layout")]
+    pub options: Vec<String>,
+    /// Format of SRC (probed when not given).
+    #[arg(short = 'f', value_enum, value_name = "FMT", conflicts_with = "layout")]
+    pub format: Option<FormatArg>,
+    /// Read SRC even if another process (a running VM) holds it (no locks).
+    #[arg(short = 'U', long = "force-share", conflicts_with = "layout")]
+    pub force_share: bool,
+    /// Measure an empty image of this virtual size instead of SRC.
+    #[arg(long, value_name = "SIZE", conflicts_with_all = ["src", "layout"])]
+    pub size: Option<String>,
+    #[command(flatten)]
+    pub out: JsonArgs,
+    /// The image to measure.
+    pub src: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -218,13 +254,54 @@ pub struct ConvertArgs {
     /// Source format (probed when not given).
     #[arg(short = 'f', value_enum, value_name = "FMT")]
     pub format: Option<FormatArg>,
-    /// Output format.
-    #[arg(short = 'O', value_enum, value_name = "FMT")]
+    /// Output format (default raw, as in qemu-img).
+    #[arg(short = 'O', value_enum, value_name = "FMT", default_value = "raw")]
     pub output_format: FormatArg,
+    /// Zero detection: a run of SIZE zero bytes (default 4k; the cluster for qcow2) is left
+    /// as a hole; 0 writes every byte (a fully allocated output).
+    #[arg(short = 'S', value_name = "SIZE")]
+    pub sparse: Option<String>,
+    /// DST exists: write into it (in its format, -O) instead of creating it; the write is a
+    /// transaction (an error or Ctrl-C leaves DST as it was). DST must be at least as big.
+    #[arg(short = 'n')]
+    pub existing: bool,
+    /// With -n: DST already reads as zeros, so zero ranges of SRC are not written.
+    #[arg(long, requires = "existing")]
+    pub target_is_zero: bool,
+    /// Make DST a qcow2 overlay on BACKING (stored as given, relative to DST) holding only
+    /// what differs from it.
+    #[arg(short = 'B', value_name = "BACKING")]
+    pub backing: Option<String>,
+    /// Format of BACKING (probed when not given).
+    #[arg(short = 'F', value_enum, value_name = "FMT", requires = "backing")]
+    pub backing_format: Option<FormatArg>,
+    /// Convert an internal snapshot of SRC: snapshot.name=NAME, snapshot.id=ID, both
+    /// (comma-separated), or ID_OR_NAME.
+    #[arg(short = 'l', value_name = "SNAPSHOT", conflicts_with = "snapshot")]
+    pub snapshot_param: Option<String>,
+    /// Convert the internal snapshot with this id or name (qemu-img's older -s).
+    #[arg(short = 's', value_name = "ID_OR_NAME")]
+    pub snapshot: Option<String>,
+    /// Allow out-of-order writes (accepted for qemu-img compatibility: vmdisk already reads
+    /// in parallel and writes a raw or qcow2 target in order, which is as fast).
+    #[arg(short = 'W')]
+    pub out_of_order: bool,
+    /// Parallel workers reading (and compressing) the source, 1 to 16 (default: one per
+    /// CPU).
+    #[arg(short = 'm', value_name = "N", value_parser = clap::value_parser!(u8).range(1..=16))]
+    pub workers: Option<u8>,
+    /// Cache mode of the output: none, writeback, writethrough, directsync or unsafe. none,
+    /// writethrough and directsync make the output durable before it is renamed into place
+    /// (as --sync); writeback and unsafe (the default) do not.
+    #[arg(short = 't', value_name = "CACHE", value_parser = ["none", "writeback", "writethrough", "directsync", "unsafe"])]
+    pub cache: Option<String>,
+    /// Cache mode of the source (accepted; vmdisk reads through the page cache).
+    #[arg(short = 'T', value_name = "CACHE", value_parser = ["none", "writeback", "writethrough", "directsync", "unsafe"])]
+    pub src_cache: Option<String>,
     /// Compress the output (qcow2).
     #[arg(short = 'c')]
     pub compress: bool,
-    /// Output format options (see `vmdisk create -o`).
+    /// Output format options (see `vmdisk create -o`; `-o help` lists them).
     #[arg(short = 'o', value_name = "OPTIONS")]
     pub options: Vec<String>,
     /// Show a progress bar.
@@ -237,8 +314,10 @@ pub struct ConvertArgs {
     /// either way a partial output never appears under DST).
     #[arg(long)]
     pub sync: bool,
-    pub src: PathBuf,
-    pub dst: PathBuf,
+    #[arg(required_unless_present = "options")]
+    pub src: Option<PathBuf>,
+    #[arg(required_unless_present = "options")]
+    pub dst: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -302,14 +381,134 @@ pub struct CompareArgs {
     /// Read the images even if another process holds them (no locks).
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
+    #[command(flatten)]
+    pub out: JsonArgs,
     pub a: PathBuf,
     pub b: PathBuf,
 }
 
 #[derive(Debug, Args)]
+#[command(
+    args_conflicts_with_subcommands = true,
+    after_help = "qemu-img's spellings work too: `vmdisk snapshot -l IMG`, `-c NAME IMG`, \
+`-a NAME IMG`, `-d NAME IMG`."
+)]
 pub struct SnapshotArgs {
     #[command(subcommand)]
-    pub action: SnapshotAction,
+    pub action: Option<SnapshotAction>,
+    /// List the snapshots of FILE (qemu-img snapshot -l).
+    #[arg(short = 'l', group = "op")]
+    pub list: bool,
+    /// Take a snapshot called NAME (qemu-img snapshot -c).
+    #[arg(short = 'c', value_name = "NAME", group = "op")]
+    pub create: Option<String>,
+    /// Revert FILE to the snapshot NAME or id (qemu-img snapshot -a).
+    #[arg(short = 'a', value_name = "NAME", group = "op")]
+    pub apply: Option<String>,
+    /// Delete the snapshot NAME or id (qemu-img snapshot -d).
+    #[arg(short = 'd', value_name = "NAME", group = "op")]
+    pub delete: Option<String>,
+    /// With -l: read the image even if another process holds it (no locks).
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    #[command(flatten)]
+    pub out: JsonArgs,
+    /// The qcow2 image (with -l, -c, -a or -d).
+    #[arg(requires = "op")]
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PreallocArg {
+    Off,
+    Metadata,
+    Falloc,
+    Full,
+}
+
+impl From<PreallocArg> for vmdisk_image::ResizePrealloc {
+    fn from(p: PreallocArg) -> Self {
+        use vmdisk_image::ResizePrealloc as P;
+        match p {
+            PreallocArg::Off => P::Off,
+            PreallocArg::Metadata => P::Metadata,
+            PreallocArg::Falloc => P::Falloc,
+            PreallocArg::Full => P::Full,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "SIZE is bytes or a number with a k, M, G, T suffix; +SIZE grows by \
+that much, -SIZE shrinks (no `--` needed). qcow2 sizes are multiples of 512. The image is \
+edited as a transaction: an error or Ctrl-C leaves it byte-identical. Refused while a VM \
+holds the image. A qcow2 v3 image keeps its internal snapshots (applying one brings its own \
+size back); v2 images with snapshots are refused, as by qemu-img. Growing an overlay whose \
+backing file is bigger makes the new area read as zeros, not as the backing file."
+)]
+pub struct ResizeArgs {
+    /// Image format (probed when not given).
+    #[arg(short = 'f', value_enum, value_name = "FMT")]
+    pub format: Option<FormatArg>,
+    /// Allow a smaller size: everything past the new end is deleted.
+    #[arg(long)]
+    pub shrink: bool,
+    /// How the added space is allocated: off (default, sparse), metadata (qcow2: tables and
+    /// clusters allocated, file sparse), falloc (space reserved), full (zeros written).
+    #[arg(long, value_enum, value_name = "MODE", default_value = "off")]
+    pub preallocation: PreallocArg,
+    #[command(flatten)]
+    pub out: JsonArgs,
+    /// The image to resize (raw or qcow2).
+    pub file: PathBuf,
+    /// New size, or +SIZE / -SIZE relative to the current one.
+    #[arg(allow_hyphen_values = true, value_name = "[+|-]SIZE")]
+    pub size: String,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "compat=1.1 upgrades a v2 image; compat=0.10 downgrades (zero clusters \
+are expanded first; refused, as by qemu-img, for refcount widths other than 16, snapshots of \
+another size, or zstd-compressed clusters); lazy_refcounts=on|off needs compat 1.1. The \
+image is edited as a transaction."
+)]
+pub struct AmendArgs {
+    /// Image format (probed when not given; only qcow2 can be amended).
+    #[arg(short = 'f', value_enum, value_name = "FMT")]
+    pub format: Option<FormatArg>,
+    /// Options to change: compat=0.10|1.1, lazy_refcounts=on|off (`-o help` lists them).
+    #[arg(short = 'o', value_name = "OPTIONS", required = true)]
+    pub options: Vec<String>,
+    /// The qcow2 image to amend (not needed with `-o help`).
+    #[arg(required_unless_present = "options")]
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Operands: if=INPUT of=OUTPUT [bs=BYTES (default 512)] [count=BLOCKS] \
+[skip=BLOCKS]. As in qemu-img dd, count counts from the start of INPUT (the copy ends at \
+count*bs) and skip moves its start. OUTPUT is created (replacing a file there, only once it \
+is complete)."
+)]
+pub struct DdArgs {
+    /// Format of INPUT (probed when not given).
+    #[arg(short = 'f', value_enum, value_name = "FMT")]
+    pub format: Option<FormatArg>,
+    /// Format of OUTPUT (default raw).
+    #[arg(short = 'O', value_enum, value_name = "FMT", default_value = "raw")]
+    pub output_format: FormatArg,
+    /// Read INPUT even if another process holds it (no locks).
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// Show a progress bar.
+    #[arg(short = 'p')]
+    pub progress: bool,
+    /// if=INPUT of=OUTPUT bs=BYTES count=BLOCKS skip=BLOCKS
+    #[arg(value_name = "OPERAND", required = true)]
+    pub operands: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -322,6 +521,8 @@ pub enum SnapshotAction {
         /// Read the image even if another process holds it (no locks).
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
+        #[command(flatten)]
+        out: JsonArgs,
     },
     /// Revert the image to a snapshot (by name or id).
     Apply { file: PathBuf, name: String },
@@ -363,7 +564,7 @@ impl Command {
             | Command::Completions { .. }
             | Command::Man { .. } => true,
             Command::Check(a) => a.repair.is_none(),
-            Command::Snapshot(s) => matches!(s.action, SnapshotAction::List { .. }),
+            Command::Snapshot(s) => s.list || matches!(s.action, Some(SnapshotAction::List { .. })),
             _ => false,
         }
     }
@@ -382,6 +583,10 @@ pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
+            if let Some(msg) = qemu_img_refusal(&e, std::env::args().skip(1)) {
+                eprintln!("vmdisk: error: {msg}");
+                return ExitCode::from(1);
+            }
             let _ = e.print();
             // qemu-img's usage errors exit 1 (check's 2 means "corruptions").
             return ExitCode::from(match e.kind() {
@@ -431,12 +636,159 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// qemu-img flags vmdisk does not take (yet), by command ("" for any command), with the
+/// nearest thing vmdisk offers.
+const QEMU_IMG_FLAGS: &[(&str, &str, &str)] = &[
+    (
+        "resize",
+        "--grow-fs",
+        "not implemented yet (issue #18 part 2); grow the partition and the filesystem from \
+         inside the guest (growpart, resize2fs), e.g. in `vmdisk rescue IMAGE`",
+    ),
+    (
+        "",
+        "--object",
+        "none: vmdisk has no QEMU objects (secrets, throttling); it refuses encrypted images",
+    ),
+    (
+        "",
+        "--image-opts",
+        "give the file name; -f names its format",
+    ),
+    (
+        "",
+        "--target-image-opts",
+        "give the file name; -O names its format",
+    ),
+    ("", "-T", "none needed: vmdisk reads through the page cache"),
+    (
+        "",
+        "-t",
+        "none needed: vmdisk writes through the page cache (convert takes -t and --sync)",
+    ),
+    (
+        "convert",
+        "-C",
+        "`vmdisk copy --reflink=always` shares the file's extents; convert always copies",
+    ),
+    (
+        "convert",
+        "-r",
+        "none: vmdisk converts at full speed (run it under ionice to slow it)",
+    ),
+    (
+        "convert",
+        "--salvage",
+        "none: a read error stops the convert and removes the partial output",
+    ),
+    (
+        "convert",
+        "--bitmaps",
+        "none: persistent bitmaps are not copied (qemu-img convert --bitmaps)",
+    ),
+    (
+        "convert",
+        "--skip-broken-bitmaps",
+        "none: persistent bitmaps are not copied",
+    ),
+    ("convert", "-a", "none"),
+    (
+        "create",
+        "-u",
+        "create checks that the backing file opens; create it first, or `vmdisk rebase -u` later",
+    ),
+    (
+        "commit",
+        "-b",
+        "vmdisk commit folds the overlay into its own backing file (one level at a time)",
+    ),
+    ("commit", "-r", "none: vmdisk commits at full speed"),
+    ("rebase", "-c", "none: rebase copies clusters uncompressed"),
+    (
+        "map",
+        "--start-offset",
+        "none: vmdisk map maps the whole image (filter its --json output)",
+    ),
+    (
+        "map",
+        "--max-length",
+        "none: vmdisk map maps the whole image (filter its --json output)",
+    ),
+    ("info", "--limits", "none"),
+    ("inspect", "--limits", "none"),
+];
+
+/// qemu-img commands vmdisk does not have, with what to use instead.
+const QEMU_IMG_COMMANDS: &[(&str, &str)] = &[
+    (
+        "bitmap",
+        "use `qemu-img bitmap`; vmdisk keeps existing bitmaps valid while it writes",
+    ),
+    (
+        "bench",
+        "use `qemu-img bench`, or `cargo xtask bench` for vmdisk's own benchmarks",
+    ),
+];
+
+/// When clap rejects a flag or command qemu-img users type, say that vmdisk does not
+/// support it yet and what comes nearest, instead of clap's "to pass '-S' as a value, use
+/// '-- -S'".
+fn qemu_img_refusal(e: &clap::Error, args: impl Iterator<Item = String>) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let args: Vec<String> = args.collect();
+    let arg = match e.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(s)) => s.clone(),
+        _ => match e.get(ContextKind::InvalidSubcommand) {
+            Some(ContextValue::String(s)) => s.clone(),
+            _ => return None,
+        },
+    };
+    if e.kind() == ErrorKind::InvalidSubcommand {
+        let (_, why) = QEMU_IMG_COMMANDS.iter().find(|(c, _)| *c == arg)?;
+        return Some(format!("vmdisk does not support `{arg}` yet; {why}"));
+    }
+    if e.kind() != ErrorKind::UnknownArgument {
+        return None;
+    }
+    let flag = arg.split('=').next().unwrap_or(&arg);
+    let cmd = args
+        .iter()
+        .find(|a| !a.starts_with('-'))
+        .map(String::as_str)
+        .unwrap_or("");
+    let hit = QEMU_IMG_FLAGS
+        .iter()
+        .find(|(c, f, _)| *c == cmd && *f == flag)
+        .or_else(|| {
+            QEMU_IMG_FLAGS
+                .iter()
+                .find(|(c, f, _)| c.is_empty() && *f == flag)
+        });
+    Some(match hit {
+        Some((_, _, near)) => format!("vmdisk does not support {flag} yet; nearest: {near}"),
+        // A qemu-img style short flag nobody listed: still no "use '-- -X'" advice.
+        None if flag.len() == 2 && flag.starts_with('-') => format!(
+            "vmdisk does not support {flag}{} yet; see `vmdisk {cmd} --help` for what it takes",
+            if cmd.is_empty() {
+                String::new()
+            } else {
+                format!(" for `{cmd}`")
+            }
+        ),
+        None => return None,
+    })
+}
+
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         c.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
     })
 }
+
+/// The hint for EFBIG: the host filesystem's limit on one file, not the image's.
+const TOO_LARGE_HINT: &str = "the filesystem there does not allow one file that large; choose \
+    a smaller size, or write it to a filesystem that does (XFS, btrfs); nothing was left behind";
 
 /// What to do about an error, when the message does not already say it.
 fn hint(e: &anyhow::Error) -> Option<&'static str> {
@@ -501,6 +853,7 @@ fn hint(e: &anyhow::Error) -> Option<&'static str> {
                 _ if matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) => {
                     return Some("the disk is full; free some space (nothing was left behind)")
                 }
+                _ if io.raw_os_error() == Some(libc::EFBIG) => return Some(TOO_LARGE_HINT),
                 _ => {}
             }
         }
@@ -570,7 +923,10 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Map(a) => map(a, quiet),
         Command::Compare(a) => compare(a, quiet),
         Command::Snapshot(a) => snapshot(a),
-        Command::Measure(a) => layout::measure(&a.layout),
+        Command::Measure(a) => measure(a),
+        Command::Resize(a) => resize(a, quiet),
+        Command::Amend(a) => amend(a, quiet),
+        Command::Dd(a) => dd(a, quiet),
         Command::Commit(a) => overlay::commit(a, quiet),
         Command::Rebase(a) => overlay::rebase(a, quiet),
         Command::Ls(a) => guest::ls(a),
@@ -600,14 +956,77 @@ pub fn run(cli: Cli) -> Result<u8> {
     }
 }
 
+/// True when qemu-img would answer these `-o` options with the option list (`help`, `?`).
+fn wants_options_help(opts: &[String]) -> bool {
+    opts.iter()
+        .flat_map(|o| o.split(','))
+        .any(|k| k == "help" || k == "?")
+}
+
+/// `-o help`: the options vmdisk takes for a format, in qemu-img's layout.
+fn options_help(format: Format) -> String {
+    let lines: &[(&str, &str)] = match format {
+        Format::Qcow2 => &[
+            ("backing_file=<str>", "File name of a base image"),
+            ("backing_fmt=<str>", "Image format of the base image"),
+            ("cluster_size=<size>", "qcow2 cluster size"),
+            (
+                "compat=<str>",
+                "Compatibility level (v2 [0.10] or v3 [1.1])",
+            ),
+            (
+                "compression_type=<str>",
+                "Compression method used for image cluster compression (zlib, zstd)",
+            ),
+            ("extended_l2=<bool (on/off)>", "Extended L2 tables"),
+            (
+                "lazy_refcounts=<bool (on/off)>",
+                "Postpone refcount updates",
+            ),
+            (
+                "preallocation=<str>",
+                "Preallocation mode (allowed values: off, metadata)",
+            ),
+            (
+                "refcount_bits=<num>",
+                "Width of a reference count entry in bits",
+            ),
+            ("size=<size>", "Virtual disk size"),
+        ],
+        Format::Raw => &[
+            (
+                "preallocation=<str>",
+                "Preallocation mode (allowed values: off, falloc, full)",
+            ),
+            ("size=<size>", "Virtual disk size"),
+        ],
+    };
+    let mut out = format!("Supported {format} options:\n");
+    for (k, d) in lines {
+        out += &format!("  {k:<22} - {d}\n");
+    }
+    out
+}
+
 fn create(a: CreateArgs, quiet: bool) -> Result<u8> {
+    if wants_options_help(&a.options) {
+        print!("{}", options_help(a.format.into()));
+        return Ok(0);
+    }
+    let Some(file) = a.file.clone() else {
+        anyhow::bail!("give the image to create: vmdisk create [-f FMT] FILE [SIZE]");
+    };
+    create_image(a, file.clone(), quiet).with_context(|| format!("creating {}", file.display()))
+}
+
+fn create_image(a: CreateArgs, file: std::path::PathBuf, quiet: bool) -> Result<u8> {
     if a.layout.layout.is_some() {
         if a.backing.is_some() {
             anyhow::bail!("--layout builds a whole disk; it cannot have a backing file (-b)");
         }
         return layout::create(
             &a.layout,
-            &a.file,
+            &file,
             a.format.into(),
             parse_options(&a.options)?,
             a.size.as_deref(),
@@ -627,10 +1046,10 @@ fn create(a: CreateArgs, quiet: bool) -> Result<u8> {
         backing_file: a.backing.clone(),
         backing_format: a.backing_format.map(Into::into),
     };
-    vmdisk_image::create(&a.file, &spec)?;
+    vmdisk_image::create(&file, &spec)?;
     if !quiet {
         let size = vmdisk_image::open(
-            &a.file,
+            &file,
             &OpenOptions {
                 no_backing: true,
                 force_share: true,
@@ -639,7 +1058,7 @@ fn create(a: CreateArgs, quiet: bool) -> Result<u8> {
         )
         .map(|i| i.len())
         .unwrap_or(0);
-        say!("{}", formatting_line(&a.file, &spec, size));
+        say!("{}", formatting_line(&file, &spec, size));
     }
     Ok(0)
 }
@@ -674,12 +1093,58 @@ fn formatting_line(file: &Path, spec: &CreateSpec, size: u64) -> String {
     s
 }
 
+/// `-l snapshot.name=NAME,snapshot.id=ID` / `-l ID_OR_NAME` / `-s ID_OR_NAME`.
+fn snapshot_selector(
+    param: Option<&str>,
+    old: Option<&str>,
+) -> Result<Option<vmdisk_image::SnapshotSelector>> {
+    use vmdisk_image::SnapshotSelector as S;
+    if let Some(s) = old {
+        return Ok(Some(S::IdOrName(s.to_string())));
+    }
+    let Some(p) = param else { return Ok(None) };
+    if !p.contains('=') {
+        return Ok(Some(S::IdOrName(p.to_string())));
+    }
+    let (mut id, mut name) = (None, None);
+    for item in p.split(',') {
+        match item.split_once('=') {
+            Some(("snapshot.id", v)) => id = Some(v.to_string()),
+            Some(("snapshot.name", v)) => name = Some(v.to_string()),
+            _ => anyhow::bail!(
+                "-l {p}: expected snapshot.name=NAME, snapshot.id=ID (or both, comma-separated) \
+                 or a snapshot id or name"
+            ),
+        }
+    }
+    Ok(Some(match (id, name) {
+        (Some(id), Some(name)) => S::IdAndName { id, name },
+        (Some(id), None) => S::Id(id),
+        (None, Some(name)) => S::Name(name),
+        (None, None) => unreachable!("the loop sets one or returns"),
+    }))
+}
+
 fn convert(a: ConvertArgs, quiet: bool) -> Result<u8> {
+    if wants_options_help(&a.options) {
+        print!("{}", options_help(a.output_format.into()));
+        return Ok(0);
+    }
+    let (Some(src_path), Some(dst)) = (a.src.clone(), a.dst.clone()) else {
+        anyhow::bail!("give the source and the destination: vmdisk convert [-O FMT] SRC DST");
+    };
+    // Every flag is checked before any file is opened.
+    let sparse = a
+        .sparse
+        .as_deref()
+        .map(vmdisk_image::parse_size)
+        .transpose()?;
+    let snapshot = snapshot_selector(a.snapshot_param.as_deref(), a.snapshot.as_deref())?;
+    let options = parse_options(&a.options)?;
     // Before any thread exists, so every thread inherits the blocked signals.
     let cancel = signals::cancel_on_interrupt();
-    let options = parse_options(&a.options)?;
     let src = vmdisk_image::open(
-        &a.src,
+        &src_path,
         &OpenOptions {
             format: a.format.map(Into::into),
             read_only: true,
@@ -688,17 +1153,126 @@ fn convert(a: ConvertArgs, quiet: bool) -> Result<u8> {
         },
     )?;
     warn_raw_view(&src, quiet);
+    let durable_cache = matches!(
+        a.cache.as_deref(),
+        Some("none" | "writethrough" | "directsync")
+    );
     let opts = ConvertOptions {
         format: a.output_format.into(),
         compress: a.compress,
         options,
-        threads: None,
-        sync: a.sync,
+        threads: a.workers.map(usize::from),
+        sync: a.sync || durable_cache,
         cancel,
+        sparse,
+        existing: a.existing,
+        target_is_zero: a.target_is_zero,
+        backing: a
+            .backing
+            .clone()
+            .map(|b| (b, a.backing_format.map(Into::into))),
+        snapshot,
     };
     let pb = progress_bar(a.progress && !quiet);
     let report = report_to(&pb);
-    vmdisk_image::convert(&src, &a.dst, &opts, &report)?;
+    vmdisk_image::convert(&src, &dst, &opts, &report)?;
+    if let Some(pb) = &pb {
+        pb.finish();
+    }
+    Ok(0)
+}
+
+fn measure(a: MeasureArgs) -> Result<u8> {
+    if a.layout.layout.is_some() {
+        return layout::measure(&a.layout);
+    }
+    let format: Format = a.output_format.map(Into::into).unwrap_or(Format::Raw);
+    if wants_options_help(&a.options) {
+        print!("{}", options_help(format));
+        return Ok(0);
+    }
+    let options = parse_options(&a.options)?;
+    let m = match (&a.src, &a.size) {
+        (Some(src), None) => {
+            let img = vmdisk_image::open(
+                src,
+                &OpenOptions {
+                    format: a.format.map(Into::into),
+                    read_only: true,
+                    force_share: a.force_share,
+                    ..Default::default()
+                },
+            )?;
+            vmdisk_image::measure(&img, format, &options)?
+        }
+        (None, Some(size)) => {
+            let size = vmdisk_image::parse_size(size)?;
+            vmdisk_image::measure_size(format, &options, size, None)?
+        }
+        _ => {
+            anyhow::bail!("give the image to measure (SRC), or --size SIZE, or --layout DISKO.json")
+        }
+    };
+    if a.out.is_json() {
+        print_json(&m)?;
+    } else {
+        say!("required size: {}", m.required);
+        say!("fully allocated size: {}", m.fully_allocated);
+    }
+    Ok(0)
+}
+
+fn resize(a: ResizeArgs, quiet: bool) -> Result<u8> {
+    let change = vmdisk_image::SizeChange::parse(&a.size)?;
+    let cancel = signals::cancel_on_interrupt();
+    let opts = vmdisk_image::ResizeOptions {
+        format: a.format.map(Into::into),
+        shrink: a.shrink,
+        prealloc: a.preallocation.into(),
+        cancel,
+    };
+    let stats = vmdisk_image::resize(&a.file, change, &opts)
+        .with_context(|| format!("resizing {}", a.file.display()))?;
+    if a.out.is_json() {
+        print_json(&stats)?;
+    } else if !quiet {
+        say!("Image resized.");
+    }
+    Ok(0)
+}
+
+fn amend(a: AmendArgs, quiet: bool) -> Result<u8> {
+    if wants_options_help(&a.options) {
+        print!("{}", vmdisk_image::amend_options_help());
+        return Ok(0);
+    }
+    let Some(file) = &a.file else {
+        anyhow::bail!("give the image to amend: vmdisk amend -o OPTIONS FILE");
+    };
+    let opts = vmdisk_image::parse_amend_options(&a.options)?;
+    let r = vmdisk_image::amend(file, a.format.map(Into::into), &opts)
+        .with_context(|| format!("amending {}", file.display()))?;
+    if !quiet && r.old_version != r.new_version {
+        let compat = |v: u32| if v == 2 { "0.10" } else { "1.1" };
+        eprintln!(
+            "vmdisk: {} is now compat={} (was {})",
+            file.display(),
+            compat(r.new_version),
+            compat(r.old_version)
+        );
+    }
+    Ok(0)
+}
+
+fn dd(a: DdArgs, quiet: bool) -> Result<u8> {
+    let (input, output, mut opts) = vmdisk_image::parse_dd_operands(&a.operands)?;
+    opts.format = a.format.map(Into::into);
+    opts.output_format = a.output_format.into();
+    opts.force_share = a.force_share;
+    opts.cancel = signals::cancel_on_interrupt();
+    let pb = progress_bar(a.progress && !quiet);
+    let report = report_to(&pb);
+    vmdisk_image::dd(Path::new(&input), Path::new(&output), &opts, &report)?;
     if let Some(pb) = &pb {
         pb.finish();
     }
@@ -710,7 +1284,25 @@ fn inspect(a: InspectArgs, quiet: bool) -> Result<u8> {
         no_backing: true,
         ..a.image.open_options(true)
     };
-    let infos = vmdisk_image::info(&a.file, &opts, a.backing_chain)?;
+    let infos = match vmdisk_image::info(&a.file, &opts, a.backing_chain) {
+        Ok(i) => i,
+        Err(e) => {
+            // A layer of the chain that cannot be opened: opening the chain the way every
+            // other command does names the overlay whose backing file is missing.
+            if a.backing_chain && !matches!(e, vmdisk_image::Error::BackingLoop { .. }) {
+                let chain = OpenOptions {
+                    force_share: true,
+                    ..a.image.open_options(true)
+                };
+                if let Err(named @ vmdisk_image::Error::MissingBacking { .. }) =
+                    vmdisk_image::open(&a.file, &chain)
+                {
+                    return Err(named.into());
+                }
+            }
+            return Err(e.into());
+        }
+    };
     // What the guest sees: partition table and filesystems (vmdisk's addition to qemu's info).
     let guest = layout::describe(&a.file, a.image.format.map(Into::into), a.image.force_share);
     if let (Err(e), false) = (&guest, quiet) {
@@ -769,8 +1361,14 @@ fn check(a: CheckArgs, quiet: bool) -> Result<u8> {
     };
     if a.out.is_json() {
         print_json(&o)?;
-    } else if !quiet {
-        print!("{}", o.human());
+    } else {
+        // qemu-img's order and streams: each problem on stderr, then the report on stdout.
+        for m in &o.messages {
+            eprintln!("{m}");
+        }
+        if !quiet {
+            print!("{}", o.human());
+        }
     }
     Ok(o.exit_code() as u8)
 }
@@ -851,6 +1449,21 @@ fn compare(a: CompareArgs, quiet: bool) -> Result<u8> {
     if let Some(pb) = &pb {
         pb.finish_and_clear();
     }
+    if a.out.is_json() {
+        let (kind, offset) = match c.difference {
+            None => (None, None),
+            Some(Difference::Content { offset }) => (Some("content"), Some(offset)),
+            Some(Difference::Size) => (Some("size"), None),
+            Some(Difference::BlockStatus { offset }) => (Some("block-status"), Some(offset)),
+        };
+        print_json(&serde_json::json!({
+            "identical": c.identical(),
+            "size-mismatch": c.size_mismatch,
+            "difference": kind,
+            "offset": offset,
+        }))?;
+        return Ok(if c.identical() { 0 } else { 1 });
+    }
     if c.size_mismatch && !a.strict && !quiet {
         say!("Warning: Image size mismatch!");
     }
@@ -869,8 +1482,35 @@ fn compare(a: CompareArgs, quiet: bool) -> Result<u8> {
 }
 
 fn snapshot(a: SnapshotArgs) -> Result<u8> {
-    match a.action {
-        SnapshotAction::List { file, force_share } => {
+    let action = match (a.action, a.file) {
+        (Some(action), _) => action,
+        (None, Some(file)) => {
+            if let Some(name) = a.create {
+                SnapshotAction::Create { file, name }
+            } else if let Some(name) = a.apply {
+                SnapshotAction::Apply { file, name }
+            } else if let Some(name) = a.delete {
+                SnapshotAction::Delete { file, name }
+            } else {
+                SnapshotAction::List {
+                    file,
+                    force_share: a.force_share,
+                    out: a.out.clone(),
+                }
+            }
+        }
+        (None, None) => anyhow::bail!(
+            "say what to do: vmdisk snapshot (list|create|apply|delete) FILE [NAME], or \
+             -l FILE / -c NAME FILE / -a NAME FILE / -d NAME FILE"
+        ),
+    };
+    match action {
+        SnapshotAction::List {
+            file,
+            force_share,
+            out,
+        } => {
+            let json = out.is_json();
             let img = vmdisk_image::open(
                 &file,
                 &OpenOptions {
@@ -880,7 +1520,11 @@ fn snapshot(a: SnapshotArgs) -> Result<u8> {
                 },
             )?;
             let list = vmdisk_image::snapshot_list(&img)?;
-            print!("Snapshot list:\n{}", vmdisk_image::snapshot_table(&list));
+            if json {
+                print_json(&list)?;
+            } else {
+                print!("Snapshot list:\n{}", vmdisk_image::snapshot_table(&list));
+            }
         }
         SnapshotAction::Create { file, name } => {
             let img = open_transaction(&file)?;

@@ -4,7 +4,10 @@
 //! thread it starts later) and hands them to one thread that waits for them with `sigwait`:
 //! the first raises the returned [`Cancel`], the operation stops at its next safe point and
 //! unwinds, removing its temporary output; a second one, when the operation has not finished
-//! unwinding, removes every registered temporary output and exits at once with 128 + signal.
+//! unwinding, removes every registered temporary output and exits at once with 128 + signal —
+//! except while an in-place edit is still open (commit, rebase, snapshot, check -r, passwd):
+//! exiting would leave that file half-changed, so the second signal waits for the rollback and
+//! only a third exits at once.
 //! Commands that do not poll a [`Cancel`] never call this and keep the default behaviour.
 
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -79,6 +82,18 @@ fn wait_for_signals(set: libc::sigset_t, cancel: Cancel) {
             );
             cancel.cancel();
         } else {
+            // An in-place edit being rolled back would be left half-restored by an exit now:
+            // the second signal waits for it, a third one exits anyway.
+            let edits = vmdisk_block::cancel::pending_edits();
+            if seen == 2 && !edits.is_empty() {
+                let names: Vec<String> = edits.iter().map(|p| p.display().to_string()).collect();
+                eprintln!(
+                    "vmdisk: still putting {} back as it was; please wait (a third signal stops \
+                     at once and leaves it half-restored)",
+                    names.join(", ")
+                );
+                continue;
+            }
             for p in vmdisk_block::remove_registered_temps() {
                 eprintln!("vmdisk: removed {}", p.display());
             }
