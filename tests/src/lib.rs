@@ -21,6 +21,7 @@ pub use tempfile;
 
 pub mod nbdsh;
 pub mod nothing_lost;
+pub mod portable;
 
 /// KiB / MiB in bytes.
 pub const KIB: u64 = 1024;
