@@ -64,6 +64,8 @@
   #   qemu-system-x86_64    qemu                all
   #   qemu-system-aarch64   qemu                all
   #   vfkit                 vfkit               darwin
+  #   file                  file                all
+  #   python3               python3             all
 
   outputs =
     { self, nixpkgs }:

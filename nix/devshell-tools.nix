@@ -24,6 +24,9 @@
   "cpio"
   # nix-instantiate for tests/tests/flake.rs
   "nix"
+  # the Darwin cross-builds (issue #20): python3 for the zig venv, file to see Mach-O
+  "python3"
+  "file"
 ]
 ++ (
   if isLinux then

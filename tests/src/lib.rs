@@ -22,6 +22,7 @@ pub use tempfile;
 pub mod nbdsh;
 pub mod nothing_lost;
 pub mod sshd;
+pub mod portable;
 
 /// KiB / MiB in bytes.
 pub const KIB: u64 = 1024;

@@ -63,6 +63,9 @@ pub const TOOLS: &[(&str, &str)] = &[
     // and config; the doctor reads host keys with ssh-keyscan
     ("sshd", "openssh-server"),
     ("ssh-keyscan", "openssh-client"),
+    // issue #20: the Darwin cross-builds' binaries must be Mach-O; venv for zig
+    ("file", "file"),
+    ("python3", "python3-venv"),
 ];
 
 /// Shared libraries of Debian 12's qemu-system-x86 7.2. The harness unpacks that package into
@@ -262,4 +265,80 @@ pub fn ensure(sh: &Shell, install: bool) -> Result<()> {
 
 fn tool_names() -> String {
     TOOLS.iter().map(|(t, _)| *t).collect::<Vec<_>>().join(" ")
+}
+
+/// The zig toolchain and cargo wrapper that cross-build vmdisk for macOS without an Apple
+/// SDK (issue #20), pinned: PyPI's `ziglang` ships zig itself.
+pub const ZIGLANG_VERSION: &str = "0.17.1";
+pub const CARGO_ZIGBUILD_VERSION: &str = "0.24.1";
+/// The Rust targets of the Darwin cross-builds.
+pub const DARWIN_TARGETS: &[&str] = &["aarch64-apple-darwin", "x86_64-apple-darwin"];
+
+/// `cargo-zigbuild` in a Python virtual environment under target/tools (pip, no root), and
+/// the Darwin targets' standard libraries (rustup). Returns the venv's bin directory, which
+/// must be on PATH for cargo-zigbuild to find zig.
+pub fn ensure_zig(sh: &Shell, install: bool) -> Result<std::path::PathBuf> {
+    let venv = crate::project_root().join("target/tools/zig-venv");
+    let bin = venv.join("bin");
+    let pinned = |sh: &Shell| -> bool {
+        let pip = bin.join("pip");
+        cmd!(sh, "{pip} list --format=freeze")
+            .quiet()
+            .ignore_stderr()
+            .read()
+            .map(|out| {
+                out.lines()
+                    .any(|l| l == format!("ziglang=={ZIGLANG_VERSION}"))
+                    && out
+                        .lines()
+                        .any(|l| l == format!("cargo-zigbuild=={CARGO_ZIGBUILD_VERSION}"))
+            })
+            .unwrap_or(false)
+    };
+    if !pinned(sh) {
+        if !install {
+            bail!(
+                "no cargo-zigbuild {CARGO_ZIGBUILD_VERSION} / ziglang {ZIGLANG_VERSION} in {}\n\
+                 install them with:\n    python3 -m venv {} && {}/pip install \
+                 ziglang=={ZIGLANG_VERSION} cargo-zigbuild=={CARGO_ZIGBUILD_VERSION}",
+                venv.display(),
+                venv.display(),
+                bin.display()
+            );
+        }
+        eprintln!(
+            "xtask: installing zig and cargo-zigbuild into {}",
+            venv.display()
+        );
+        if !bin.join("pip").is_file() {
+            cmd!(sh, "python3 -m venv {venv}").run().map_err(|e| {
+                anyhow::anyhow!(
+                    "{e}\ncreating the virtual environment needs Python's venv module \
+                     (Debian: apt-get install -y python3-venv)"
+                )
+            })?;
+        }
+        let pip = bin.join("pip");
+        cmd!(
+            sh,
+            "{pip} install -q ziglang=={ZIGLANG_VERSION} cargo-zigbuild=={CARGO_ZIGBUILD_VERSION}"
+        )
+        .run()?;
+    }
+    let installed = cmd!(sh, "rustup target list --installed").quiet().read()?;
+    let missing: Vec<&str> = DARWIN_TARGETS
+        .iter()
+        .copied()
+        .filter(|t| !installed.lines().any(|l| l.trim() == *t))
+        .collect();
+    if !missing.is_empty() {
+        if !install {
+            bail!(
+                "the Darwin targets are missing; install them with:\n    rustup target add {}",
+                missing.join(" ")
+            );
+        }
+        cmd!(sh, "rustup target add {missing...}").run()?;
+    }
+    Ok(bin)
 }

@@ -15,8 +15,12 @@
 //!
 //! Errors ([`Error`]) keep the four things a user must tell apart distinct: an IO failure of
 //! the host, a request out of range, a corrupt image, and a feature we do not support. Image
-//! locks ([`lock`]) follow qemu's own OFD byte-range protocol so qemu and vmdisk respect each
+//! locks ([`lock`]) follow qemu's own byte-range protocol so qemu and vmdisk respect each
 //! other.
+//!
+//! Platform calls (fallocate / F_PUNCHHOLE, OFD or POSIX locks, ...) live in [`sys`] and
+//! nowhere else; `sys::force_portable` (or `VMDISK_FORCE_PORTABLE=1`) makes Linux run the
+//! fallbacks macOS uses, so the tests exercise them.
 
 pub mod cancel;
 mod device;
@@ -26,6 +30,7 @@ pub mod lock;
 mod mem;
 mod raw;
 mod slice;
+pub mod sys;
 mod undo;
 
 #[cfg(any(test, feature = "conformance"))]

@@ -1,20 +1,29 @@
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::mem::ManuallyDrop;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::{check_range, merge_extents, BlockDevice, Error, Extent, ExtentKind, Result};
+use crate::{check_range, merge_extents, sys, BlockDevice, Error, Extent, ExtentKind, Result};
+
+/// Bytes of zeros written per call where no hole can be punched (bounds the buffer).
+const ZERO_CHUNK: u64 = 1 << 20;
 
 /// A raw disk image (or any regular file / block device) accessed with pread/pwrite.
 ///
 /// `block_status` uses `SEEK_DATA`/`SEEK_HOLE`: holes are [`ExtentKind::Zero`].
-/// `write_zeroes` and `discard` punch holes or zero ranges with `fallocate` where the host
-/// filesystem can, and fall back to writing zeros.
+/// `write_zeroes` and `discard` punch holes or zero ranges where the host can (`crate::sys`:
+/// fallocate on Linux, F_PUNCHHOLE on macOS), and write zeros elsewhere.
+///
+/// Dropping it closes the file, except while this process holds POSIX image locks on it
+/// (macOS without OFD locks, or the portable paths): the descriptor is then parked until the
+/// last lock goes, since closing any descriptor of a file drops all such locks (`lock`).
 #[derive(Debug)]
 pub struct RawFile {
-    file: File,
+    /// Taken out only in Drop.
+    file: ManuallyDrop<File>,
     path: PathBuf,
     len: AtomicU64,
     read_only: bool,
@@ -67,7 +76,7 @@ impl RawFile {
             source,
         })?;
         Ok(RawFile {
-            file,
+            file: ManuallyDrop::new(file),
             path,
             len: AtomicU64::new(len),
             read_only,
@@ -85,14 +94,25 @@ impl RawFile {
     /// Ask the kernel to start writing this file's dirty pages back, without waiting: a hint
     /// for long writers, so the `flush` that makes the data durable has less left to do.
     pub fn start_writeback(&self) {
-        #[cfg(target_os = "linux")]
-        {
-            use std::os::fd::AsRawFd;
-            // SAFETY: a plain syscall on an fd we own; failure only loses the hint.
-            unsafe {
-                libc::sync_file_range(self.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
-            }
+        sys::start_writeback(&self.file);
+    }
+
+    /// Grow the file to `new_len` bytes with the new bytes allocated on disk where the host
+    /// can reserve space (`-o preallocation=falloc`): fallocate on Linux, F_PREALLOCATE on
+    /// macOS; elsewhere the zeros are written. A `new_len` not above the length only resizes.
+    pub fn allocate(&self, new_len: u64) -> Result<()> {
+        self.writable()?;
+        let old = self.len();
+        if new_len <= old {
+            return self.resize(new_len);
         }
+        let done = sys::grow_allocated(&self.file, old, new_len);
+        // Whatever happened to the length, it is `new_len` from here on.
+        self.resize(new_len)?;
+        if done.is_err() {
+            self.write_zero_bytes(old, new_len - old)?;
+        }
+        Ok(())
     }
 
     fn writable(&self) -> Result<()> {
@@ -116,25 +136,26 @@ impl RawFile {
         Ok(Some(r as u64))
     }
 
-    fn fallocate(&self, mode: libc::c_int, off: u64, len: u64) -> io::Result<()> {
-        loop {
-            // SAFETY: fallocate on a valid fd owned by self.file; no memory is touched.
-            let r = unsafe {
-                libc::fallocate(
-                    self.file.as_raw_fd(),
-                    mode,
-                    off as libc::off_t,
-                    len as libc::off_t,
-                )
-            };
-            if r == 0 {
-                return Ok(());
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
+    fn write_zero_bytes(&self, off: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
         }
+        let zeros = vec![0u8; ZERO_CHUNK.min(len) as usize];
+        let mut pos = off;
+        while pos < off + len {
+            let n = ZERO_CHUNK.min(off + len - pos);
+            self.write_all_at(&zeros[..n as usize], pos)?;
+            pos += n;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for RawFile {
+    fn drop(&mut self) {
+        // SAFETY: `file` is never used again: this is the last use of self.
+        let file = unsafe { ManuallyDrop::take(&mut self.file) };
+        crate::lock::park(file);
     }
 }
 
@@ -231,24 +252,21 @@ impl BlockDevice for RawFile {
         if len == 0 {
             return Ok(());
         }
-        let mode = if may_unmap {
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        let end = off + len;
+        let done = if may_unmap {
+            sys::punch_hole(&self.file, off, len)
         } else {
-            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+            sys::zero_range(&self.file, off, len).map(|()| off..end)
         };
-        if self.fallocate(mode, off, len).is_ok() {
-            return Ok(());
+        match done {
+            // What the host did not zero (the unaligned ends of a hole), zeros are written to.
+            Ok(r) => {
+                self.write_zero_bytes(off, r.start.clamp(off, end) - off)?;
+                let tail = r.end.clamp(off, end);
+                self.write_zero_bytes(tail, end - tail)
+            }
+            Err(_) => self.write_zero_bytes(off, len),
         }
-        // Fall back to writing zeros.
-        const CHUNK: u64 = 1 << 20;
-        let zeros = vec![0u8; CHUNK.min(len) as usize];
-        let mut pos = off;
-        while pos < off + len {
-            let n = CHUNK.min(off + len - pos);
-            self.write_all_at(&zeros[..n as usize], pos)?;
-            pos += n;
-        }
-        Ok(())
     }
 
     fn discard(&self, off: u64, len: u64) -> Result<()> {

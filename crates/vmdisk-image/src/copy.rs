@@ -3,10 +3,11 @@
 //!
 //! ```text
 //!   SRC   qemu's read lock ("consistent read"; refused while a qemu writes it; none with -U)
-//!    │ FICLONE, whole file ─────────────────────────▶ method reflink (shares every extent)
+//!    │ FICLONE (Linux) / fclonefileat (macOS, APFS), whole file ─▶ method reflink
 //!    │ else, extent by extent (SEEK_DATA / SEEK_HOLE: holes stay holes)
-//!    │     copy_file_range ─────────────────────────▶ method copy_file_range
-//!    │     else (EXDEV, ENOSYS, EOPNOTSUPP, EINVAL) pread/pwrite ─▶ method read_write
+//!    │     copy_file_range (Linux) ──────────────────────────────▶ method copy_file_range
+//!    │     else (EXDEV, ENOSYS, EOPNOTSUPP, EINVAL; always on macOS) pread/pwrite
+//!    │                                                         ─▶ method read_write
 //!    ▼
 //!   DIR/.DST.vmdisk-tmp-PID   created O_EXCL beside DST, under qemu's write lock;
 //!    │                        length set to SRC's, fsync; removed on any error
@@ -20,6 +21,9 @@
 //!
 //! `--reflink=never` copies with pread/pwrite only: copy_file_range may share extents on its
 //! own (XFS, btrfs, NFS), and "never" promises a copy that shares nothing (as cp does).
+//!
+//! The platform calls are in `crate::sys`; macOS clones only into a new name, so there the
+//! clone replaces the temporary file, which is then reopened and locked again.
 
 use std::fs::File;
 use std::io;
@@ -33,6 +37,7 @@ use vmdisk_block::{BlockDevice, Cancel};
 use crate::open::{open_file, resolve_backing};
 use crate::output::{file_err, PendingFile};
 use crate::q;
+use crate::sys::{self, Cloned};
 use crate::{Error, Format, Result};
 
 /// Bytes per copy_file_range call: bounds how long one call runs between progress reports
@@ -40,6 +45,11 @@ use crate::{Error, Format, Result};
 const CFR_CHUNK: u64 = 8 << 20;
 /// Buffer of the pread/pwrite fallback.
 const RW_BUF: usize = 1 << 20;
+/// qemu's write lock on the copy under its temporary name.
+fn lock_pending(pending: &PendingFile) -> Result<ImageLock> {
+    ImageLock::acquire(pending.file(), pending.tmp_path(), LockMode::Write)
+        .map_err(Error::image("locking", pending.tmp_path()))
+}
 
 /// Whether the copy may share extents with its source.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -71,7 +81,7 @@ pub struct CopyOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CopyMethod {
-    /// FICLONE: the copy shares all extents with the source.
+    /// FICLONE / fclonefileat: the copy shares all extents with the source.
     Reflink,
     /// copy_file_range per data extent.
     CopyFileRange,
@@ -172,11 +182,9 @@ pub fn backing_elsewhere(
 /// Whether someone (a running qemu) holds `path` for writing: qemu's read lock would be
 /// refused. A file that cannot be opened counts as not held.
 pub fn held_for_writing(path: &Path) -> bool {
-    let Ok(f) = File::open(path) else {
-        return false;
-    };
+    // By path: a descriptor of our own, closed here, would drop this process's POSIX locks.
     matches!(
-        ImageLock::acquire(&f, path, LockMode::Read),
+        ImageLock::acquire_path(path, LockMode::Read),
         Err(vmdisk_block::Error::Locked { .. })
     )
 }
@@ -220,38 +228,45 @@ pub fn copy_file(
     };
     let len = host.len();
 
-    let pending = PendingFile::create(&dst, opts.overwrite, meta.mode() & 0o777)?;
-    let dst_file = pending.file();
-    let _dst_lock = ImageLock::acquire(dst_file, pending.tmp_path(), LockMode::Write)
-        .map_err(Error::image("locking", pending.tmp_path()))?;
+    let mut pending = PendingFile::create(&dst, opts.overwrite, meta.mode() & 0o777)?;
+    let mut dst_lock = lock_pending(&pending)?;
 
     let cloned = match opts.reflink {
         Reflink::Never => false,
-        Reflink::Auto | Reflink::Always => match ficlone(src_file, dst_file) {
-            Ok(()) => true,
-            Err(e) if clone_unsupported(&e) && opts.reflink == Reflink::Auto => false,
-            Err(e) if clone_unsupported(&e) => {
-                return Err(Error::ReflinkUnsupported {
-                    src: src.to_owned(),
-                    dst: dst.clone(),
-                    reason: if e.raw_os_error() == Some(libc::EXDEV) {
-                        "they are on different filesystems (extents are shared only within one)"
-                    } else {
-                        "the filesystem cannot share extents (reflinks need e.g. btrfs, XFS \
-                         with reflink=1 or bcachefs); --reflink=auto falls back to a sparse copy"
-                    },
-                    source: e,
-                })
+        Reflink::Auto | Reflink::Always => {
+            match sys::reflink(src_file, pending.file(), pending.tmp_path()) {
+                Ok(Cloned::Into) => true,
+                Ok(Cloned::Replaced) => {
+                    // The temporary path names the clone now: open and lock that file.
+                    drop(dst_lock);
+                    pending.reopen()?;
+                    dst_lock = lock_pending(&pending)?;
+                    true
+                }
+                Err(e) if sys::reflink_unsupported(&e) && opts.reflink == Reflink::Auto => false,
+                Err(e) if sys::reflink_unsupported(&e) => {
+                    return Err(Error::ReflinkUnsupported {
+                        src: src.to_owned(),
+                        dst: dst.clone(),
+                        reason: if e.raw_os_error() == Some(libc::EXDEV) {
+                            "they are on different filesystems (extents are shared only within one)"
+                        } else {
+                            sys::REFLINK_UNSUPPORTED
+                        },
+                        source: e,
+                    })
+                }
+                Err(source) => {
+                    return Err(Error::File {
+                        op: sys::REFLINK_OP,
+                        path: pending.tmp_path().to_owned(),
+                        source,
+                    })
+                }
             }
-            Err(source) => {
-                return Err(Error::File {
-                    op: "reflink (FICLONE) into",
-                    path: pending.tmp_path().to_owned(),
-                    source,
-                })
-            }
-        },
+        }
     };
+    let dst_file = pending.file();
 
     let (method, data_bytes, bytes_copied) = if cloned {
         let data = data_extents(src_file, len)
@@ -284,6 +299,7 @@ pub fn copy_file(
     };
     progress(len, len);
     pending.commit()?;
+    drop(dst_lock);
 
     let backing_elsewhere = backing_file
         .as_deref()
@@ -349,10 +365,10 @@ impl Copier<'_> {
         while off < end {
             self.check_cancel()?;
             let n = if self.use_cfr {
-                match cfr(self.src, self.dst, off, (end - off).min(CFR_CHUNK)) {
+                match sys::copy_range(self.src, self.dst, off, (end - off).min(CFR_CHUNK)) {
                     Ok(0) => return Err(self.shrank(off)),
                     Ok(n) => n,
-                    Err(e) if cfr_unsupported(&e) => {
+                    Err(e) if sys::copy_range_unsupported(&e) => {
                         self.use_cfr = false;
                         self.fell_back = true;
                         continue;
@@ -442,68 +458,6 @@ fn seek(f: &File, off: u64, whence: libc::c_int) -> io::Result<u64> {
     Ok(r as u64)
 }
 
-/// FICLONE: make `dst` share all of `src`'s extents (and take its length).
-fn ficlone(src: &File, dst: &File) -> io::Result<()> {
-    // SAFETY: FICLONE takes the source fd as its integer argument; both fds are valid and
-    // owned by the `File`s borrowed for the duration of the call.
-    let r = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Errors that mean "this filesystem (pair) cannot clone", as coreutils' cp reads them.
-fn clone_unsupported(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(
-            libc::EOPNOTSUPP
-                | libc::EXDEV
-                | libc::EINVAL
-                | libc::ENOTTY
-                | libc::ENOSYS
-                | libc::EBADF
-                | libc::ETXTBSY
-        )
-    )
-}
-
-/// Errors after which copy_file_range is given up for pread/pwrite.
-fn cfr_unsupported(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL)
-    )
-}
-
-/// copy_file_range of up to `len` bytes at `off` (same offset in both files), retrying EINTR.
-fn cfr(src: &File, dst: &File, off: u64, len: u64) -> io::Result<u64> {
-    loop {
-        let mut off_in = off as libc::loff_t;
-        let mut off_out = off as libc::loff_t;
-        // SAFETY: both fds are valid for the call; the offset pointers point at live locals,
-        // which the kernel reads and updates.
-        let r = unsafe {
-            libc::copy_file_range(
-                src.as_raw_fd(),
-                &mut off_in,
-                dst.as_raw_fd(),
-                &mut off_out,
-                len as usize,
-                0,
-            )
-        };
-        if r >= 0 {
-            return Ok(r as u64);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -574,6 +528,32 @@ mod tests {
             assert_eq!(st.bytes_copied, st.data_bytes);
         }
         no_temp_left(dir.path());
+    }
+
+    #[test]
+    fn a_clone_renamed_over_the_temporary_is_reopened_and_committed() {
+        // macOS clones into a new name, renamed over the temporary (emulated here with a
+        // plain copy): the copy must carry on with the new file, not the stale descriptor.
+        let dir = tempfile::tempdir().unwrap();
+        let (src, want) = sparse_src(dir.path());
+        let dst = dir.path().join("dst.raw");
+        crate::sys::tests::EMULATE_CLONE_BY_RENAME.set(true);
+        let r = copy_file(&src, &dst, &opts(Reflink::Always), &|_, _| {});
+        crate::sys::tests::EMULATE_CLONE_BY_RENAME.set(false);
+        let st = r.unwrap();
+        assert_eq!(st.method, CopyMethod::Reflink);
+        assert_eq!(std::fs::read(&dst).unwrap(), want);
+        assert_eq!(st.bytes_copied, 0);
+        no_temp_left(dir.path());
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".clone"))
+            .collect();
+        assert!(left.is_empty(), "clone siblings left behind: {left:?}");
+        // The copy is not held by anyone once copy_file returned.
+        assert!(!held_for_writing(&dst));
     }
 
     #[test]

@@ -416,26 +416,29 @@ fn refuse_own_backing(path: &Path, backing: &Path, chain: &[&Path]) -> Result<()
 fn format_host(host: &RawFile, path: &Path, plan: &CreatePlan) -> Result<()> {
     match &plan.qcow2 {
         None => {
-            host.resize(plan.size).map_err(|e| match e {
-                // The host filesystem's limit on one file's size, not a fault of the image.
-                vmdisk_block::Error::Io { source, .. }
-                    if source.raw_os_error() == Some(libc::EFBIG) =>
-                {
-                    Error::File {
-                        op: "make a file of the size asked for at",
-                        path: path.to_owned(),
-                        source,
+            // The host filesystem's limit on one file's size is not a fault of the image.
+            let too_big = |step: &'static str| {
+                move |e: vmdisk_block::Error| match e {
+                    vmdisk_block::Error::Io { source, .. }
+                        if source.raw_os_error() == Some(libc::EFBIG) =>
+                    {
+                        Error::File {
+                            op: "make a file of the size asked for at",
+                            path: path.to_owned(),
+                            source,
+                        }
                     }
+                    e => Error::image(step, path)(e),
                 }
-                e => Error::image("sizing", path)(e),
-            })?;
+            };
             if matches!(
                 plan.prealloc,
                 Some(PreallocMode::Falloc | PreallocMode::Full)
-            ) && plan.size > 0
-            {
-                host.write_zeroes(0, plan.size, false)
-                    .map_err(Error::image("preallocating", path))?;
+            ) {
+                // Sized and allocated in one step (fallocate / F_PREALLOCATE, else zeros).
+                host.allocate(plan.size).map_err(too_big("preallocating"))?;
+            } else {
+                host.resize(plan.size).map_err(too_big("sizing"))?;
             }
         }
         Some(co) => q::create(host, co).map_err(Error::image("creating", path))?,

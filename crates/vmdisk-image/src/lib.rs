@@ -4,14 +4,14 @@
 //! ```text
 //!   open(path, &OpenOptions) ──▶ Image { dev: Arc<dyn BlockDevice>, chain, locks }
 //!        │ probe: "QFI\xfb" → qcow2, else raw (a declared format is never second-guessed)
-//!        │ lock:  qemu's OFD locks, write for read-write, read for read-only, none with -U
+//!        │ lock:  qemu's locks, write for read-write, read for read-only, none with -U
 //!        └ chain: backing name relative to the overlay, format from the header extension
 //!                 or probed, read-only, depth ≤ MAX_BACKING_DEPTH, loops refused
 //!
 //!   create   raw (sparse) or qcow2 with qemu-img's -o options, write lock before truncating
 //!   convert  block_status-driven sparse copy: parallel readers/compressors, one ordered writer,
 //!            a bounded window of chunks in flight (memory independent of image size)
-//!   copy     the image *file*: FICLONE, else a SEEK_DATA/copy_file_range sparse copy, crash-safe
+//!   copy     the image *file*: FICLONE / clonefile, else a SEEK_DATA sparse copy, crash-safe
 //!   compare  qemu-img compare semantics, skipping ranges both images know are zero
 //!   map      qemu-img map --output=json entries, merged by qemu's rules
 //!   info     qemu-img info --output=json model (and its human text)
@@ -45,6 +45,7 @@ mod q;
 mod resize;
 mod snapshot;
 mod sniff;
+mod sys;
 
 pub use amend::{amend, amend_options_help, parse_amend_options};
 pub use check::{check, CheckOutcome, Repair};

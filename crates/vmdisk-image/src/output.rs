@@ -142,18 +142,17 @@ impl PendingFile {
                     dst = std::fs::canonicalize(&dst)
                         .map_err(|source| file_err("follow the symlink", &dst, source))?;
                 }
-                let f = File::open(&dst).map_err(|source| file_err("open", &dst, source))?;
-                let m = f
-                    .metadata()
-                    .map_err(|source| file_err("stat", &dst, source))?;
+                let m = std::fs::metadata(&dst).map_err(|source| file_err("stat", &dst, source))?;
                 if m.is_dir() {
                     return Err(Error::IsADirectory { path: dst });
                 }
                 if !m.is_file() {
                     return Err(Error::NotRegularFile { path: dst });
                 }
+                // By path: a descriptor of our own, closed here, would drop this process's
+                // POSIX locks on the file (macOS without OFD locks).
                 replaced_lock = Some(
-                    ImageLock::acquire(&f, &dst, LockMode::Write)
+                    ImageLock::acquire_path(&dst, LockMode::Write)
                         .map_err(Error::image("locking", &dst))?,
                 );
             }
@@ -210,6 +209,17 @@ impl PendingFile {
         &self.file
     }
 
+    /// Open the temporary path again: another file was renamed onto it (macOS clones only
+    /// into new names, `crate::sys::reflink`).
+    pub(crate) fn reopen(&mut self) -> Result<()> {
+        self.file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.tmp)
+            .map_err(|source| file_err("reopen", &self.tmp, source))?;
+        Ok(())
+    }
+
     /// fsync the file, rename it to the destination (without replacing a file that appeared
     /// meanwhile, unless overwriting was asked for), fsync the directory.
     pub fn commit(self) -> Result<()> {
@@ -238,7 +248,7 @@ impl PendingFile {
         match File::open(&dir).and_then(|d| d.sync_all()) {
             Ok(()) => Ok(()),
             // Some filesystems cannot fsync a directory; the rename is done either way.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+            Err(e) if crate::sys::dir_fsync_unsupported(&e) => Ok(()),
             Err(source) => Err(file_err("fsync the directory", &dir, source)),
         }
     }
@@ -259,36 +269,20 @@ pub(crate) fn dir_of(p: &Path) -> PathBuf {
     }
 }
 
-/// rename(2), or renameat2(RENAME_NOREPLACE) when `dst` must not be replaced (falling back to
-/// a check and a rename where the filesystem lacks it).
+/// rename(2), or a rename that never replaces when `dst` must not be replaced
+/// (`crate::sys::rename_noreplace`: renameat2 / renamex_np / a hard link), falling back to a
+/// check and a rename where the filesystem has none of them.
 fn rename(tmp: &Path, dst: &Path, overwrite: bool) -> Result<()> {
     if !overwrite {
-        use std::os::unix::ffi::OsStrExt;
-        let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes());
-        if let (Ok(a), Ok(b)) = (c(tmp), c(dst)) {
-            // SAFETY: both pointers are NUL-terminated strings that outlive the call.
-            let r = unsafe {
-                libc::renameat2(
-                    libc::AT_FDCWD,
-                    a.as_ptr(),
-                    libc::AT_FDCWD,
-                    b.as_ptr(),
-                    libc::RENAME_NOREPLACE,
-                )
-            };
-            if r == 0 {
-                return Ok(());
+        match crate::sys::rename_noreplace(tmp, dst) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(Error::DestinationExists {
+                    path: dst.to_owned(),
+                })
             }
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EEXIST) => {
-                    return Err(Error::DestinationExists {
-                        path: dst.to_owned(),
-                    })
-                }
-                Some(libc::EINVAL | libc::ENOSYS) => {}
-                _ => return Err(file_err("rename into place", dst, e)),
-            }
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => {}
+            Err(e) => return Err(file_err("rename into place", dst, e)),
         }
         if std::fs::symlink_metadata(dst).is_ok() {
             return Err(Error::DestinationExists {

@@ -15,7 +15,8 @@ pub struct ServerConfig {
     /// still negotiating do not count; one that has negotiated while all are taken waits for a
     /// slot.
     pub max_connections: usize,
-    /// Unix sockets only: peer uids allowed to connect (`SO_PEERCRED`); `None` allows any
+    /// Unix sockets only: peer uids allowed to connect (`SO_PEERCRED` on Linux, `getpeereid`
+    /// on macOS); `None` allows any
     /// peer that can open the 0600 socket.
     pub allow_uids: Option<Vec<u32>>,
     /// Human description sent with LIST and INFO.

@@ -9,7 +9,8 @@
 //! and holds up no other client. With structured replies, READs of ranges the device reports
 //! as zero are answered with hole chunks instead of data (unless the client set DF), as
 //! qemu-nbd does. [`serve`] binds a Unix socket (mode 0600,
-//! optional peer-uid allow-list checked with `SO_PEERCRED`) or a TCP port (loopback unless
+//! optional peer-uid allow-list checked with the peer's credentials: `SO_PEERCRED` on Linux,
+//! `getpeereid` on macOS, both through tokio's `peer_cred`) or a TCP port (loopback unless
 //! [`ServerConfig::allow_remote`]), serves until the shutdown future resolves (or, one-shot,
 //! until the last client leaves) and flushes the device before returning.
 //!
@@ -416,7 +417,8 @@ async fn accept(l: &Listener) -> Option<Accepted> {
 fn peer_allowed(conn: &Accepted, cfg: &ServerConfig) -> bool {
     match (conn, &cfg.allow_uids) {
         (_, None) => true,
-        // tokio's peer_cred reads SO_PEERCRED on Linux.
+        // tokio's peer_cred: SO_PEERCRED on Linux, getpeereid (+ LOCAL_PEEREPID) on macOS;
+        // the uid is the peer's effective uid either way.
         (Accepted::Unix(s), Some(uids)) => s.peer_cred().is_ok_and(|c| uids.contains(&c.uid())),
         // No credentials on TCP: an allow-list cannot be honoured, so refuse.
         (Accepted::Tcp(_), Some(_)) => false,
