@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 pub use tempfile;
 
+pub mod ext4edit;
 pub mod nbdsh;
 pub mod nothing_lost;
 
