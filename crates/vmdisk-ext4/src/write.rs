@@ -224,14 +224,16 @@ impl Editor {
         let bs = sb.block_size;
         match sb.blocks_count.checked_mul(bs) {
             Some(end) if end <= dev.len() => {}
-            _ => return Err(corrupt(
-                format!(
+            _ => {
+                return Err(corrupt(
+                    format!(
                     "filesystem of {} blocks of {bs} bytes is larger than the device ({} bytes)",
                     sb.blocks_count,
                     dev.len()
                 ),
-                SB_OFF + 4,
-            )),
+                    SB_OFF + 4,
+                ))
+            }
         }
         let gdt_len = sb.group_count * sb.desc_size;
         if gdt_len > MAX_GDT_BYTES {
@@ -276,6 +278,18 @@ impl Editor {
         };
         ed.meta = ed.metadata_ranges();
         Ok(ed)
+    }
+
+    /// Open for planning only: a journal that needs recovery is replayed into a staging cache
+    /// first, so the edit can be tried on the filesystem as it will be. Its
+    /// [`Editor::commit`] writes nowhere useful; use [`Editor::open`] on a replayed device.
+    pub fn open_staged(dev: Arc<dyn BlockDevice>) -> Result<Editor> {
+        let mut raw = vec![0u8; SB_LEN];
+        dev.read_exact_at(&mut raw, SB_OFF)?;
+        let sb = Superblock::parse(&raw)?;
+        let cache: Arc<dyn BlockDevice> = Arc::new(Cache::new(dev, sb.block_size));
+        replay_journal(cache.clone())?;
+        Editor::open(cache)
     }
 
     /// Fix the clock used for new timestamps (tests, reproducible images).

@@ -14,15 +14,6 @@ use clap::CommandFactory;
 /// spelled as `Item::key` prints them: `CMD`, `CMD -x`, `CMD --long=value`, `ALIAS = CMD`.
 const NOT_YET: &[(&str, &str)] = &[
     ("resize --grow-fs", "#18"),
-    ("write", "#15"),
-    ("upload", "#15"),
-    ("mkdir", "#15"),
-    ("chmod", "#15"),
-    ("chown", "#15"),
-    ("ln", "#15"),
-    ("rm", "#15"),
-    ("ssh-inject", "#15"),
-    ("edit", "#15"),
     ("vmtest", "#16"),
     ("doctor builder", "#17"),
 ];
