@@ -149,8 +149,8 @@ impl JournalWriter {
         put_be32(b, 8, self.seq);
     }
 
-    /// Write `blocks` (fs block, content) as one transaction and mark the journal as needing
-    /// replay. Returns the transaction's sequence number.
+    /// Write `blocks` (fs block, content) as one transaction into the log (not yet pointed at
+    /// by the journal superblock: see [`JournalWriter::mark_started`]). Returns its sequence.
     pub fn write_transaction(
         &mut self,
         blocks: &[(u64, Vec<u8>)],
@@ -250,14 +250,19 @@ impl JournalWriter {
         }
         put(self, pos, &c, w)?;
         dev.flush()?;
-        // The journal now holds a complete transaction: say so.
+        Ok(self.seq)
+    }
+
+    /// The journal holds a complete transaction: point the journal superblock at it.
+    pub fn mark_started(&mut self, w: &mut Writer<'_>) -> Result<()> {
         let mut jsb = self.jsb_raw.clone();
         put_be32(&mut jsb, 0x1c, self.jsb.first);
         put_be32(&mut jsb, 0x18, self.seq);
         seal_jsb(&mut jsb);
-        put(self, 0, &jsb, w)?;
-        dev.flush()?;
-        Ok(self.seq)
+        let off = self
+            .locate(0)
+            .ok_or_else(|| jerr("the journal inode does not map its block 0"))?;
+        w(&jsb, off)
     }
 
     /// After the checkpoint: the journal is empty again, the next transaction is seq + 1.

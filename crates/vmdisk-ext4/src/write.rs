@@ -9,8 +9,9 @@
 //!                    indirect blocks) are written in place, flush
 //!                 2. journaled filesystems: every other changed block (bitmaps, descriptors,
 //!                    inode tables, existing directory blocks, superblock) is written into
-//!                    the jbd2 journal as ONE transaction (descriptor blocks, copies, commit
-//!                    block), flush; the journal superblock and needs_recovery are set, flush
+//!                    the jbd2 journal as ONE transaction (descriptor blocks, copies, flush,
+//!                    commit block), flush; needs_recovery set in the superblock, flush; the
+//!                    journal superblock pointed at the transaction, flush
 //!                 3. the same blocks are written home (checkpoint), flush
 //!                 4. the journal is marked empty and needs_recovery cleared, flush
 //!                 ext2 (no journal): step 1, then the metadata in place, then flush.
@@ -90,6 +91,8 @@ pub struct CommitReport {
     pub metadata_blocks: u64,
     pub journaled: bool,
     pub journal_sequence: Option<u32>,
+    /// Device writes the commit made (crash tests pick their kill points from it).
+    pub device_writes: u64,
 }
 
 /// A test hook: stop the commit (as a SIGKILL would) after this many device writes.
@@ -1428,13 +1431,14 @@ impl Editor {
         Ok(ino)
     }
 
-    /// Make a directory (with `parents`, also the missing ones above it; an existing
-    /// directory is then no error).
+    /// Make a directory (with `parents`, also the missing ones above it, 0755 root; an
+    /// existing directory is then no error).
     pub fn mkdir(&mut self, path: &str, attrs: Attrs, parents: bool) -> Result<u32> {
         if parents {
             let (parent, _) = split_path(path)?;
             if parent != "/" && self.lstat(&parent)?.is_none() {
-                self.mkdir(&parent, attrs, true)?;
+                // As mkdir -p: the parents get the defaults, only the last one `attrs`.
+                self.mkdir(&parent, Attrs::default(), true)?;
             }
             if let Some(st) = self.lstat(path)? {
                 if st.mode & S_IFMT == S_IFDIR {
@@ -1761,30 +1765,33 @@ impl Editor {
             metadata_blocks: meta.len() as u64,
             journaled,
             journal_sequence: None,
+            device_writes: 0,
         };
         let dev = self.base.clone();
         let bs = self.bs;
-        let mut writes = 0u64;
+        let writes = std::cell::Cell::new(0u64);
         let crash = self.crash_after_writes;
         let mut w = |buf: &[u8], off: u64| -> Result<()> {
-            if crash.is_some_and(|c| writes >= c) {
+            if crash.is_some_and(|c| writes.get() >= c) {
                 return Err(Error::unsupported("simulated crash (test hook)"));
             }
-            writes += 1;
+            writes.set(writes.get() + 1);
             dev.write_all_at(buf, off)?;
             Ok(())
         };
-        for (b, data) in &fresh {
-            w(data, b * bs)?;
-        }
+        write_runs(&fresh, bs, &mut w)?;
         self.base.flush()?;
         if let Some(j) = jctx.as_mut() {
             let seq = j.write_transaction(&meta, &mut w, &self.base)?;
             report.journal_sequence = Some(seq);
+            // needs_recovery on disk as soon as the journal holds the transaction (the staged
+            // superblock carries it), so e2fsck and the kernel replay it after a crash.
+            w(&self.sb.raw, SB_OFF)?;
+            self.base.flush()?;
+            j.mark_started(&mut w)?;
+            self.base.flush()?;
         }
-        for (b, data) in &meta {
-            w(data, b * bs)?;
-        }
+        write_runs(&meta, bs, &mut w)?;
         self.base.flush()?;
         if let Some(j) = jctx.as_mut() {
             j.mark_empty(&mut w)?;
@@ -1799,6 +1806,7 @@ impl Editor {
             w(&self.sb.raw, SB_OFF)?;
             self.base.flush()?;
         }
+        report.device_writes = writes.get();
         Ok(report)
     }
 
@@ -1814,6 +1822,31 @@ impl Editor {
         let runs = self.vol.runs(&ji, Some(nblocks))?;
         crate::jwrite::JournalWriter::open(self.base.as_ref(), self.bs, runs, nblocks, self.now)
     }
+}
+
+/// Most bytes one coalesced write carries (1 MiB).
+const MAX_WRITE_RUN: usize = 1 << 20;
+
+/// Write sorted (block, content) pairs, consecutive blocks coalesced into one write each.
+fn write_runs(
+    blocks: &[(u64, Vec<u8>)],
+    bs: u64,
+    w: &mut dyn FnMut(&[u8], u64) -> Result<()>,
+) -> Result<()> {
+    let mut i = 0;
+    while i < blocks.len() {
+        let start = blocks[i].0;
+        let mut buf = blocks[i].1.clone();
+        let mut j = i + 1;
+        while j < blocks.len() && blocks[j].0 == start + (j - i) as u64 && buf.len() < MAX_WRITE_RUN
+        {
+            buf.extend_from_slice(&blocks[j].1);
+            j += 1;
+        }
+        w(&buf, start * bs)?;
+        i = j;
+    }
+    Ok(())
 }
 
 /// Replay a journal that needs recovery onto the device itself (what e2fsck does first), and
