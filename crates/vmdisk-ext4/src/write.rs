@@ -521,7 +521,7 @@ impl Editor {
             let mut got = 0u64;
             let mut i = 0u64;
             while i < len && left > 0 {
-                if i % 8 == 0 && i + 8 <= len && bm[(i / 8) as usize] == 0xff {
+                if i.is_multiple_of(8) && i + 8 <= len && bm[(i / 8) as usize] == 0xff {
                     i += 8;
                     continue;
                 }
@@ -607,10 +607,8 @@ impl Editor {
             let mut bm = self.inode_bitmap(g)?;
             for i in 0..ipg {
                 let ino = (g * ipg + i + 1) as u32;
-                if bit(&bm, i)
-                    || (ino < self.first_ino && ino != ROOT_INO)
-                    || ino < self.first_ino
-                    || self.freed_inodes.contains(&ino)
+                // Reserved inodes (below s_first_ino) are never handed out.
+                if bit(&bm, i) || ino < self.first_ino || self.freed_inodes.contains(&ino)
                 {
                     continue;
                 }
