@@ -170,3 +170,35 @@ pub fn assert_same_tree(got: &Model, want: &Model, what: &str) {
         assert!(want.contains_key(k), "{what}: unexpected {k}");
     }
 }
+
+/// The crash tests' batch edit: 150 new files, a 1 MiB file, a tree removed, modes and owners
+/// changed, a file replaced — one commit.
+pub fn crash_batch(
+    dev: std::sync::Arc<dyn vmdisk_block::BlockDevice>,
+) -> Result<vmdisk_ext4::CommitReport, vmdisk_ext4::Error> {
+    use vmdisk_ext4::{Attrs, Editor};
+    let mut ed = Editor::open(dev)?;
+    ed.mkdir("/new", Attrs::default(), false)?;
+    for i in 0..150 {
+        ed.write_file(
+            &format!("/new/f{i}"),
+            format!("content {i}\n").as_bytes(),
+            Attrs::default(),
+        )?;
+    }
+    let big: Vec<u8> = (0..1_048_576u32).map(|i| (i * 7 % 253) as u8).collect();
+    ed.write_file(
+        "/new/big",
+        &big,
+        Attrs {
+            mode: Some(0o600),
+            uid: Some(5),
+            gid: Some(6),
+        },
+    )?;
+    ed.remove("/old", true)?;
+    ed.chown("/keep", Some(1000), Some(100), true)?;
+    ed.chmod("/keep/a", 0o700, false)?;
+    ed.write_file("/keep/a/replaced", b"new content", Attrs::default())?;
+    ed.commit()
+}

@@ -1,45 +1,44 @@
-//! Crash safety of the ext4 editor: a large batch edit is stopped at 20 points spread over
-//! its commit (after the k-th device write; the editor writes with unbuffered pwrite, so the
-//! image is exactly what a SIGKILL at that point leaves). Every stopped image must be either
+//! Crash safety of the ext4 editor: a large batch edit (in a workload process,
+//! `tests/src/bin/ext4-edit-workload.rs`) is SIGKILLed at 20 points spread over its commit
+//! (just before its k-th device write). Every stopped image must be either
 //! `e2fsck -fn` clean with the old tree, or need nothing but a journal replay (by e2fsck's
 //! `-E journal_only`, or by vmdisk's own replay) to be clean with the new tree.
 
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
 use tests::ext4edit::{assert_same_tree, debugfs, debugfs_tree, e2fsck, mkfs, Model};
 use vmdisk_block::{BlockDevice, RawFile};
-use vmdisk_ext4::{Attrs, CommitReport, Editor};
 
-/// The batch: 150 new files, a 1 MiB file, a tree removed, modes and owners changed.
-fn batch(img: &Path, crash_after: Option<u64>) -> Result<CommitReport, vmdisk_ext4::Error> {
-    let dev = Arc::new(RawFile::open(img, false).expect("open"));
-    let mut ed = Editor::open(dev).expect("editor");
-    ed.crash_after_writes = crash_after;
-    ed.mkdir("/new", Attrs::default(), false)?;
-    for i in 0..150 {
-        ed.write_file(
-            &format!("/new/f{i}"),
-            format!("content {i}\n").as_bytes(),
-            Attrs::default(),
-        )?;
+/// Run the batch in the workload process, SIGKILLed before its `kill_after`-th write
+/// (0: never); returns the device writes of a complete run.
+fn batch(exe: &Path, img: &Path, kill_after: u64) -> u64 {
+    let out = Command::new(exe)
+        .arg(img)
+        .arg(kill_after.to_string())
+        .output()
+        .expect("run the workload");
+    if kill_after == 0 {
+        assert!(
+            out.status.success(),
+            "workload: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("write count");
     }
-    let big: Vec<u8> = (0..1_048_576u32).map(|i| (i * 7 % 253) as u8).collect();
-    ed.write_file(
-        "/new/big",
-        &big,
-        Attrs {
-            mode: Some(0o600),
-            uid: Some(5),
-            gid: Some(6),
-        },
-    )?;
-    ed.remove("/old", true)?;
-    ed.chown("/keep", Some(1000), Some(100), true)?;
-    ed.chmod("/keep/a", 0o700, false)?;
-    ed.write_file("/keep/a/replaced", b"new content", Attrs::default())?;
-    ed.commit()
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGKILL),
+        "the workload was not killed at write {kill_after}: {:?} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    0
 }
 
 fn same_as(got: &Model, want: &Model) -> bool {
@@ -62,8 +61,8 @@ fn crash_points(name: &str, args: &[&str]) {
     let before = debugfs_tree(&orig);
     let full = tmp.path().join("full.img");
     std::fs::copy(&orig, &full).expect("copy");
-    let report = batch(&full, None).expect("the full batch");
-    assert!(report.journaled, "{name}: the filesystem has a journal");
+    let exe = tests::cargo_build_bin("tests", "ext4-edit-workload");
+    let w = batch(&exe, &full, 0);
     let (code, out) = e2fsck(&full);
     assert_eq!(code, 0, "{name}: full batch not clean: {out}");
     let after = debugfs_tree(&full);
@@ -73,7 +72,6 @@ fn crash_points(name: &str, args: &[&str]) {
             && before.contains_key("old/x/y/o49"),
         "{name}: the batch did not do its work"
     );
-    let w = report.device_writes;
     assert!(w >= 40, "{name}: only {w} device writes");
     let (mut old_seen, mut new_seen, mut replayed) = (0, 0, 0);
     // 14 points spread over the whole commit, and the last 6 writes (journal superblock,

@@ -608,8 +608,7 @@ impl Editor {
             for i in 0..ipg {
                 let ino = (g * ipg + i + 1) as u32;
                 // Reserved inodes (below s_first_ino) are never handed out.
-                if bit(&bm, i) || ino < self.first_ino || self.freed_inodes.contains(&ino)
-                {
+                if bit(&bm, i) || ino < self.first_ino || self.freed_inodes.contains(&ino) {
                     continue;
                 }
                 set_bit(&mut bm, i, true);

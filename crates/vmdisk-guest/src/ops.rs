@@ -517,3 +517,53 @@ pub fn apply_ops(
         },
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scripts_parse_every_verb_and_refuse_nonsense() {
+        let read = |p: &str| -> Result<Vec<u8>, String> { Ok(format!("<{p}>").into_bytes()) };
+        let ops = parse_script(
+            "# comment\n\nwrite /etc/x host.txt --mode 0600 --owner alice:users\n\
+             upload h2 /y\nmkdir -p /a/b\nchmod -R 755 /a /b\nchown 1000: /a\n\
+             ln -s /t /l\nrm -r /a /c\nssh-inject bob key.pub\n",
+            &read,
+        )
+        .expect("parse");
+        assert_eq!(ops.len(), 8);
+        assert_eq!(
+            ops[0],
+            Op::Write {
+                path: "/etc/x".into(),
+                content: b"<host.txt>".to_vec(),
+                mode: Some(0o600),
+                owner: Some(Owner {
+                    user: Some("alice".into()),
+                    group: Some("users".into())
+                }),
+            }
+        );
+        assert!(matches!(&ops[1], Op::Write { path, .. } if path == "/y"));
+        assert!(
+            matches!(&ops[3], Op::Chmod { mode: 0o755, recursive: true, paths } if paths.len() == 2)
+        );
+        assert!(
+            matches!(&ops[4], Op::Chown { owner: Owner { user: Some(u), group: None }, .. } if u == "1000")
+        );
+        for bad in [
+            "frobnicate /x",
+            "chmod 999 /x",
+            "ln /a /b",
+            "rm",
+            "mkdir -z /x",
+            "write /x",
+        ] {
+            assert!(parse_script(bad, &read).is_err(), "{bad} parsed");
+        }
+        assert!(Owner::parse(":").is_err());
+        assert_eq!(parse_mode("4755"), Ok(0o4755));
+        assert!(parse_mode("17777").is_err());
+    }
+}
