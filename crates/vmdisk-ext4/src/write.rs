@@ -95,9 +95,6 @@ pub struct CommitReport {
     pub device_writes: u64,
 }
 
-/// A test hook: stop the commit (as a SIGKILL would) after this many device writes.
-pub type CrashHook = Option<u64>;
-
 fn corrupt(what: impl Into<String>, off: u64) -> Error {
     Error::corrupt(what, off)
 }
@@ -210,8 +207,6 @@ pub struct Editor {
     now: (u32, u32),
     generation: u32,
     first_ino: u32,
-    /// Test hook: fail the commit after this many device writes.
-    pub crash_after_writes: CrashHook,
 }
 
 impl Editor {
@@ -277,7 +272,6 @@ impl Editor {
             generation: crc32c_raw(now.subsec_nanos(), &now.as_secs().to_le_bytes()),
             first_ino,
             sb,
-            crash_after_writes: None,
         };
         ed.meta = ed.metadata_ranges();
         Ok(ed)
@@ -1767,11 +1761,7 @@ impl Editor {
         let dev = self.base.clone();
         let bs = self.bs;
         let writes = std::cell::Cell::new(0u64);
-        let crash = self.crash_after_writes;
         let mut w = |buf: &[u8], off: u64| -> Result<()> {
-            if crash.is_some_and(|c| writes.get() >= c) {
-                return Err(Error::unsupported("simulated crash (test hook)"));
-            }
             writes.set(writes.get() + 1);
             dev.write_all_at(buf, off)?;
             Ok(())
