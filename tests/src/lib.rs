@@ -19,10 +19,11 @@ use std::time::{Duration, Instant};
 
 pub use tempfile;
 
+pub mod ext4edit;
 pub mod nbdsh;
 pub mod nothing_lost;
-pub mod sshd;
 pub mod portable;
+pub mod sshd;
 
 /// KiB / MiB in bytes.
 pub const KIB: u64 = 1024;

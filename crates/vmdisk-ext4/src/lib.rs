@@ -44,19 +44,23 @@
 
 #![forbid(unsafe_code)]
 
+mod cache;
 mod crc;
 mod edit;
 pub mod jbd2;
+mod jwrite;
 mod ondisk;
 pub mod passwd;
 mod read;
 pub mod volume;
+pub mod write;
 
 pub use edit::{replace_file, EditReport};
 pub use jbd2::JournalError;
 pub use read::{CopyReport, Entry, Ext4, File, FileKind, FsInfo, FsState};
 pub use vmdisk_block::BlockDevice;
 pub use volume::JournalReport;
+pub use write::{replay_journal, Attrs, CommitReport, Editor, Stat};
 
 /// Result of every ext4 operation.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

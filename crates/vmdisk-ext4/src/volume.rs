@@ -164,6 +164,8 @@ pub struct Volume {
     /// Verify metadata checksums (off when the superblock checksum itself is bad, as debugfs).
     pub verify_csums: bool,
     pub journal: JournalReport,
+    /// After an in-memory replay: the transaction number the journal continues with.
+    journal_end: u32,
 }
 
 fn corrupt(what: impl Into<String>, off: u64) -> Error {
@@ -193,6 +195,7 @@ impl Volume {
             groups: Vec::new(),
             overlay: HashMap::new(),
             journal: JournalReport::default(),
+            journal_end: 0,
         };
         v.groups = v.load_groups()?;
         if v.sb.incompat & INCOMPAT_RECOVER != 0 && v.sb.compat & COMPAT_HAS_JOURNAL != 0 {
@@ -428,7 +431,22 @@ impl Volume {
             features: jsb.feature_names().iter().map(|s| s.to_string()).collect(),
         };
         self.overlay = overlay;
+        self.journal_end = plan.end_transaction;
         Ok(())
+    }
+
+    /// Filesystem blocks the in-memory journal replay changed (sorted); empty without one.
+    /// Reading them through [`Volume::read_block`] gives their replayed content.
+    pub fn replayed_blocks(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.overlay.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// The next transaction number after an in-memory replay (what e2fsck stores in
+    /// `s_sequence` once recovery is done).
+    pub fn journal_end_transaction(&self) -> u32 {
+        self.journal_end
     }
 
     /// The journal inode, or (as e2fsck does) the copy of its block map the superblock keeps in

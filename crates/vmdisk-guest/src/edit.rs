@@ -9,6 +9,9 @@
 //!        ─▶ apply (writes) ─▶ flush ─▶ commit: close the image / rename the overlay into place
 //! ```
 //!
+//! A journal that needs recovery (a guest that was killed) is replayed onto the device first,
+//! inside the same transaction (so the undo snapshot or the overlay covers it too).
+//!
 //! A plan that refuses, an apply that fails, an interrupt or a full disk before the commit
 //! leaves the image byte-identical (`vmdisk_image::OpenOptions::undo`) and no overlay behind —
 //! so there is no separate dry run and the guest is read once. A SIGKILL is covered by the
@@ -120,8 +123,14 @@ pub struct EditReport<T> {
 
 /// The guest's filesystem, opened for planning.
 pub struct Guest<'a> {
+    /// The filesystem as the guest would see it (a journal that needs recovery is replayed
+    /// in memory).
     pub fs: &'a Ext4,
     pub chosen: &'a Chosen,
+    /// The partition's device, for planners that stage a whole edit (never written by plan).
+    pub dev: &'a Arc<dyn BlockDevice>,
+    /// The journal needs recovery: it is replayed onto the device before `apply` runs.
+    pub needs_recovery: bool,
 }
 
 /// An image open for the edit: the user's own (a transaction), or a new overlay.
@@ -186,7 +195,7 @@ pub fn utc(secs: i64) -> (i64, u32, u32, u32, u32, u32) {
 fn open_fs(
     img: &Image,
     partition: Option<&str>,
-) -> Result<(Arc<dyn BlockDevice>, Chosen, Ext4), EditError> {
+) -> Result<(Arc<dyn BlockDevice>, Chosen, Ext4, bool), EditError> {
     let whole = img.dev();
     let chosen = select(&whole, partition)?;
     let dev = device_for(whole, &chosen).map_err(|source| EditError::Partition {
@@ -197,17 +206,18 @@ fn open_fs(
         part: chosen.name.clone(),
         source,
     })?;
-    match fs.fs_info().state {
-        FsState::Clean => {}
-        FsState::NeedsRecovery => return Err(EditError::NeedsRecovery),
+    let needs_recovery = match fs.fs_info().state {
+        FsState::Clean => false,
+        // Replayed onto the device inside the edit (undoable like the edit itself).
+        FsState::NeedsRecovery => true,
         state => {
             return Err(EditError::NotClean {
                 part: chosen.name.clone(),
                 state,
             })
         }
-    }
-    Ok((dev, chosen, fs))
+    };
+    Ok((dev, chosen, fs, needs_recovery))
 }
 
 /// Run one edit on `target`: `plan` reads the guest and decides (or refuses, with
@@ -217,7 +227,7 @@ pub fn edit<T>(
     target: &EditTarget,
     what: &str,
     plan: impl FnOnce(Guest<'_>) -> Result<T, EditError>,
-    apply: impl FnOnce(&dyn BlockDevice, &T) -> Result<(), EditError>,
+    apply: impl FnOnce(&Arc<dyn BlockDevice>, &mut T) -> Result<(), EditError>,
 ) -> Result<EditReport<T>, EditError> {
     let image = &target.image;
     // Validate the request before opening anything for writing.
@@ -246,10 +256,12 @@ pub fn edit<T>(
         }
     }
     if target.dry_run {
-        let (_dev, chosen, fs) = open_fs(&probe, target.partition.as_deref())?;
+        let (dev, chosen, fs, needs_recovery) = open_fs(&probe, target.partition.as_deref())?;
         let t = plan(Guest {
             fs: &fs,
             chosen: &chosen,
+            dev: &dev,
+            needs_recovery,
         })?;
         return Ok(EditReport {
             partition: chosen.name,
@@ -287,10 +299,12 @@ pub fn edit<T>(
             (Writable::Image(img), how.to_string())
         }
     };
-    let (dev, chosen, fs) = open_fs(writable.image(), target.partition.as_deref())?;
-    let t = plan(Guest {
+    let (dev, chosen, fs, needs_recovery) = open_fs(writable.image(), target.partition.as_deref())?;
+    let mut t = plan(Guest {
         fs: &fs,
         chosen: &chosen,
+        dev: &dev,
+        needs_recovery,
     })?;
     drop(fs);
 
@@ -313,7 +327,14 @@ pub fn edit<T>(
         })?;
         undo_snapshot = Some(name);
     }
-    apply(dev.as_ref(), &t)?;
+    if needs_recovery {
+        // What e2fsck does first: the journal's blocks written home, the journal emptied.
+        vmdisk_ext4::replay_journal(dev.clone()).map_err(|source| EditError::Apply {
+            what: "the journal replay".into(),
+            source,
+        })?;
+    }
+    apply(&dev, &mut t)?;
     dev.flush().map_err(|source| EditError::Partition {
         part: chosen.name.clone(),
         source,

@@ -15,11 +15,13 @@
 pub mod copyout;
 pub mod edit;
 pub mod fs;
+pub mod ops;
 pub mod passwd;
 pub mod select;
 
 pub use copyout::{copy_out, resolve_dest, CopyOutError, CopyOutOptions, CopyOutReport};
 pub use edit::{edit, EditError, EditReport, EditTarget, Guest, Undo};
 pub use fs::{FsError, GuestFile, GuestFs};
-pub use passwd::{passwd, PasswdAction, PasswdPlan};
+pub use ops::{apply_ops, parse_mode, parse_script, Op, OpsPlan, Owner};
+pub use passwd::{passwd, passwd_create, PasswdAction, PasswdPlan};
 pub use select::{candidates, device_for, select, Chosen, SelectError};

@@ -25,6 +25,33 @@ pub enum PasswdAction {
 pub struct PasswdPlan {
     pub repair: ShadowRepair,
     pub nixos: NixosStatus,
+    /// `/etc/shadow` was missing (or empty) and is rebuilt from `/etc/passwd` (`--create`).
+    pub rebuilt: bool,
+    /// It was missing: it is created (0640, group `shadow` when the guest has one, else
+    /// 0600 root).
+    pub created: Option<(u16, u32)>,
+}
+
+/// `/etc/shadow` rebuilt from `/etc/passwd`: every account locked (`!*`: no password, and
+/// `passwd --unlock` cannot turn it into an empty one).
+pub fn shadow_from_passwd(passwd_file: &[u8], today: u64) -> Vec<u8> {
+    let mut out = String::new();
+    for line in String::from_utf8_lossy(passwd_file).lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() == 7 && !f[0].is_empty() {
+            out.push_str(&format!("{}:!*:{today}:0:99999:7:::\n", f[0]));
+        }
+    }
+    out.into_bytes()
+}
+
+fn group_id(group_file: &[u8], name: &str) -> Option<u32> {
+    String::from_utf8_lossy(group_file).lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() >= 3 && f[0] == name)
+            .then(|| f[2].parse().ok())
+            .flatten()
+    })
 }
 
 fn read_optional(fs: &Ext4, path: &str) -> Result<Option<Vec<u8>>, vmdisk_ext4::Error> {
@@ -40,6 +67,7 @@ fn plan(
     user: &str,
     action: &PasswdAction,
     today: u64,
+    create: bool,
 ) -> Result<PasswdPlan, EditError> {
     let part = g.chosen.name.clone();
     let read = |p: &str| {
@@ -48,12 +76,37 @@ fn plan(
             source,
         })
     };
-    let Some(current) = read("/etc/shadow")? else {
-        return Err(EditError::Refused(
-            "the guest has no /etc/shadow to edit (creating files is not supported yet)".into(),
-        ));
-    };
+    let existing = read("/etc/shadow")?;
     let passwd_file = read("/etc/passwd")?.unwrap_or_default();
+    let empty = existing
+        .as_ref()
+        .is_none_or(|c| c.iter().all(|b| b.is_ascii_whitespace()));
+    let mut created = None;
+    let (current, rebuilt) = match existing {
+        Some(c) if !(create && empty) => (c, false),
+        None if !create => {
+            return Err(EditError::Refused(
+                "the guest has no /etc/shadow; pass --create to rebuild it from /etc/passwd \
+                 (every other account locked)"
+                    .into(),
+            ))
+        }
+        had => {
+            if passwd_file.is_empty() {
+                return Err(EditError::Refused(
+                    "--create: the guest has no /etc/passwd to rebuild /etc/shadow from".into(),
+                ));
+            }
+            if had.is_none() {
+                let group = read("/etc/group")?.unwrap_or_default();
+                created = Some(match group_id(&group, "shadow") {
+                    Some(gid) => (0o640, gid),
+                    None => (0o600, 0),
+                });
+            }
+            (shadow_from_passwd(&passwd_file, today), true)
+        }
+    };
     let action = match action {
         PasswdAction::SetHash(h) => shadow::Action::SetHash(h.clone()),
         PasswdAction::Unlock => shadow::Action::Unlock,
@@ -70,6 +123,8 @@ fn plan(
     Ok(PasswdPlan {
         repair,
         nixos: shadow::nixos_status(g.fs),
+        rebuilt,
+        created,
     })
 }
 
@@ -79,6 +134,17 @@ pub fn passwd(
     user: &str,
     action: &PasswdAction,
 ) -> Result<EditReport<PasswdPlan>, EditError> {
+    passwd_create(target, user, action, false)
+}
+
+/// [`passwd`]; with `create`, a missing or empty `/etc/shadow` is rebuilt from `/etc/passwd`
+/// (every account locked) before `user`'s line is set.
+pub fn passwd_create(
+    target: &EditTarget,
+    user: &str,
+    action: &PasswdAction,
+    create: bool,
+) -> Result<EditReport<PasswdPlan>, EditError> {
     let today = (std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -87,14 +153,31 @@ pub fn passwd(
     edit(
         target,
         "passwd",
-        |g| plan(g, user, action, today),
+        |g| plan(g, user, action, today, create),
         |dev, p| {
-            vmdisk_ext4::replace_file(dev, "/etc/shadow", &p.repair.shadow)
-                .map(|_| ())
-                .map_err(|source| EditError::Apply {
-                    what: "/etc/shadow".into(),
-                    source,
-                })
+            let err = |source| EditError::Apply {
+                what: "/etc/shadow".into(),
+                source,
+            };
+            match p.created {
+                None => vmdisk_ext4::replace_file(dev.as_ref(), "/etc/shadow", &p.repair.shadow)
+                    .map(|_| ())
+                    .map_err(err),
+                Some((mode, gid)) => {
+                    let mut ed = vmdisk_ext4::Editor::open(dev.clone()).map_err(err)?;
+                    ed.write_file(
+                        "/etc/shadow",
+                        &p.repair.shadow,
+                        vmdisk_ext4::Attrs {
+                            mode: Some(mode),
+                            uid: Some(0),
+                            gid: Some(gid),
+                        },
+                    )
+                    .map_err(err)?;
+                    ed.commit().map(|_| ()).map_err(err)
+                }
+            }
         },
     )
 }

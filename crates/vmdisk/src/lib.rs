@@ -9,6 +9,7 @@
 
 mod copy;
 mod doctor;
+mod editor;
 mod guest;
 mod layout;
 mod overlay;
@@ -174,6 +175,26 @@ pub enum Command {
     CpOut(guest::CpOutArgs),
     /// Set, unlock or restore a user's password in the guest's /etc/shadow, safely.
     Passwd(passwd::PasswdArgs),
+    /// Create or replace a guest file with standard input (offline; like passwd's safety).
+    Write(editor::WriteArgs),
+    /// Copy a host file into the guest.
+    Upload(editor::UploadArgs),
+    /// Make a directory in the guest.
+    Mkdir(editor::MkdirArgs),
+    /// Change permission bits of guest files.
+    Chmod(editor::ChmodArgs),
+    /// Change the owner of guest files (names from the guest's /etc/passwd and /etc/group).
+    Chown(editor::ChownArgs),
+    /// Make a symbolic link in the guest (ln -s TARGET PATH).
+    Ln(editor::LnArgs),
+    /// Remove guest files (and directory trees with -r).
+    Rm(editor::RmArgs),
+    /// Add an SSH public key to ~USER/.ssh/authorized_keys in the guest (0700/0600, owned
+    /// by USER; appended, never replacing what is there).
+    #[command(name = "ssh-inject")]
+    SshInject(editor::SshInjectArgs),
+    /// Run a script of guest edits (one operation a line) as one transaction.
+    Edit(editor::EditArgs),
     /// Export an image (or one partition) over NBD for qemu, nbdcopy, vfkit or the kernel.
     Serve(serve::ServeArgs),
     /// Boot a rescue VM with the image attached over NBD and run a command (or a console
@@ -940,6 +961,15 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Cat(a) => guest::cat(a),
         Command::CpOut(a) => guest::cp_out(a, quiet),
         Command::Passwd(a) => passwd::passwd(a, quiet),
+        Command::Write(a) => editor::write(a, quiet),
+        Command::Upload(a) => editor::upload(a, quiet),
+        Command::Mkdir(a) => editor::mkdir(a, quiet),
+        Command::Chmod(a) => editor::chmod(a, quiet),
+        Command::Chown(a) => editor::chown(a, quiet),
+        Command::Ln(a) => editor::ln(a, quiet),
+        Command::Rm(a) => editor::rm(a, quiet),
+        Command::SshInject(a) => editor::ssh_inject(a, quiet),
+        Command::Edit(a) => editor::edit(a, quiet),
         Command::Serve(a) => serve::run(a, quiet),
         Command::Rescue(a) => rescue::run(a, quiet),
         Command::Doctor(a) => doctor::run(a),

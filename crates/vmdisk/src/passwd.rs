@@ -50,6 +50,10 @@ pub struct PasswdArgs {
     /// With -o: replace OVERLAY if it exists (by default an existing file is refused).
     #[arg(long, requires = "overlay")]
     pub force: bool,
+    /// A missing or empty /etc/shadow (e.g. wiped by a repartition) is rebuilt from
+    /// /etc/passwd with every account locked, then USER's line is set.
+    #[arg(long)]
+    pub create: bool,
     /// Check everything and say what would change; write nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -105,7 +109,7 @@ pub fn passwd(a: PasswdArgs, quiet: bool) -> Result<u8> {
         },
         dry_run: a.dry_run,
     };
-    let report = vmdisk_guest::passwd(&target, &a.user, &action)?;
+    let report = vmdisk_guest::passwd_create(&target, &a.user, &action, a.create)?;
 
     if !quiet {
         if report.dry_run {
@@ -117,6 +121,17 @@ pub fn passwd(a: PasswdArgs, quiet: bool) -> Result<u8> {
             eprintln!(
                 "vmdisk: set {}'s /etc/shadow line on {} ({})",
                 a.user, report.partition, report.how
+            );
+        }
+        if report.plan.rebuilt {
+            eprintln!(
+                "note: /etc/shadow was {} and is rebuilt from /etc/passwd: every other account \
+                 is locked (!*)",
+                if report.plan.created.is_some() {
+                    "missing"
+                } else {
+                    "empty"
+                }
             );
         }
         for n in &report.plan.repair.notes {
