@@ -662,12 +662,14 @@ fn passwd_refuses_raw_without_in_place() {
 }
 
 #[test]
-fn passwd_refuses_journal_needing_recovery() {
+fn passwd_replays_a_journal_needing_recovery_then_edits() {
+    // Issue #15: a guest that was killed has needs_recovery set; passwd replays the journal
+    // (into the undo snapshot, the overlay, or in place) and then edits, in one command.
     let tmp = tempfile::tempdir().unwrap();
     let tmp = tmp.path();
     let shadow = format!("{ROOT_OLD}\n{ALICE}\n{BOB}\n");
     let raw = build_guest(tmp, "dirty", "raw", shadow.as_bytes());
-    let (off, _) = root_partition(&raw);
+    let (off, len) = root_partition(&raw);
     // e2fsprogs' unix IO manager takes an offset after '?': this edits the partition only.
     guest_tool(
         "debugfs",
@@ -682,38 +684,35 @@ fn passwd_refuses_journal_needing_recovery() {
     let qcow = tmp.join("dirty.qcow2");
     qemu_img(&["convert", "-O", "qcow2", s(&raw), s(&qcow)]).ok();
 
-    let sha = sha256(&raw);
-    let r = passwd_stdin(&raw, &["--in-place"]);
-    assert_ne!(
-        r.code(),
-        0,
-        "passwd must refuse a journal that needs recovery:\n{r}"
-    );
-    assert_eq!(sha256(&raw), sha, "a refused passwd changed the raw image");
-    assert!(
-        r.stderr.to_lowercase().contains("recover"),
-        "the refusal should say the journal needs recovery and how to get it replayed:\n{r}"
+    // qcow2 with -o: the image stays byte-identical, the overlay holds replay and edit.
+    let qsha = sha256(&qcow);
+    let overlay = tmp.join("fixed.qcow2");
+    passwd_stdin(&qcow, &["-o", s(&overlay)]).ok();
+    assert_eq!(sha256(&qcow), qsha, "passwd -o changed the qcow2 image");
+    let flat = tmp.join("fixed.raw");
+    qemu_img(&["convert", "-O", "raw", s(&overlay), s(&flat)]).ok();
+    let part = tmp.join("fixed.root");
+    extract_range(&flat, &part, off, len);
+    assert_e2fsck_clean(&part, "replayed and edited through -o");
+    assert_shadow_repaired(
+        shadow.as_bytes(),
+        &debugfs_read(&part, "/etc/shadow", tmp),
+        "replayed and edited through -o",
     );
 
-    // qcow2: no stray undo snapshot, no overlay left behind.
-    let qsha = sha256(&qcow);
-    let r = passwd_stdin(&qcow, &[]);
-    assert_ne!(r.code(), 0, "passwd must refuse (qcow2):\n{r}");
-    assert_eq!(
-        sha256(&qcow),
-        qsha,
-        "a refused passwd changed the qcow2 image"
-    );
-    let overlay = tmp.join("never.qcow2");
-    let r = passwd_stdin(&qcow, &["-o", s(&overlay)]);
-    assert_ne!(r.code(), 0, "passwd -o must refuse:\n{r}");
+    // raw --in-place: replayed (needs_recovery cleared) and edited.
+    passwd_stdin(&raw, &["--in-place"]).ok();
+    let part = tmp.join("dirty.root");
+    extract_range(&raw, &part, off, len);
+    let features = guest_tool("dumpe2fs", &["-h", s(&part)]).ok().stdout;
     assert!(
-        !overlay.exists(),
-        "a refused passwd -o left an overlay behind:\n{r}"
+        !features.contains("needs_recovery"),
+        "the journal was not replayed:\n{features}"
     );
-    assert_eq!(
-        sha256(&qcow),
-        qsha,
-        "a refused passwd -o changed the qcow2 image"
+    assert_e2fsck_clean(&part, "replayed and edited in place");
+    assert_shadow_repaired(
+        shadow.as_bytes(),
+        &debugfs_read(&part, "/etc/shadow", tmp),
+        "replayed and edited in place",
     );
 }
