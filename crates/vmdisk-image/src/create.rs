@@ -582,8 +582,13 @@ pub(crate) fn lock_and_truncate(path: &Path) -> Result<(RawFile, ImageLock)> {
         })?;
     let lock =
         ImageLock::acquire(&file, path, LockMode::Write).map_err(Error::image("locking", path))?;
-    let is_file = file.metadata().map(|m| m.is_file()).unwrap_or(false);
-    if is_file {
+    // Only a non-empty file is truncated: ext4 flushes everything written to a file that was
+    // truncated to 0 when it is closed (auto_da_alloc), and a new temporary is empty already.
+    let non_empty_file = file
+        .metadata()
+        .map(|m| m.is_file() && m.len() > 0)
+        .unwrap_or(false);
+    if non_empty_file {
         file.set_len(0).map_err(|source| Error::File {
             op: "truncate",
             path: path.to_owned(),
