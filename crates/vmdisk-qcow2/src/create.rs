@@ -159,7 +159,7 @@ fn create_on(host: &dyn BlockDevice, opts: &CreateOptions) -> Result<()> {
     // Truncating to 0 only when there is something to drop: on ext4 any truncate to 0 marks
     // the file for a full flush of its delayed allocations on close (auto_da_alloc), which
     // made every convert wait ~0.5 s per GiB at exit.
-    if host.len() != 0 {
+    if !host.is_empty() {
         host.resize(0)?;
     }
     host.resize(total * cs)?;
