@@ -219,7 +219,7 @@ fn group_readable_client_key_is_diagnosed() {
             client_key_mode: Some(0o640),
             ..Default::default()
         },
-        "unprotected-key",
+        "key-permissions",
     );
 }
 
@@ -227,7 +227,7 @@ fn group_readable_client_key_is_diagnosed() {
 fn disk_without_nixos_label_is_diagnosed() {
     let mut d = def("x86_64");
     d.layout = workspace_root().join("testvms/layouts/no-nixos-label.json");
-    let r = expect_diagnosis(&d, &Faults::default(), "no-root-device");
+    let r = expect_diagnosis(&d, &Faults::default(), "root-not-found");
     assert!(r.diagnosis.unwrap().cause.contains("LABEL=nixos"));
 }
 
