@@ -19,7 +19,10 @@ fn fixture(name: &str) -> String {
     let ours = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(name);
-    let shared = Path::new("/work/shared/fixtures/disko").join(name);
+    // crates/vmdisk-layout -> the repository root -> its parent, which holds shared/.
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/fixtures/disko")
+        .join(name);
     fs::read_to_string(&ours)
         .or_else(|_| fs::read_to_string(&shared))
         .unwrap_or_else(|e| panic!("fixture {name}: {e}"))
