@@ -50,43 +50,6 @@ pub fn replace_file(dev: &dyn BlockDevice, path: &str, content: &[u8]) -> Result
     fs.replace(ino, path, content)
 }
 
-/// Check the superblock allows an edit at all.
-fn check_editable(sb: &Superblock) -> Result<()> {
-    sb.check_counters()?;
-    if sb.incompat & INCOMPAT_RECOVER != 0 {
-        return Err(Error::NeedsRecovery);
-    }
-    if sb.ro_compat & RO_COMPAT_ORPHAN_PRESENT != 0 || sb.state & STATE_ORPHANS != 0 {
-        return Err(Error::NotClean {
-            state: "holding orphan inodes (not shut down cleanly)".into(),
-        });
-    }
-    if sb.state & STATE_ERROR != 0 {
-        return Err(Error::NotClean {
-            state: "marked as having errors".into(),
-        });
-    }
-    if sb.state & STATE_VALID == 0 {
-        return Err(Error::NotClean {
-            state: "not marked clean (still mounted, or not unmounted cleanly)".into(),
-        });
-    }
-    let bad_in = sb.incompat & !EDIT_INCOMPAT_OK;
-    let bad_ro = sb.ro_compat & !EDIT_RO_COMPAT_OK;
-    if bad_in != 0 || bad_ro != 0 {
-        let mut names = feature_names(bad_in, INCOMPAT_NAMES, "INCOMPAT_");
-        names.extend(feature_names(bad_ro, RO_COMPAT_NAMES, "RO_COMPAT_"));
-        return Err(Error::unsupported(format!(
-            "editing an ext4 filesystem with {}",
-            names.join(", ")
-        )));
-    }
-    if !sb.checksum_ok {
-        return Err(Error::corrupt("superblock checksum mismatch", SB_OFF));
-    }
-    Ok(())
-}
-
 /// Per-group allocation state.
 struct GroupState {
     /// Bitmap as read (or as initialised for a BLOCK_UNINIT group).
@@ -125,7 +88,7 @@ impl<'a> EditFs<'a> {
         let mut raw = vec![0u8; SB_LEN];
         dev.read_exact_at(&mut raw, SB_OFF)?;
         let sb = Superblock::parse(&raw)?;
-        check_editable(&sb)?;
+        crate::write::check_editable(&sb)?;
         let bs = sb.block_size;
         match sb.blocks_count.checked_mul(bs) {
             Some(end) if end <= dev.len() => {}

@@ -148,8 +148,9 @@ fn split_path(path: &str) -> Result<(String, Vec<u8>)> {
     Ok((parent.to_string(), n.as_bytes().to_vec()))
 }
 
-/// Refuse what the editor does not handle, before anything is staged.
-fn check_editable(sb: &Superblock) -> Result<()> {
+/// Refuse what the editors (this one and `replace_file`) do not handle, before anything is
+/// staged.
+pub(crate) fn check_editable(sb: &Superblock) -> Result<()> {
     sb.check_counters()?;
     if sb.incompat & INCOMPAT_RECOVER != 0 {
         return Err(Error::NeedsRecovery);
