@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 pub use tempfile;
 
 pub mod ext4edit;
+pub mod mount;
 pub mod nbdsh;
 pub mod nothing_lost;
 pub mod portable;

@@ -3,58 +3,15 @@
 //! image copied while mounted (journal needing recovery) is replayed and edited by
 //! `vmdisk passwd` in one command, e2fsck -fn clean afterwards.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::Arc;
 
 use tests::ext4edit::{
     assert_fsck_clean, assert_same_tree, debugfs, mkfs, read_host_tree, Kind, Model, Node,
 };
+use tests::mount::{require_root, sh, LoopMount};
 use vmdisk_block::RawFile;
 use vmdisk_ext4::{Attrs, Editor};
-
-fn sh(cmd: &str) -> String {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .output()
-        .expect("run sh");
-    assert!(
-        out.status.success(),
-        "`{cmd}` failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    let uid = unsafe { libc::geteuid() };
-    assert_eq!(
-        uid, 0,
-        "these tests loop-mount filesystems: run them as root (CI does)"
-    );
-}
-
-/// A loop mount undone on drop.
-struct Mount(PathBuf);
-impl Mount {
-    fn new(img: &Path, dir: &Path, opts: &str) -> Mount {
-        std::fs::create_dir_all(dir).expect("mkdir");
-        sh(&format!(
-            "mount -o loop,{opts} '{}' '{}'",
-            img.display(),
-            dir.display()
-        ));
-        Mount(dir.to_path_buf())
-    }
-}
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
 
 fn node(kind: Kind, mode: u32, uid: u32, gid: u32) -> Node {
     Node {
@@ -182,7 +139,7 @@ fn kernel_reads_what_the_editor_wrote_and_writes_on() {
         assert_fsck_clean(&img, name);
         let mnt = tmp.path().join("mnt");
         {
-            let _m = Mount::new(&img, &mnt, "ro");
+            let _m = LoopMount::new(&img, &mnt, "ro");
             assert_same_tree(
                 &read_host_tree(&mnt),
                 &want,
@@ -191,7 +148,7 @@ fn kernel_reads_what_the_editor_wrote_and_writes_on() {
         }
         {
             // The kernel goes on writing into directories and files the editor made.
-            let _m = Mount::new(&img, &mnt, "rw");
+            let _m = LoopMount::new(&img, &mnt, "rw");
             let d = mnt.display();
             sh(&format!(
                 "echo more >> {d}/home/alice/.ssh/authorized_keys && \
@@ -224,8 +181,8 @@ fn crashed_guest_is_replayed_and_edited_by_passwd() {
     let crashed = tmp.path().join("crashed.img");
     let mnt = tmp.path().join("mnt");
     {
-        let m = Mount::new(&img, &mnt, "rw");
-        let d = m.0.display();
+        let m = LoopMount::new(&img, &mnt, "rw");
+        let d = m.dir.display();
         sh(&format!(
             "mkdir {d}/var && for i in $(seq 1 300); do echo log line $i > {d}/var/log$i; done && \
              echo changed > {d}/etc/motd && sync"

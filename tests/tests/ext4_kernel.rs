@@ -9,34 +9,15 @@
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tests::mount::{require_root, sh, LoopMount};
 use vmdisk_block::{BlockDevice, RawFile};
 
-fn sh(cmd: &str) -> String {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .output()
-        .expect("run sh");
-    assert!(
-        out.status.success(),
-        "`{cmd}` failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn require_root_and_tools() {
-    // SAFETY: geteuid has no preconditions.
-    let uid = unsafe { libc::geteuid() };
-    assert_eq!(
-        uid, 0,
-        "these tests loop-mount filesystems: run them as root (CI does)"
-    );
+    require_root();
     for t in [
         "mkfs.ext4",
         "mkfs.ext3",
@@ -48,31 +29,6 @@ fn require_root_and_tools() {
         sh(&format!(
             "command -v {t} || test -x /usr/sbin/{t} || test -x /sbin/{t}"
         ));
-    }
-}
-
-/// A loop mount that is undone on drop, even when an assertion fails.
-struct Mount {
-    dir: PathBuf,
-}
-
-impl Mount {
-    fn new(img: &Path, dir: &Path, opts: &str) -> Mount {
-        std::fs::create_dir_all(dir).expect("mkdir");
-        sh(&format!(
-            "mount -o loop,{opts} '{}' '{}'",
-            img.display(),
-            dir.display()
-        ));
-        Mount {
-            dir: dir.to_path_buf(),
-        }
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.dir).status();
     }
 }
 
@@ -99,7 +55,7 @@ fn fallocated_files_read_as_zeros_not_old_data() {
     ));
     let mnt = tmp.path().join("mnt");
     {
-        let m = Mount::new(&img, &mnt, "rw");
+        let m = LoopMount::new(&img, &mnt, "rw");
         let d = m.dir.display();
         sh(&format!("fallocate -l 1M {d}/f"));
         // Partly written: 4 KiB of data in the middle of a 2 MiB preallocation, so the file
@@ -148,7 +104,7 @@ fn fallocated_files_read_as_zeros_not_old_data() {
     );
     let kernel_view;
     {
-        let m = Mount::new(&img, &mnt, "ro");
+        let m = LoopMount::new(&img, &mnt, "ro");
         kernel_view =
             ["f", "g", "h"].map(|n| sha(&std::fs::read(m.dir.join(n)).expect("kernel read")));
     }
@@ -320,7 +276,7 @@ fn live_copies_read_like_e2fsck(mkfs: &str, label: &str) {
         img.display()
     ));
     let mnt = tmp.path().join("mnt");
-    let m = Mount::new(&img, &mnt, "rw,commit=1");
+    let m = LoopMount::new(&img, &mnt, "rw,commit=1");
     let writer = Writer::start(&m.dir);
     let started = Instant::now();
     let mut replayed_blocks = 0u64;
