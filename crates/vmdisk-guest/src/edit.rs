@@ -97,7 +97,8 @@ pub enum EditError {
     /// The plan refused the edit (its own reason).
     #[error("{0}")]
     Refused(String),
-    #[error("writing {what}")]
+    /// `what` is the step, as a phrase ("editing /etc/shadow", "replaying the journal").
+    #[error("{what}")]
     Apply {
         what: String,
         #[source]
@@ -330,7 +331,7 @@ pub fn edit<T>(
     if needs_recovery {
         // What e2fsck does first: the journal's blocks written home, the journal emptied.
         vmdisk_ext4::replay_journal(dev.clone()).map_err(|source| EditError::Apply {
-            what: "the journal replay".into(),
+            what: "replaying the journal".into(),
             source,
         })?;
     }

@@ -111,7 +111,7 @@ pub struct OpsPlan {
 
 fn e(path: &str) -> impl Fn(vmdisk_ext4::Error) -> EditError + '_ {
     move |source| EditError::Apply {
-        what: path.to_string(),
+        what: format!("editing {path}"),
         source,
     }
 }

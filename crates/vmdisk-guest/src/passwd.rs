@@ -156,7 +156,7 @@ pub fn passwd_create(
         |g| plan(g, user, action, today, create),
         |dev, p| {
             let err = |source| EditError::Apply {
-                what: "/etc/shadow".into(),
+                what: "writing /etc/shadow".into(),
                 source,
             };
             match p.created {

@@ -391,7 +391,7 @@ fn append_authorized_key(overlay: &Path, old: &[u8], line: &str) -> Result<()> {
             vmdisk_ext4::replace_file(dev, AUTHORIZED_KEYS_PATH, &new)
                 .map(|_| ())
                 .map_err(|source| vmdisk_guest::EditError::Apply {
-                    what: AUTHORIZED_KEYS_PATH.into(),
+                    what: format!("writing {AUTHORIZED_KEYS_PATH}"),
                     source,
                 })
         },
