@@ -11,6 +11,9 @@ use self::SshFailureKind as Kind;
 /// What OpenSSH prints when the server's host key differs from the pinned one (first of
 /// a boxed warning; followed by [`SIG_HOST_KEY_VERIFY_FAILED`]).
 pub const SIG_HOST_KEY_CHANGED: &str = "WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!";
+/// The line naming the host whose key changed: "Host key for linux-builder has changed and
+/// you have requested strict checking." (also printed without the box, e.g. in pasted logs).
+pub const SIG_HOST_KEY_CHANGED_STRICT: &str = "has changed and you have requested strict checking";
 /// OpenSSH's last line when host key checking refused the server (changed or unknown key).
 pub const SIG_HOST_KEY_VERIFY_FAILED: &str = "Host key verification failed.";
 /// An unknown host in batch mode (no prompt possible): "No ED25519 host key is known for
@@ -154,7 +157,10 @@ pub fn classify(stderr: &str) -> Option<SshFailure> {
             &[SIG_UNPROTECTED_KEY, SIG_KEY_PERMISSIONS_TOO_OPEN],
             Kind::UnprotectedKey,
         ),
-        (&[SIG_HOST_KEY_CHANGED], Kind::HostKeyChanged),
+        (
+            &[SIG_HOST_KEY_CHANGED, SIG_HOST_KEY_CHANGED_STRICT],
+            Kind::HostKeyChanged,
+        ),
         (&[SIG_HOST_KEY_UNKNOWN], Kind::HostKeyUnknown),
         (&[SIG_UNRESOLVABLE], Kind::Unresolvable),
         (&[SIG_CONNECTION_REFUSED], Kind::ConnectionRefused),

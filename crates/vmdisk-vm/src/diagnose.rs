@@ -20,6 +20,8 @@
 
 use serde::Serialize;
 
+use vmdisk_ssh::signature::{classify, SshFailureKind, SIG_PERMISSION_DENIED};
+
 use crate::console::clean;
 
 /// What went wrong and what to do about it.
@@ -87,9 +89,6 @@ impl Text {
     }
     fn has(&self, needle: &str) -> bool {
         self.find(needle).is_some()
-    }
-    fn line(&self, i: usize) -> &str {
-        self.lines.get(i).map_or("", String::as_str)
     }
 }
 
@@ -346,79 +345,71 @@ pub fn diagnose_all(ev: Evidence<'_>) -> Vec<Diagnosis> {
         );
     }
 
-    if let Some(l) = ssh
-        .find_any(&[
-            "REMOTE HOST IDENTIFICATION HAS CHANGED",
-            "Host key verification failed",
-            "HOST KEY VERIFICATION FAILED",
-            "has changed and you have requested strict checking",
-        ])
-        .map(|(_, l)| l.to_string())
-    {
-        let host = ssh
-            .lines
-            .iter()
-            .find_map(|l| between(l, "key for ", " has changed").map(str::to_string))
-            .unwrap_or_else(|| "[127.0.0.1]:PORT".into());
-        push(
-            "host-key-changed",
-            format!(
-                "the VM presented another SSH host key than the one known for {host}: the disk \
-                 was recreated (a fresh nixos.qcow2 gets a fresh key), another VM answers on \
-                 that port, or the configuration points sshd at another key \
-                 (`services.openssh.hostKeys`)"
-            ),
-            format!(
-                "if the change is expected, drop the stale entry with `ssh-keygen -R '{host}'` \
-                 and pin the new key; keep the key stable by keeping \
-                 /etc/ssh/ssh_host_ed25519_key on the VM's disk (nix-darwin's linux-builder \
-                 re-pins its key on activation); do not turn StrictHostKeyChecking off"
-            ),
-            &l,
-        );
+    // What ssh said is classified once, by the rules `vmdisk doctor builder` uses too
+    // (vmdisk-ssh); here each failure gets the fix that fits a VM's disk.
+    let ssh_failure = classify(&ssh.lines.join("\n"));
+    match ssh_failure.as_ref().map(|f| (f.kind, f.evidence.as_str())) {
+        // The harness pins the VM's key, so a key that is not known is one that changed.
+        Some((SshFailureKind::HostKeyChanged | SshFailureKind::HostKeyUnknown, l)) => {
+            let host = ssh
+                .lines
+                .iter()
+                .find_map(|l| between(l, "key for ", " has changed").map(str::to_string))
+                .unwrap_or_else(|| "[127.0.0.1]:PORT".into());
+            push(
+                "host-key-changed",
+                format!(
+                    "the VM presented another SSH host key than the one known for {host}: the \
+                     disk was recreated (a fresh nixos.qcow2 gets a fresh key), another VM \
+                     answers on that port, or the configuration points sshd at another key \
+                     (`services.openssh.hostKeys`)"
+                ),
+                format!(
+                    "if the change is expected, drop the stale entry with `ssh-keygen -R \
+                     '{host}'` and pin the new key; keep the key stable by keeping \
+                     /etc/ssh/ssh_host_ed25519_key on the VM's disk (nix-darwin's linux-builder \
+                     re-pins its key on activation); do not turn StrictHostKeyChecking off"
+                ),
+                l,
+            );
+        }
+        Some((SshFailureKind::UnprotectedKey, l)) => {
+            let path = ssh
+                .lines
+                .iter()
+                .find_map(|x| {
+                    between(x, "for '", "' are too open").or_else(|| between(x, "key \"", "\""))
+                })
+                .unwrap_or("KEY");
+            push(
+                "key-permissions",
+                format!(
+                    "ssh ignored the private key {path} because group or others can read it \
+                     (ssh accepts only keys readable by their owner alone)"
+                ),
+                format!("`chmod 600 {path}` (and keep it owned by the user who runs ssh)"),
+                l,
+            );
+        }
+        Some((SshFailureKind::KeyUnreadable, l)) => {
+            let path = between(l, "Load key \"", "\"").unwrap_or("KEY");
+            push(
+                "key-permissions",
+                format!(
+                    "ssh cannot read the private key {path}: it belongs to another user \
+                     (nix-daemon connects to builders as root with root's 0600 key)"
+                ),
+                format!(
+                    "run ssh as the key's owner (`sudo ssh -i {path} ...`), or give yourself a \
+                     copy with mode 0600 and point your ssh config's IdentityFile at it"
+                ),
+                l,
+            );
+        }
+        _ => {}
     }
-
-    if let Some((i, l)) = ssh.find_any(&[
-        "UNPROTECTED PRIVATE KEY FILE",
-        "are too open",
-        "bad permissions",
-    ]) {
-        let l = l.to_string();
-        let path = (i..ssh.lines.len())
-            .map(|j| ssh.line(j))
-            .find_map(|x| {
-                between(x, "for '", "' are too open").or_else(|| between(x, "key \"", "\""))
-            })
-            .unwrap_or("KEY");
-        push(
-            "key-permissions",
-            format!(
-                "ssh ignored the private key {path} because group or others can read it (ssh \
-                 accepts only keys readable by their owner alone)"
-            ),
-            format!("`chmod 600 {path}` (and keep it owned by the user who runs ssh)"),
-            &l,
-        );
-    } else if let Some((_, l)) = ssh
-        .lines
-        .iter()
-        .enumerate()
-        .find(|(_, l)| l.contains("Load key \"") && l.contains("Permission denied"))
-    {
-        let path = between(l, "Load key \"", "\"").unwrap_or("KEY");
-        push(
-            "key-permissions",
-            format!(
-                "ssh cannot read the private key {path}: it belongs to another user (nix-daemon \
-                 connects to builders as root with root's 0600 key)"
-            ),
-            format!(
-                "run ssh as the key's owner (`sudo ssh -i {path} ...`), or give yourself a copy \
-                 with mode 0600 and point your ssh config's IdentityFile at it"
-            ),
-            l,
-        );
-    } else if let Some((_, l)) = console
+    // sshd's own complaint (StrictModes), on the VM's console or in a pasted log.
+    if let Some((_, l)) = console
         .find("Authentication refused: bad ownership or modes")
         .or_else(|| ssh.find("Authentication refused: bad ownership or modes"))
     {
@@ -435,7 +426,8 @@ pub fn diagnose_all(ev: Evidence<'_>) -> Vec<Diagnosis> {
         );
     }
 
-    if let Some((_, l)) = ssh.find("Permission denied (") {
+    // After an ignored key the server still refuses: both are reported, the cause first.
+    if let Some((_, l)) = ssh.find(SIG_PERMISSION_DENIED) {
         push(
             "ssh-auth-refused",
             "the VM's sshd refused every offered credential".into(),
@@ -657,13 +649,14 @@ fn sshd_missing(c: &Text, ssh: &Text) -> Option<String> {
     if ssh_unit {
         return None;
     }
-    let refused = ssh.find_any(&[
-        "kex_exchange_identification",
-        "Connection reset by peer",
-        "Connection closed by remote host",
-        "Connection refused",
-    ])?;
-    Some(refused.1.to_string())
+    // Nothing answered as sshd: refused, or closed before the banner (qemu's forward accepts
+    // and then finds nothing behind it).
+    let f = classify(&ssh.lines.join("\n"))?;
+    matches!(
+        f.kind,
+        SshFailureKind::ConnectionRefused | SshFailureKind::ClosedBeforeBanner
+    )
+    .then_some(f.evidence)
 }
 
 /// `key-permissions` found before ssh ran: `path` has mode `mode`, readable by others.
