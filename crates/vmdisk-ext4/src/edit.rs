@@ -352,6 +352,17 @@ impl<'a> EditFs<'a> {
                 let b = l.pblk + k;
                 let blk = self.read_block(b)?;
                 let boff = b * self.bs;
+                // A directory block whose checksum fails is damage the reader refuses too:
+                // an edit found through it could not be read back.
+                if let Some(seed) = self.sb.csum_seed {
+                    let seed = inode_seed(seed, dir, le32(&raw, 0x64));
+                    if !crate::volume::dir_block_csum_ok(seed, &blk, self.bs) {
+                        return Err(Error::DirChecksum {
+                            ino: dir,
+                            off: boff,
+                        });
+                    }
+                }
                 let mut pos = 0usize;
                 while pos + 8 <= blk.len() {
                     let inode = le32(&blk, pos);

@@ -30,7 +30,28 @@ fn first_block(img: &std::path::Path, path: &str) -> u64 {
         .expect("number")
 }
 
-fn exercise(bytes: &[u8], what: &str) {
+/// The line the editor is asked to write in every round.
+const NEW_SHADOW: &[u8] = b"root:$6$a$b:1:0:99999:7:::\n";
+
+/// Whether `e2fsck -fn` finds nothing to fix in `bytes` (written to a file in `dir`).
+fn fsck_clean(dir: &std::path::Path, bytes: &[u8]) -> bool {
+    let img = dir.join("fsck.img");
+    std::fs::write(&img, bytes).expect("write image for e2fsck");
+    let ok = std::process::Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&img)
+        .output()
+        .expect("run e2fsck")
+        .status
+        .success();
+    std::fs::remove_file(&img).expect("remove image");
+    ok
+}
+
+/// Reader and editor over one mutated image `bytes`: no panic, a refused edit writes
+/// nothing, and an accepted edit did what was asked without damaging anything e2fsck could
+/// vouch for before (`dir` holds the scratch copies e2fsck reads).
+fn exercise(bytes: &[u8], what: &str, dir: &std::path::Path) {
     let dev = Arc::new(MemDisk::from_vec(bytes.to_vec()));
     // Reader: any result, no panic.
     if let Ok(fs) = Ext4::open(dev.clone() as Arc<dyn BlockDevice>) {
@@ -43,8 +64,25 @@ fn exercise(bytes: &[u8], what: &str) {
         let _ = fs.read_file("/etc/shadow");
     }
     // Editor: an error must leave every byte as it was.
-    match replace_file(dev.as_ref(), "/etc/shadow", b"root:$6$a$b:1:0:99999:7:::\n") {
-        Ok(_) => {}
+    match replace_file(dev.as_ref(), "/etc/shadow", NEW_SHADOW) {
+        Ok(_) => {
+            let after = dev.to_vec();
+            let back = Ext4::open(dev.clone() as Arc<dyn BlockDevice>)
+                .and_then(|fs| fs.read_file("/etc/shadow"));
+            assert!(
+                matches!(&back, Ok(b) if b == NEW_SHADOW),
+                "{what}: accepted edit does not read back: {back:?}"
+            );
+            // A mutation e2fsck does not mind (an unused byte, a field it ignores) must not
+            // become damage through the edit; on an image e2fsck already finds damaged the
+            // editor may only have kept the damage (the refusal cases are the other arm).
+            if fsck_clean(dir, bytes) {
+                assert!(
+                    fsck_clean(dir, &after),
+                    "{what}: the edit damaged an image e2fsck found clean"
+                );
+            }
+        }
         Err(e) => {
             assert!(
                 dev.to_vec() == bytes,
@@ -107,10 +145,10 @@ fn mutations_never_panic_and_refusals_never_write() {
                     _ => rng.next() as u8,
                 };
             }
-            exercise(&b, &format!("{what} round {round}"));
+            exercise(&b, &format!("{what} round {round}"), tmp.path());
         }
     }
     // Truncated device.
-    exercise(&base[..base.len() / 2], "truncated device");
-    exercise(&base[..1500], "tiny device");
+    exercise(&base[..base.len() / 2], "truncated device", tmp.path());
+    exercise(&base[..1500], "tiny device", tmp.path());
 }
