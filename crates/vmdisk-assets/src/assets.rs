@@ -165,8 +165,10 @@ struct LockFile {
 const LOCK_HEADER: &str = "\
 # Pinned Debian packages for the VM harness (crate vmdisk-vm): what the test guests are built
 # from (kernel, busybox, dropbear, nbd-client and their libraries; role = \"guest\") and Debian's
-# qemu, unpacked into the cache on machines without their own (role = \"host\"). Every package is
-# downloaded from `url` and must have exactly `size` bytes and this `sha256`.
+# qemu, unpacked into the cache on machines without their own (role = \"host\"). The arm64
+# qemu-user-static (role = \"guest\") is not built into the guest: the doctor test copies its
+# qemu-x86_64-static into a running aarch64 guest and registers it with binfmt_misc. Every
+# package is downloaded from `url` and must have exactly `size` bytes and this `sha256`.
 #
 # Generated; do not edit by hand. Regenerate on a Debian machine (with apt) with
 #
@@ -708,6 +710,17 @@ pub const GUEST_PACKAGES: &[&str] = &[
 /// C library's headers and start files it links against.
 pub const TOOLCHAIN_PACKAGES: &[&str] = &["tcc", "libc6-dev", "linux-libc-dev"];
 
+/// Emulators pinned for `guest` guests but not built into them: Debian's static qemu user
+/// emulators for aarch64 guests, whose `qemu-x86_64-static` the doctor test
+/// (tests/tests/doctor_aarch64.rs) copies into a running guest and registers with
+/// binfmt_misc, as `apt-get install qemu-user-static` does on a Debian builder.
+pub fn emulator_packages(guest: Arch) -> &'static [&'static str] {
+    match guest {
+        Arch::Aarch64 => &["qemu-user-static"],
+        Arch::X86_64 => &[],
+    }
+}
+
 /// The Debian package with qemu for `guest` guests.
 pub fn qemu_package(guest: Arch) -> &'static str {
     match guest {
@@ -717,7 +730,8 @@ pub fn qemu_package(guest: Arch) -> &'static str {
 }
 
 /// What the harness pins for `guest` guests run on a `host` machine: the current kernel (the
-/// dependency of `linux-image-<arch>`), [`GUEST_PACKAGES`], and Debian's qemu for the host
+/// dependency of `linux-image-<arch>`), [`GUEST_PACKAGES`], [`TOOLCHAIN_PACKAGES`],
+/// [`emulator_packages`], and Debian's qemu for the host
 /// (the emulator, `qemu-system-common` for its TCG module, `qemu-system-data` for firmware).
 /// Asks apt, so it works only on Debian.
 pub fn default_requests(guest: Arch, host: Arch) -> Result<Vec<Request>> {
@@ -746,6 +760,7 @@ pub fn default_requests(guest: Arch, host: Arch) -> Result<Vec<Request>> {
         GUEST_PACKAGES
             .iter()
             .chain(TOOLCHAIN_PACKAGES)
+            .chain(emulator_packages(guest))
             .map(|n| Request::new(n, g, Role::Guest)),
     );
     reqs.push(Request::new(qemu_package(guest), host.debian(), Role::Host));
@@ -1024,6 +1039,11 @@ mod tests {
         lock.get("qemu-system-x86", "amd64").unwrap();
         lock.get("qemu-system-common", "amd64").unwrap();
         lock.get("qemu-system-data", "amd64").unwrap();
+        for arch in [Arch::X86_64, Arch::Aarch64] {
+            for name in TOOLCHAIN_PACKAGES.iter().chain(emulator_packages(arch)) {
+                lock.get(name, arch.debian()).unwrap();
+            }
+        }
     }
 
     #[test]

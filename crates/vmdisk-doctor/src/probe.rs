@@ -232,9 +232,15 @@ fn printf_octal(bytes: &[u8]) -> String {
 }
 
 /// The script for `sh -s` on the builder. Its output lines start with `@`.
+///
+/// It runs inside its own temporary directory: a shell whose execve fails with ENOEXEC may run
+/// the probe as a shell script instead (POSIX asks for that; busybox sh does it even for an
+/// ELF, where dash and bash refuse), and the x86_64 header's e_machine byte is `>`, so that
+/// "script" creates a file in the current directory — which must not be the login's home.
 pub fn script(systems: &[&ProbeArch]) -> String {
     let mut s = String::from(
         "d=$(mktemp -d 2>/dev/null) || { d=/tmp/vmdisk-doctor.$$; mkdir -m 700 \"$d\" || exit 97; }\n\
+         cd \"$d\" || exit 97\n\
          echo \"@uname $(uname -s) $(uname -m)\"\n",
     );
     for (i, a) in systems.iter().enumerate() {
@@ -257,7 +263,7 @@ pub fn script(systems: &[&ProbeArch]) -> String {
          [ -n \"$f\" ] && echo \"@features $f\"\n\
          if [ \"$(uname -s)\" = Darwin ] && [ \"$(uname -m)\" = arm64 ]; then \
          if arch -x86_64 /usr/bin/true 2>/dev/null; then echo \"@rosetta yes\"; else echo \"@rosetta no\"; fi; fi\n\
-         rm -rf \"$d\"\n\
+         cd / && rm -rf \"$d\"\n\
          echo \"@done\"\n",
     );
     s
@@ -448,6 +454,12 @@ mod tests {
         assert!(s.contains(&want));
         assert!(want.starts_with("\\177\\105\\114\\106"));
         assert!(!want.contains('%') && !want.contains('\''));
+        // Every probe runs from the script's own directory, removed at the end.
+        let cd = s
+            .find("cd \"$d\" || exit 97")
+            .expect("the script enters its directory");
+        assert!(cd < s.find(&want).unwrap());
+        assert!(s.contains("cd / && rm -rf \"$d\""));
     }
 
     /// binfmt entries as Debian's qemu-user-static registers them (`cat
