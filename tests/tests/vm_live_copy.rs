@@ -32,11 +32,12 @@ const WRAP_TIMEOUT: Duration = Duration::from_secs(150);
 const COPY_TIMEOUT: Duration = Duration::from_secs(120);
 /// Journal blocks the writer must have logged before the copy, in journal lengths: the
 /// guest's log has wrapped at least this many times.
-const WRAPS: u64 = 3;
+const WRAPS: u64 = 5;
 /// The journal of testvms/layouts/small-journal.json: mke2fs's minimum, 1024 blocks.
 const JOURNAL_BLOCKS: u64 = 1024;
 
-/// The churn loop: every iteration a transaction (fsync(2) of a directory: `sync DIR`), so the small journal fills fast.
+/// The churn loop: every iteration a transaction (fsync(2) of a directory: `sync DIR`; this
+/// busybox has no `fsync` applet), so the small journal fills fast.
 const WRITER: &str = "mkdir -p /churn && cd /churn || exit 1; i=0; while :; do i=$((i+1)); \
     d=d$((i % 13)); mkdir -p $d; echo \"content $i\" > $d/f$((i % 97)); \
     ln -sf f$((i % 97)) $d/l$((i % 7)); mv $d/f$((i % 89)) $d/g$((i % 5)) 2>/dev/null; \
@@ -128,9 +129,10 @@ fn qmp_copy_of_a_running_guest_reads_like_e2fsck_journal_replay() {
         WRAP_TIMEOUT,
     );
     let logged_before: u64 = wrapped.trim().parse().expect("logged blocks");
-    // Made durable just before the copy by fsync(2) of each file and directory (`sync FILE...`): committed
-    // to the journal, not yet written home (so a reader that ignored the journal would miss
-    // it). The writer's count comes in the same session, to keep the copy close behind.
+    // Made durable just before the copy by fsync(2) of each file and directory (`sync
+    // FILE...`): committed to the journal, not yet written home (so a reader that ignored the
+    // journal would miss it). The writer's count comes in the same session, to keep the copy
+    // close behind.
     let late = guest(
         vm,
         ssh,
