@@ -25,6 +25,7 @@ pub mod nbdsh;
 pub mod nothing_lost;
 pub mod portable;
 pub mod sshd;
+pub mod testvm;
 
 /// KiB / MiB in bytes.
 pub const KIB: u64 = 1024;

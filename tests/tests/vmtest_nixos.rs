@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use tests::{run_with_timeout, sha256, vmdisk_bin, workspace_root};
+use tests::{run_with_timeout, s, sha256, vmdisk, vmdisk_bin, workspace_root};
 use vmdisk_vm::assets::{Cache, Lock};
 use vmdisk_vm::def::VmDef;
 use vmdisk_vm::run::{Harness, NixosPersonality, PrepareOptions, Prepared};
@@ -277,5 +277,27 @@ fn a_vm_without_sshd_is_reported_with_the_line_that_enables_it() {
     let fix = v["diagnoses"][0]["fix"].as_str().unwrap();
     assert!(fix.contains("services.openssh.enable = true;"), "{fix}");
     assert!(phase_ids(&v).contains(&"multi-user".to_string()), "{out}");
+    assert_no_qemu(tmp.path());
+}
+
+/// A disk whose root has no authorized_keys (NixOS without `openssh.authorizedKeys`):
+/// `vmdisk vmtest` creates the file in the run's overlay with the ext4 editor, so the guest's
+/// sshd reads it from the disk (no credential, which a guest without systemd would ignore);
+/// the login works and the user's disk is untouched.
+#[test]
+fn a_disk_without_authorized_keys_gets_ours_created_in_the_overlay() {
+    let tmp = tempfile::tempdir().unwrap();
+    let h = harness(tmp.path());
+    let (p, script) = guest(&h, NixosPersonality::Scripted, "nokeys");
+    vmdisk(&["rm", "--in-place", s(&p.disk), "/root/.ssh/authorized_keys"]).ok();
+    assert!(!vmdisk(&["cat", s(&p.disk), "/root/.ssh/authorized_keys"]).success());
+    let before = sha256(&p.disk);
+    let (v, code, out) = vmtest(tmp.path(), &script, &p.disk);
+    assert_eq!(v["passed"], true, "{out}");
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(v["ssh"]["host_key"], "from-user-disk", "{out}");
+    assert_eq!(v["ssh"]["authorized_key"], "editor", "{out}");
+    assert!(phase_ids(&v).contains(&"ssh-login".to_string()), "{out}");
+    assert_eq!(sha256(&p.disk), before, "the user's disk changed");
     assert_no_qemu(tmp.path());
 }

@@ -263,15 +263,16 @@ fn the_seed_script_gets_console_panic_display_qmp_ssh_and_an_overlay() {
     assert!(pos("loglevel=7") < pos("console=ttyAMA0"));
     assert!(pos("console=ttyAMA0") < pos("boot.panic_on_fail"));
     assert!(words.iter().any(|w| w.starts_with("init=")));
-    // The keys: this empty ext4 has no /etc/ssh and no authorized_keys, which the ext4 editor
-    // cannot create yet, so they travel as a systemd credential.
+    // The keys: this empty ext4 has no /etc/ssh and no authorized_keys; the ext4 editor
+    // creates both in the run's overlay, so no credential travels on the command line.
     assert!(
-        words
+        !words
             .iter()
-            .any(|w| w.starts_with("systemd.set_credential_binary=tmpfiles.extra:")),
+            .any(|w| w.starts_with("systemd.set_credential_binary=")),
         "{words:?}"
     );
-    assert_eq!(v["ssh"]["authorized_key"], "credential");
+    assert_eq!(v["ssh"]["host_key"], "editor");
+    assert_eq!(v["ssh"]["authorized_key"], "editor");
 
     // The disk: an overlay in vmdisk's folder whose backing is the user's disk.
     let drives = after(&argv, "-drive");

@@ -7,10 +7,11 @@
 //! ```text
 //!   fresh disk (no NIX_DISK_IMAGE yet)  built like createEmptyFilesystemImage, by mke2fs -d
 //!                                       from a staged tree that holds both files (owned by root)
-//!   overlay on the user's disk          host key: the disk's own .pub is pinned when it has one
-//!                                       authorized_keys: the offline ext4 editor appends our key
-//!                                         when the file exists (it can only replace files; #15
-//!                                         creates them); otherwise a systemd credential
+//!   overlay on the user's disk          host key: the disk's own .pub is pinned when it has one,
+//!                                         else the ext4 editor creates ours in the overlay
+//!                                       authorized_keys: the ext4 editor appends our key, or
+//!                                         creates the file (and /root/.ssh) in the overlay
+//!                                       (a systemd credential only if the editor refuses)
 //!   no disk of our own                  a systemd credential for both
 //! ```
 //!
@@ -108,6 +109,8 @@ pub enum HostKeyHow {
     FromUserDisk,
     /// Ours, by the tmpfiles.extra credential (created only if the disk has none).
     Credential,
+    /// Ours, created in the run's overlay by the ext4 editor (the disk had none).
+    Editor,
 }
 
 /// How the client key got authorized.
@@ -116,7 +119,8 @@ pub enum HostKeyHow {
 pub enum AuthorizedHow {
     /// Written into the fresh disk.
     OnFreshDisk,
-    /// Appended to the disk's existing authorized_keys in the run's overlay (ext4 editor).
+    /// Appended to the disk's authorized_keys, or that file created, in the run's overlay
+    /// (ext4 editor).
     Editor,
     /// By the tmpfiles.extra credential.
     Credential,
@@ -318,46 +322,49 @@ fn preseed_overlay(
 ) -> Result<Preseed> {
     let seen = read_guest(overlay)?;
     let mut notes = Vec::new();
-    let mut cred_host = None;
-    let (host_key_line, host_how) = match &seen.host_public {
-        Some(l) => (l.clone(), HostKeyHow::FromUserDisk),
-        None => {
+    let new_host = seen.host_public.is_none().then_some(host_key);
+    let host_key_line = match &seen.host_public {
+        Some(l) => l.clone(),
+        None => host_key.public_line.clone(),
+    };
+    let ops = overlay_ops(new_host, authorized, seen.authorized_keys.as_deref());
+    let edited = if ops.is_empty() {
+        Ok(())
+    } else {
+        edit_overlay(overlay, &ops)
+    };
+    let (host_how, auth_how, kernel_params) = match edited {
+        Ok(()) => (
+            if new_host.is_some() {
+                HostKeyHow::Editor
+            } else {
+                HostKeyHow::FromUserDisk
+            },
+            match authorized {
+                None => AuthorizedHow::UserKey,
+                Some(_) => AuthorizedHow::Editor,
+            },
+            Vec::new(),
+        ),
+        Err(e) => {
             notes.push(format!(
-                "the disk has no {HOST_KEY_PATH}.pub: creating one needs the ext4 editor's file \
-                 creation (#15), so the run's key goes in by credential (readable in the \
-                 guest's /proc/cmdline; a throwaway key, on the run's overlay only)"
+                "writing the SSH keys into the overlay failed ({e:#}); they go in as a systemd \
+                 credential instead (readable in the guest's /proc/cmdline; a throwaway key)"
             ));
-            cred_host = Some(host_key);
-            (host_key.public_line.clone(), HostKeyHow::Credential)
+            (
+                if new_host.is_some() {
+                    HostKeyHow::Credential
+                } else {
+                    HostKeyHow::FromUserDisk
+                },
+                match authorized {
+                    None => AuthorizedHow::UserKey,
+                    Some(_) => AuthorizedHow::Credential,
+                },
+                vec![credential_param(&tmpfiles_lines(new_host, authorized))?],
+            )
         }
     };
-    let mut cred_auth = None;
-    let auth_how = match (authorized, &seen.authorized_keys) {
-        (None, _) => AuthorizedHow::UserKey,
-        (Some(a), Some(old)) => match append_authorized_key(overlay, old, a) {
-            Ok(()) => AuthorizedHow::Editor,
-            Err(e) => {
-                notes.push(format!(
-                    "appending to {AUTHORIZED_KEYS_PATH} in the overlay failed ({e:#}); using \
-                     a credential instead"
-                ));
-                cred_auth = Some(a);
-                AuthorizedHow::Credential
-            }
-        },
-        (Some(a), None) => {
-            notes.push(format!(
-                "the disk has no {AUTHORIZED_KEYS_PATH}: creating it needs the ext4 editor's \
-                 file creation (#15), so the key goes in by credential"
-            ));
-            cred_auth = Some(a);
-            AuthorizedHow::Credential
-        }
-    };
-    let mut kernel_params = Vec::new();
-    if cred_host.is_some() || cred_auth.is_some() {
-        kernel_params.push(credential_param(&tmpfiles_lines(cred_host, cred_auth))?);
-    }
     Ok(Preseed {
         host_key_line,
         host_key: host_how,
@@ -367,15 +374,78 @@ fn preseed_overlay(
     })
 }
 
-/// Append `line` to the existing authorized_keys inside the run's overlay (never the user's
-/// disk: the overlay's backing is opened read-only).
-fn append_authorized_key(overlay: &Path, old: &[u8], line: &str) -> Result<()> {
-    let mut new = old.to_vec();
-    if !new.is_empty() && !new.ends_with(b"\n") {
-        new.push(b'\n');
+/// The editor operations that put the run's keys into the overlay: `host_key` (when the disk
+/// has none) as /etc/ssh/ssh_host_ed25519_key (0600) and .pub (0644), and `authorized`
+/// appended to root's authorized_keys (`old`, when it exists), created 0600 in /root/.ssh
+/// (0700) otherwise. Everything owned by root, by number: an empty disk has no /etc/passwd.
+fn overlay_ops(
+    host_key: Option<&OpensshHostKey>,
+    authorized: Option<&str>,
+    old: Option<&[u8]>,
+) -> Vec<vmdisk_guest::Op> {
+    use vmdisk_guest::{Op, Owner};
+    let root = || {
+        Some(Owner {
+            user: Some("0".into()),
+            group: Some("0".into()),
+        })
+    };
+    let mkdir = |path: &str, mode: u16| Op::Mkdir {
+        path: path.into(),
+        parents: true,
+        mode: Some(mode),
+        owner: root(),
+    };
+    let mut ops = Vec::new();
+    if let Some(k) = host_key {
+        ops.push(mkdir(parent(HOST_KEY_PATH), 0o755));
+        ops.push(Op::Write {
+            path: HOST_KEY_PATH.into(),
+            content: k.private_pem.clone().into_bytes(),
+            mode: Some(0o600),
+            owner: root(),
+        });
+        ops.push(Op::Write {
+            path: format!("{HOST_KEY_PATH}.pub"),
+            content: format!("{}\n", k.public_line.trim()).into_bytes(),
+            mode: Some(0o644),
+            owner: root(),
+        });
     }
-    new.extend_from_slice(line.trim().as_bytes());
-    new.push(b'\n');
+    if let Some(line) = authorized {
+        let mut content = old.unwrap_or_default().to_vec();
+        if !content.is_empty() && !content.ends_with(b"\n") {
+            content.push(b'\n');
+        }
+        content.extend_from_slice(line.trim().as_bytes());
+        content.push(b'\n');
+        if old.is_none() {
+            // /root and /root/.ssh: 0700 each (existing ones are left as they are).
+            let ssh_dir = parent(AUTHORIZED_KEYS_PATH);
+            ops.push(mkdir(parent(ssh_dir), 0o700));
+            ops.push(mkdir(ssh_dir, 0o700));
+        }
+        ops.push(Op::Write {
+            path: AUTHORIZED_KEYS_PATH.into(),
+            content,
+            mode: Some(0o600),
+            owner: root(),
+        });
+    }
+    ops
+}
+
+/// The directory holding the absolute path `p` ("/" for a top-level name).
+fn parent(p: &str) -> &str {
+    match p.rsplit_once('/') {
+        Some(("", _)) | None => "/",
+        Some((d, _)) => d,
+    }
+}
+
+/// Run `ops` on the run's overlay as one transaction (never the user's disk: the overlay's
+/// backing is opened read-only).
+fn edit_overlay(overlay: &Path, ops: &[vmdisk_guest::Op]) -> Result<()> {
     let target = vmdisk_guest::EditTarget {
         image: overlay.to_path_buf(),
         format: Some(vmdisk_image::Format::Qcow2),
@@ -383,19 +453,7 @@ fn append_authorized_key(overlay: &Path, old: &[u8], line: &str) -> Result<()> {
         undo: Some(vmdisk_guest::Undo::InPlace),
         dry_run: false,
     };
-    vmdisk_guest::edit(
-        &target,
-        "vmtest-ssh",
-        |_| Ok(()),
-        |dev, _| {
-            vmdisk_ext4::replace_file(dev, AUTHORIZED_KEYS_PATH, &new)
-                .map(|_| ())
-                .map_err(|source| vmdisk_guest::EditError::Apply {
-                    what: format!("writing {AUTHORIZED_KEYS_PATH}"),
-                    source,
-                })
-        },
-    )?;
+    vmdisk_guest::apply_ops(&target, "vmtest-ssh", ops)?;
     Ok(())
 }
 
@@ -526,6 +584,94 @@ mod tests {
 
     fn unb64(s: &str) -> String {
         String::from_utf8(vmdisk_ssh::hostkey::base64_decode(s).unwrap()).unwrap()
+    }
+
+    /// (verb, path, mode, content) of each op, for comparing.
+    fn shape(ops: &[vmdisk_guest::Op]) -> Vec<(&'static str, String, Option<u16>, Vec<u8>)> {
+        use vmdisk_guest::Op;
+        ops.iter()
+            .map(|op| match op {
+                Op::Mkdir {
+                    path,
+                    parents,
+                    mode,
+                    owner,
+                } => {
+                    assert!(*parents);
+                    let o = owner.as_ref().unwrap();
+                    assert_eq!(
+                        (o.user.as_deref(), o.group.as_deref()),
+                        (Some("0"), Some("0"))
+                    );
+                    ("mkdir", path.clone(), *mode, Vec::new())
+                }
+                Op::Write {
+                    path,
+                    content,
+                    mode,
+                    owner,
+                } => {
+                    let o = owner.as_ref().unwrap();
+                    assert_eq!(
+                        (o.user.as_deref(), o.group.as_deref()),
+                        (Some("0"), Some("0"))
+                    );
+                    ("write", path.clone(), *mode, content.clone())
+                }
+                other => panic!("unexpected op {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn overlay_ops_create_missing_keys_and_append_to_an_existing_file() {
+        let client = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIClient vmdisk-harness";
+        let k = key();
+        // An empty disk: both keys, with their directories, all root's.
+        assert_eq!(
+            shape(&overlay_ops(Some(&k), Some(client), None)),
+            [
+                ("mkdir", "/etc/ssh".into(), Some(0o755), vec![]),
+                (
+                    "write",
+                    HOST_KEY_PATH.into(),
+                    Some(0o600),
+                    k.private_pem.clone().into_bytes()
+                ),
+                (
+                    "write",
+                    format!("{HOST_KEY_PATH}.pub"),
+                    Some(0o644),
+                    format!("{}\n", k.public_line).into_bytes()
+                ),
+                ("mkdir", "/root".into(), Some(0o700), vec![]),
+                ("mkdir", "/root/.ssh".into(), Some(0o700), vec![]),
+                (
+                    "write",
+                    AUTHORIZED_KEYS_PATH.into(),
+                    Some(0o600),
+                    format!("{client}\n").into_bytes()
+                ),
+            ]
+        );
+        // The disk's host key is kept; its authorized_keys (no final newline) gets ours.
+        assert_eq!(
+            shape(&overlay_ops(
+                None,
+                Some(client),
+                Some(b"ssh-rsa AAAA theirs")
+            )),
+            [(
+                "write",
+                AUTHORIZED_KEYS_PATH.into(),
+                Some(0o600),
+                format!("ssh-rsa AAAA theirs\n{client}\n").into_bytes()
+            )]
+        );
+        // The user's own key and a host key on the disk: nothing to write.
+        assert!(overlay_ops(None, None, Some(b"x\n")).is_empty());
+        assert_eq!(parent("/root"), "/");
+        assert_eq!(parent("/root/.ssh/authorized_keys"), "/root/.ssh");
     }
 
     #[test]

@@ -279,6 +279,23 @@ impl TestVm {
         self.started.elapsed()
     }
 
+    /// Lend the QMP socket to another client for the duration of `f` (e.g. `vmdisk copy
+    /// --qmp SOCKET`): qemu serves one QMP client at a time, so the harness's own connection
+    /// is closed first and taken again afterwards (for `quit` in [`TestVm::stop`]; should
+    /// qemu not greet again, stop falls back to SIGKILL after the shutdown deadline).
+    pub fn lend_qmp<R>(&mut self, f: impl FnOnce(&Path) -> R) -> R {
+        let socket = self.dirs.qmp_socket();
+        self.qmp = None;
+        let r = f(&socket);
+        self.qmp = Qmp::connect(
+            &socket,
+            Some(&self.dirs.artifacts.join("qmp.log")),
+            self.timeouts.qemu_start,
+        )
+        .ok();
+        r
+    }
+
     /// Hand a host-side helper process (virtiofsd) to the VM: it is stopped with qemu.
     pub fn adopt(&mut self, helper: Child) {
         self.helpers.push(helper);
