@@ -21,6 +21,8 @@ const HEADER_SIZE: usize = 92;
 /// Most bytes of entries handled (128 entries of 128 bytes is what every tool writes;
 /// UEFI allows more, bounded here at 1 MiB).
 const MAX_ENTRIES_BYTES: u64 = 1 << 20;
+/// sgdisk's default partition alignment (1 MiB in 512-byte sectors).
+const ALIGN_SECTORS: u64 = 2048;
 
 /// Why a GPT disk cannot be grown. Nothing was written.
 #[derive(Debug, thiserror::Error)]
@@ -222,7 +224,12 @@ pub fn plan(dev: &dyn BlockDevice, new_len: u64) -> Result<GptGrowPlan, GptGrowE
     let new_disk_last = new_sectors - 1;
     let new_bkp_entries = new_disk_last - entries_sectors;
     let new_last_usable = new_bkp_entries - 1;
-    let new_last_lba = new_last_usable;
+    // A partition that ended on a 1 MiB boundary (what sgdisk and disko make) still does.
+    let new_last_lba = if (old_last_lba + 1) % ALIGN_SECTORS == 0 {
+        ((new_last_usable + 1) / ALIGN_SECTORS * ALIGN_SECTORS - 1).max(old_last_lba)
+    } else {
+        new_last_usable
+    };
     entries[e_at + 40..e_at + 48].copy_from_slice(&new_last_lba.to_le_bytes());
     let ecrc = crc32fast::hash(&entries[..bytes as usize]);
     let mut hdr = h[..HEADER_SIZE].to_vec();
