@@ -599,3 +599,80 @@ fn disko_gpt_disk_grows_by_1g_and_100g() {
     grow_gpt(dir.path(), "gpt1", "+1G");
     grow_gpt(dir.path(), "gpt100", "+100G");
 }
+
+#[test]
+fn a_qemu_holding_the_image_is_refused_untouched() {
+    tools();
+    let dir = tmp();
+    let d = dir.path();
+    let raw = d.join("held.raw");
+    mkfs(&raw, GIB, "");
+    qemu_img_in(d, &["convert", "-O", "qcow2", "held.raw", "held.qcow2"]).ok();
+    let img = d.join("held.qcow2");
+    let sock = d.join("nbd.sock");
+    let mut holder = tests::Background::spawn(
+        Command::new(require_tool("qemu-nbd"))
+            .arg("--socket")
+            .arg(&sock)
+            .args(["-f", "qcow2"])
+            .arg(&img),
+        d,
+        "qemu-nbd",
+    );
+    // qemu's "write" permission byte and its "I do not share write" byte.
+    assert!(
+        tests::wait_until(std::time::Duration::from_secs(20), || {
+            tests::lock_byte_held(&img, 101) && tests::lock_byte_held(&img, 201)
+        }),
+        "TEST BUG: qemu-nbd did not take the write lock"
+    );
+    let before = sha256(&img);
+    let r = vmdisk_in(d, &["resize", "--grow-fs", "held.qcow2", "+1G"]);
+    assert_eq!(r.code(), 1, "{r}");
+    assert!(
+        r.all_output_lower().contains("lock"),
+        "names the lock:\n{r}"
+    );
+    assert_eq!(sha256(&img), before, "changed while qemu held it");
+    assert!(holder.alive(), "qemu-nbd died");
+    holder.kill();
+    vmdisk_in(d, &["resize", "--grow-fs", "held.qcow2", "+1G"]).ok();
+    qemu_check_clean(d, "held.qcow2");
+}
+
+#[test]
+fn a_full_disk_half_way_puts_the_image_back() {
+    tools();
+    require_root();
+    let dir = tmp();
+    let d = dir.path();
+    mkfs(&d.join("f.raw"), GIB, "");
+    qemu_img_in(d, &["convert", "-O", "qcow2", "f.raw", "f.qcow2"]).ok();
+    let len = std::fs::metadata(d.join("f.qcow2")).unwrap().len();
+    // A filesystem with room for the image and a few clusters more: the image-level resize
+    // fits, the new groups' metadata (about 1.4 MiB for +20G) does not.
+    let small = d.join("small");
+    std::fs::create_dir(&small).unwrap();
+    sh(&format!(
+        "mount -t tmpfs -o size={} tmpfs '{}'",
+        len + 512 * 1024,
+        small.display()
+    ));
+    struct Umount(PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Umount(small.clone());
+    std::fs::copy(d.join("f.qcow2"), small.join("f.qcow2")).unwrap();
+    let before = sha256(&small.join("f.qcow2"));
+    let r = vmdisk_in(&small, &["resize", "--grow-fs", "f.qcow2", "+20G"]);
+    assert_eq!(r.code(), 1, "expected running out of space:\n{r}");
+    assert!(
+        r.all_output_lower().contains("space"),
+        "names the cause:\n{r}"
+    );
+    assert_eq!(sha256(&small.join("f.qcow2")), before, "not put back");
+    qemu_check_clean(&small, "f.qcow2");
+}

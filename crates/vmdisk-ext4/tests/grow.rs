@@ -63,24 +63,36 @@ fn every_variant_grows_fsck_clean_with_files_unchanged() {
             let reserved = dumpe2fs_field(&img, "Reserved GDT blocks");
             let new_len = (*mb << 20) * factor;
             set_len(&img, new_len);
-            let r = grow(dev(&img), new_len)
-                .unwrap_or_else(|e| panic!("{name} x{factor}: {e:?}"));
+            let r = grow(dev(&img), new_len).unwrap_or_else(|e| panic!("{name} x{factor}: {e:?}"));
             let ctx = format!("{name} grown x{factor}");
             assert_fsck_clean(&img, &ctx);
             let bs = r.plan.block_size;
-            assert_eq!(dumpe2fs_field(&img, "Block count"), r.plan.new_blocks, "{ctx}");
-            assert!(r.plan.new_blocks * bs > new_len - (new_len / 64), "{ctx}: {r:?}");
+            assert_eq!(
+                dumpe2fs_field(&img, "Block count"),
+                r.plan.new_blocks,
+                "{ctx}"
+            );
+            assert!(
+                r.plan.new_blocks * bs > new_len - (new_len / 64),
+                "{ctx}: {r:?}"
+            );
             // The descriptor blocks added came out of the reserved ones.
             let added = r.plan.new_desc_blocks - r.plan.old_desc_blocks;
             if factor == 40 && name.contains("1k") {
-                assert!(added > 0, "{ctx}: meant to cross a descriptor-block boundary");
+                assert!(
+                    added > 0,
+                    "{ctx}: meant to cross a descriptor-block boundary"
+                );
             }
             assert_eq!(
                 dumpe2fs_field(&img, "Reserved GDT blocks") + added,
                 reserved,
                 "{ctx}"
             );
-            assert_eq!(r.itable_bytes_zeroed, 0, "{ctx}: the sparse tail reads as zeros");
+            assert_eq!(
+                r.itable_bytes_zeroed, 0,
+                "{ctx}: the sparse tail reads as zeros"
+            );
             assert_eq!(files(&img), before, "{ctx}: files changed");
         }
     }
