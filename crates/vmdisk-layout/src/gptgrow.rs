@@ -275,6 +275,96 @@ mod tests {
     use super::*;
     use vmdisk_block::MemDisk;
 
+    /// A disko-style disk: ESP then root filling the rest, its GPT written to memory.
+    fn disk(size: u64) -> MemDisk {
+        let json = r#"{"disko":{"devices":{"disk":{"main":{"type":"disk","imageSize":"1G",
+            "content":{"type":"gpt","partitions":{
+              "ESP":{"size":"100M","type":"EF00"},
+              "root":{"size":"100%"}}}}}}}}"#;
+        let d = &crate::parse(json).expect("layout")[0];
+        let p = crate::plan(
+            d,
+            Some(size),
+            &crate::PlanOptions::default(),
+            &crate::Sources::none(),
+        )
+        .expect("plan");
+        let dev = MemDisk::new(size);
+        for (off, bytes) in crate::gpt::serialize(&p) {
+            dev.write_all_at(&bytes, off).expect("write");
+        }
+        dev
+    }
+
+    fn grown(old: &MemDisk, new_len: u64) -> (MemDisk, GptGrowPlan) {
+        let plan = plan(old, new_len).expect("plan");
+        let dev = MemDisk::new(new_len);
+        let mut buf = vec![0u8; old.len() as usize];
+        old.read_exact_at(&mut buf, 0).expect("read");
+        dev.write_all_at(&buf, 0).expect("copy");
+        for (off, bytes) in plan.writes() {
+            dev.write_all_at(&bytes, off).expect("write");
+        }
+        (dev, plan)
+    }
+
+    #[test]
+    fn last_partition_grows_and_both_copies_agree() {
+        let old = disk(1 << 30);
+        let before = crate::probe_partitions(&old).unwrap().unwrap();
+        let (dev, plan) = grown(&old, 3 << 30);
+        assert_eq!(plan.number, 2);
+        assert_eq!(plan.old_last_lba, before.partitions[1].last_lba);
+        let t = crate::probe_partitions(&dev).unwrap().unwrap();
+        assert!(!t.from_backup);
+        let sectors = (3u64 << 30) / SECTOR;
+        assert_eq!(t.last_usable_lba, sectors - 34);
+        assert_eq!(
+            t.partitions[0], before.partitions[0],
+            "the ESP is untouched"
+        );
+        let root = &t.partitions[1];
+        assert_eq!(root.first_lba, before.partitions[1].first_lba);
+        assert_eq!(root.last_lba, plan.new_last_lba);
+        assert_eq!(
+            (root.last_lba + 1) % ALIGN_SECTORS,
+            0,
+            "still 1 MiB aligned"
+        );
+        assert!(
+            root.last_lba <= t.last_usable_lba && root.last_lba + ALIGN_SECTORS > t.last_usable_lba
+        );
+        // The backup alone gives the same table.
+        dev.write_all_at(&[0xff], SECTOR + 20).unwrap();
+        let b = crate::probe_partitions(&dev).unwrap().unwrap();
+        assert!(b.from_backup);
+        assert_eq!(b.partitions, t.partitions);
+        // The protective MBR covers the new disk.
+        let mut mbr = vec![0u8; 512];
+        dev.read_exact_at(&mut mbr, 0).unwrap();
+        assert_eq!(le32(&mbr, 446 + 12), (sectors - 1) as u32);
+        // The old backup header is gone.
+        let mut h = vec![0u8; 512];
+        dev.read_exact_at(&mut h, old.len() - SECTOR).unwrap();
+        assert!(h.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn damaged_backup_or_hybrid_mbr_is_refused() {
+        let old = disk(1 << 30);
+        old.write_all_at(&[0xff], old.len() - SECTOR + 20).unwrap();
+        assert!(matches!(
+            plan(&old, 2 << 30),
+            Err(GptGrowError::Damaged { .. })
+        ));
+        let old = disk(1 << 30);
+        old.write_all_at(&[0x83], 446 + 16 + 4).unwrap();
+        assert!(matches!(
+            plan(&old, 2 << 30),
+            Err(GptGrowError::Unsupported { .. })
+        ));
+    }
+
     #[test]
     fn no_gpt_is_not_a_gpt() {
         let d = MemDisk::new(1 << 20);
