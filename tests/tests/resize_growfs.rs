@@ -456,6 +456,7 @@ fn assert_refused(d: &Path, img: &str, grow: &str, needles: &[&str]) {
 #[test]
 fn refusals_change_nothing_and_say_why() {
     tools();
+    require_root();
     let dir = tmp();
     let d = dir.path();
     // No reserved GDT blocks and growth that needs a new descriptor block.
@@ -483,6 +484,18 @@ fn refusals_change_nothing_and_say_why() {
         d.join("recover.raw").display()
     ));
     assert_refused(d, "recover.raw", "+1G", &["journal needs recovery"]);
+    // A copy taken while the kernel had it mounted read-write (a running VM's disk).
+    mkfs(&d.join("live.raw"), GIB, "");
+    {
+        let m = LoopMount::new(&d.join("live.raw"), &d.join("live-m"), "rw");
+        sh(&format!(
+            "echo x > '{}/f' && sync && cp --sparse=always '{}' '{}'",
+            m.dir.display(),
+            d.join("live.raw").display(),
+            d.join("mounted.raw").display()
+        ));
+    }
+    assert_refused(d, "mounted.raw", "+1G", &["journal needs recovery"]);
     let f = std::fs::File::create(d.join("zeros.raw")).unwrap();
     f.set_len(64 * MIB).unwrap();
     assert_refused(d, "zeros.raw", "+1G", &["no GPT and no ext4"]);
