@@ -154,8 +154,8 @@ pub enum Command {
     /// Create, list, apply or delete internal snapshots of a qcow2 image (subcommands, or
     /// qemu-img's -l / -c NAME / -a NAME / -d NAME).
     Snapshot(SnapshotArgs),
-    /// Grow or shrink an image's virtual size in place (like qemu-img resize). Only the disk
-    /// changes: partitions and filesystems inside keep their size.
+    /// Grow or shrink an image's virtual size in place (like qemu-img resize); with --grow-fs
+    /// also the last partition and the ext4 inside (otherwise they keep their size).
     Resize(ResizeArgs),
     /// Change a qcow2 image's format options in place: compat (0.10 / 1.1) and
     /// lazy_refcounts (like qemu-img amend).
