@@ -125,7 +125,8 @@ impl GrowFs {
                 filesystem: vmdisk_ext4::grow(dev.clone(), new)?,
             },
         };
-        dev.flush()?;
+        // No flush here: the editor's commit flushed in its order, and closing the image (the
+        // transaction's commit) flushes the rest.
         self.report = Some(report);
         Ok(())
     }
