@@ -472,6 +472,10 @@ fn refusals_change_nothing_and_say_why() {
     );
     mkfs(&d.join("bigalloc.raw"), GIB, "-O bigalloc");
     assert_refused(d, "bigalloc.raw", "+1G", &["bigalloc"]);
+    mkfs(&d.join("ss2.raw"), GIB, "-O sparse_super2");
+    assert_refused(d, "ss2.raw", "+1G", &["sparse_super2"]);
+    mkfs(&d.join("metabg.raw"), GIB, "-O meta_bg,^resize_inode");
+    assert_refused(d, "metabg.raw", "+1G", &["meta_bg"]);
     mkfs(&d.join("dirty.raw"), GIB, "");
     sh(&format!(
         "debugfs -w -R 'ssv state 0' '{}' 2>/dev/null",

@@ -594,6 +594,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn ensure_zeroed_writes_only_where_the_device_does_not_read_zeros() {
+        let d = vmdisk_block::MemDisk::new(4 << 20);
+        assert_eq!(ensure_zeroed(&d, 0, 4 << 20).unwrap(), 0, "all holes");
+        d.write_all_at(&[0u8; 4096], 8192).unwrap();
+        assert_eq!(
+            ensure_zeroed(&d, 0, 4 << 20).unwrap(),
+            0,
+            "data that is zeros"
+        );
+        d.write_all_at(&[7u8; 10], 3 << 20).unwrap();
+        let n = ensure_zeroed(&d, 0, 4 << 20).unwrap();
+        assert!(n > 0 && n <= ZERO_CHECK_CHUNK, "{n}");
+        let mut b = vec![1u8; 10];
+        d.read_exact_at(&mut b, 3 << 20).unwrap();
+        assert_eq!(b, [0u8; 10]);
+        assert_eq!(ensure_zeroed(&d, 0, 4 << 20).unwrap(), 0, "now zeros");
+    }
+
+    #[test]
     fn bits_and_fields() {
         let mut b = vec![0u8; 4];
         set_bit(&mut b, 9, true);

@@ -99,6 +99,32 @@ fn every_variant_grows_fsck_clean_with_files_unchanged() {
 }
 
 #[test]
+fn ext2_ext3_2k_blocks_and_128_byte_inodes_grow_too() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let src = tmp.path().join("src");
+    populate(&src, SHADOW_OK);
+    for (name, opts) in [
+        ("ext2", &["-t", "ext2"][..]),
+        ("ext3", &["-t", "ext3"]),
+        ("2k", &["-b", "2048"]),
+        ("i128", &["-I", "128"]),
+        ("nojournal", &["-O", "^has_journal"]),
+    ] {
+        let img = mkfs(tmp.path(), &format!("{name}.img"), &src, 48, opts);
+        let before = files(&img);
+        set_len(&img, 600 << 20);
+        let r = grow(dev(&img), 600 << 20).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        assert_fsck_clean(&img, name);
+        assert_eq!(
+            dumpe2fs_field(&img, "Block count"),
+            r.plan.new_blocks,
+            "{name}"
+        );
+        assert_eq!(files(&img), before, "{name}: files changed");
+    }
+}
+
+#[test]
 fn garbage_where_new_inode_tables_go_is_zeroed() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let src = tmp.path().join("src");
