@@ -369,8 +369,18 @@ fn apply(ed: &mut Editor, p: &GrowPlan, dev: &dyn BlockDevice) -> crate::Result<
 
     // 1. The old last group: the blocks that now exist become free. Its bitmap is read (or
     //    built, if BLOCK_UNINIT) with the old geometry.
-    let mut bm = ed.block_bitmap(last_old)?;
     let old_len = ed.sb.group_len(last_old);
+    let new_len = ed
+        .sb
+        .blocks_per_group
+        .min(p.new_blocks - ed.sb.group_first_block(last_old));
+    let gained = new_len - old_len;
+    // Read (or build) it only when it changes: building clears BLOCK_UNINIT.
+    let mut bm = if gained > 0 {
+        Some(ed.block_bitmap(last_old)?)
+    } else {
+        None
+    };
 
     // The new geometry.
     let sbr = &mut ed.sb.raw;
@@ -390,16 +400,14 @@ fn apply(ed: &mut Editor, p: &GrowPlan, dev: &dyn BlockDevice) -> crate::Result<
     ed.sb.inodes_count = p.new_inodes;
     ed.sb.group_count = p.new_groups;
 
-    let new_len = ed.sb.group_len(last_old);
-    for i in old_len..new_len {
-        set_bit(&mut bm, i, false);
-    }
-    let gained = new_len - old_len;
-    if gained > 0 {
+    if let Some(bm) = bm.as_mut() {
+        for i in old_len..new_len {
+            set_bit(bm, i, false);
+        }
         let gd = &mut ed.gds[last_old as usize];
         let f = gd.free_blocks + gained;
         gd.set_free_blocks(f);
-        ed.store_block_bitmap(last_old, &bm)?;
+        ed.store_block_bitmap(last_old, bm)?;
     }
 
     // 2. The new groups.
