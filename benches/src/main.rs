@@ -62,7 +62,8 @@ enum Bench {
     Nbd(NbdArgs),
     /// `vmdisk commit/rebase/copy` vs `qemu-img commit/rebase` and `cp --reflink=auto`.
     Overlay(OverlayArgs),
-    /// `vmdisk resize +20G` vs `qemu-img resize +20G` of an 8 GiB qcow2 with data.
+    /// `vmdisk resize +20G` vs `qemu-img resize +20G` of an 8 GiB qcow2 with data, and
+    /// `--grow-fs +20G` vs qemu-img resize + convert + resize2fs + convert.
     Resize(ResizeArgs),
 }
 

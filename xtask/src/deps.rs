@@ -66,6 +66,10 @@ pub const TOOLS: &[(&str, &str)] = &[
     // issue #20: the Darwin cross-builds' binaries must be Mach-O; venv for zig
     ("file", "file"),
     ("python3", "python3-venv"),
+    // resize --grow-fs (issue #18 part 2): resize2fs is the reference on a twin, losetup
+    // exposes a GPT partition to e2fsck/debugfs/mount
+    ("resize2fs", "e2fsprogs"),
+    ("losetup", "mount"),
 ];
 
 /// Shared libraries of Debian 12's qemu-system-x86 7.2. The harness unpacks that package into

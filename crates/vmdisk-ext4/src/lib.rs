@@ -47,6 +47,7 @@
 mod cache;
 mod crc;
 mod edit;
+pub mod grow;
 pub mod jbd2;
 mod jwrite;
 mod ondisk;
@@ -56,6 +57,7 @@ pub mod volume;
 pub mod write;
 
 pub use edit::{replace_file, EditReport};
+pub use grow::{grow, plan_grow, GrowError, GrowPlan, GrowReport};
 pub use jbd2::JournalError;
 pub use read::{CopyReport, Entry, Ext4, File, FileKind, FsInfo, FsState};
 pub use vmdisk_block::BlockDevice;

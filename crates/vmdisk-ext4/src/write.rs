@@ -191,23 +191,23 @@ pub(crate) fn check_editable(sb: &Superblock) -> Result<()> {
 
 /// The staged edit of one filesystem.
 pub struct Editor {
-    base: Arc<dyn BlockDevice>,
-    cache: Arc<Cache>,
-    vol: Volume,
-    sb: Superblock,
-    gds: Vec<GroupDesc>,
-    bs: u64,
-    meta: Vec<(u64, u64)>,
+    pub(crate) base: Arc<dyn BlockDevice>,
+    pub(crate) cache: Arc<Cache>,
+    pub(crate) vol: Volume,
+    pub(crate) sb: Superblock,
+    pub(crate) gds: Vec<GroupDesc>,
+    pub(crate) bs: u64,
+    pub(crate) meta: Vec<(u64, u64)>,
     /// Blocks free before the edit and allocated by it (written in place at commit).
-    fresh: HashSet<u64>,
+    pub(crate) fresh: HashSet<u64>,
     /// Blocks freed by the edit: never reused by it.
-    freed: HashSet<u64>,
-    freed_inodes: HashSet<u32>,
+    pub(crate) freed: HashSet<u64>,
+    pub(crate) freed_inodes: HashSet<u32>,
     /// Groups whose descriptor changed.
-    touched: std::collections::BTreeSet<u64>,
-    now: (u32, u32),
-    generation: u32,
-    first_ino: u32,
+    pub(crate) touched: std::collections::BTreeSet<u64>,
+    pub(crate) now: (u32, u32),
+    pub(crate) generation: u32,
+    pub(crate) first_ino: u32,
 }
 
 impl Editor {
@@ -295,7 +295,7 @@ impl Editor {
         self.now = (secs, nsec);
     }
 
-    fn itable_blocks(&self) -> u64 {
+    pub(crate) fn itable_blocks(&self) -> u64 {
         (self.sb.inodes_per_group * self.sb.inode_size).div_ceil(self.bs)
     }
 
@@ -345,7 +345,7 @@ impl Editor {
         Ok(())
     }
 
-    fn inode(&self, ino: u32) -> Result<Inode> {
+    pub(crate) fn inode(&self, ino: u32) -> Result<Inode> {
         self.vol.inode(ino)
     }
 
@@ -356,7 +356,7 @@ impl Editor {
         self.gds[g as usize].inode_table * self.bs + idx * self.sb.inode_size
     }
 
-    fn write_inode(&self, ino: u32, raw: &mut [u8]) -> Result<()> {
+    pub(crate) fn write_inode(&self, ino: u32, raw: &mut [u8]) -> Result<()> {
         if let Some(seed) = self.sb.csum_seed {
             inode_set_checksum(seed, ino, raw);
         }
@@ -364,7 +364,7 @@ impl Editor {
         Ok(())
     }
 
-    fn stamp(&self, raw: &mut [u8], which: &[usize]) {
+    pub(crate) fn stamp(&self, raw: &mut [u8], which: &[usize]) {
         let (secs, nsec) = self.now;
         let extra = nsec << 2;
         let extra_end = if raw.len() > 128 {
@@ -420,7 +420,7 @@ impl Editor {
 
     /// Block bitmap of group `g`, initialised (and the group marked initialised) when it was
     /// BLOCK_UNINIT.
-    fn block_bitmap(&mut self, g: u64) -> Result<Vec<u8>> {
+    pub(crate) fn block_bitmap(&mut self, g: u64) -> Result<Vec<u8>> {
         let gd = &self.gds[g as usize];
         let uninit = self.sb.has_group_desc_csum() && gd.flags & BG_BLOCK_UNINIT != 0;
         if !uninit {
@@ -457,7 +457,7 @@ impl Editor {
         Ok(bm)
     }
 
-    fn store_block_bitmap(&mut self, g: u64, bm: &[u8]) -> Result<()> {
+    pub(crate) fn store_block_bitmap(&mut self, g: u64, bm: &[u8]) -> Result<()> {
         if let Some(seed) = self.sb.csum_seed {
             let c = block_bitmap_checksum(&self.sb, seed, bm);
             self.gds[g as usize].set_block_bitmap_csum(c);
@@ -1798,7 +1798,7 @@ impl Editor {
         Ok(report)
     }
 
-    fn journal_ctx(&self) -> Result<crate::jwrite::JournalWriter> {
+    pub(crate) fn journal_ctx(&self) -> Result<crate::jwrite::JournalWriter> {
         let jino = le32(&self.sb.raw, 0xe0);
         if jino == 0 {
             return Err(Error::unsupported(

@@ -165,6 +165,20 @@ pub enum Error {
     /// A directory was given where a file (an image, a destination) was expected.
     #[error("{} is a directory, not a disk image file", path.display())]
     IsADirectory { path: PathBuf },
+    /// `resize --grow-fs`: what is inside the image cannot be grown; nothing was changed.
+    #[error("{}: --grow-fs refused, nothing was changed", path.display())]
+    ContentsRefused {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// `resize --grow-fs`: growing what is inside failed half-way; the image was put back.
+    #[error("{}: growing the partition and filesystem inside (the image was put back as it was)", path.display())]
+    GrowingContents {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl Error {

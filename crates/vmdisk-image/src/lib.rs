@@ -73,7 +73,10 @@ pub use overlay::{
 };
 pub use q::snapshot::SnapshotSelector;
 pub use q::{AmendOptions, AmendReport, ResizePrealloc, RESIZE_ALIGN};
-pub use resize::{parse_prealloc, resize, ResizeOptions, ResizeStats, SizeChange};
+pub use resize::{
+    parse_prealloc, resize, resize_with, HookError, ResizeHook, ResizeOptions, ResizeStats,
+    SizeChange,
+};
 pub use snapshot::{snapshot_apply, snapshot_create, snapshot_delete, snapshot_list};
 pub use sniff::looks_like;
 

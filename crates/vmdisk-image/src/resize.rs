@@ -10,6 +10,7 @@
 //! ```
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use vmdisk_block::{BlockDevice, Cancel};
 
@@ -87,10 +88,42 @@ pub struct ResizeStats {
     pub new_size: u64,
 }
 
+/// An error from a [`ResizeHook`] (its own crate's type, boxed).
+pub type HookError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Work done on the image's contents inside the resize transaction (`resize --grow-fs`).
+pub trait ResizeHook {
+    /// On the image at its old size (`old` bytes), before anything is written: refuse here.
+    fn check(
+        &mut self,
+        dev: &Arc<dyn BlockDevice>,
+        old: u64,
+        new: u64,
+    ) -> std::result::Result<(), HookError>;
+    /// On the resized image, in the same transaction: an error puts the file back.
+    fn apply(
+        &mut self,
+        dev: &Arc<dyn BlockDevice>,
+        old: u64,
+        new: u64,
+    ) -> std::result::Result<(), HookError>;
+}
+
 /// Resize the image at `path` (see the module docs). The image is edited as a transaction:
 /// a refusal touches nothing, and an error, interrupt or full disk half-way leaves the file
 /// byte-identical.
 pub fn resize(path: &Path, change: SizeChange, opts: &ResizeOptions) -> Result<ResizeStats> {
+    resize_with(path, change, opts, None)
+}
+
+/// [`resize`], then `hook` on the contents, as one transaction: the hook checks the image
+/// before the first write and grows what is inside after the image has grown.
+pub fn resize_with(
+    path: &Path,
+    change: SizeChange,
+    opts: &ResizeOptions,
+    mut hook: Option<&mut dyn ResizeHook>,
+) -> Result<ResizeStats> {
     let invalid = |reason: String| Error::InvalidOption {
         option: "preallocation".into(),
         reason,
@@ -125,6 +158,13 @@ pub fn resize(path: &Path, change: SizeChange, opts: &ResizeOptions) -> Result<R
         // The new data, and for qcow2 its tables (one L2 entry and a refcount per cluster).
         let extra = (new - old) + (new - old) / 4096 + (1 << 20);
         crate::ensure_space(path, extra)?;
+    }
+    if let Some(h) = hook.as_deref_mut() {
+        h.check(&img.dev(), old, new)
+            .map_err(|source| Error::ContentsRefused {
+                path: path.to_owned(),
+                source,
+            })?;
     }
     let step = |what: &'static str| Error::image(what, path);
     match img.qcow2() {
@@ -163,6 +203,18 @@ pub fn resize(path: &Path, change: SizeChange, opts: &ResizeOptions) -> Result<R
         return Err(Error::Cancelled {
             path: path.to_owned(),
         });
+    }
+    if let Some(h) = hook {
+        h.apply(&img.dev(), old, new)
+            .map_err(|source| Error::GrowingContents {
+                path: path.to_owned(),
+                source,
+            })?;
+        if opts.cancel.is_cancelled() {
+            return Err(Error::Cancelled {
+                path: path.to_owned(),
+            });
+        }
     }
     let format = img.format();
     img.close()?;

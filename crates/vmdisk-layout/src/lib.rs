@@ -34,6 +34,7 @@ mod ext;
 mod fat;
 mod fatwrite;
 mod gpt;
+pub mod gptgrow;
 mod guid;
 mod json;
 mod legacy;

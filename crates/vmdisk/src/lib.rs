@@ -10,6 +10,7 @@
 mod copy;
 mod doctor;
 mod editor;
+mod growfs;
 mod guest;
 mod layout;
 mod overlay;
@@ -153,8 +154,8 @@ pub enum Command {
     /// Create, list, apply or delete internal snapshots of a qcow2 image (subcommands, or
     /// qemu-img's -l / -c NAME / -a NAME / -d NAME).
     Snapshot(SnapshotArgs),
-    /// Grow or shrink an image's virtual size in place (like qemu-img resize). Only the disk
-    /// changes: partitions and filesystems inside keep their size.
+    /// Grow or shrink an image's virtual size in place (like qemu-img resize); with --grow-fs
+    /// also the last partition and the ext4 inside (otherwise they keep their size).
     Resize(ResizeArgs),
     /// Change a qcow2 image's format options in place: compat (0.10 / 1.1) and
     /// lazy_refcounts (like qemu-img amend).
@@ -473,7 +474,15 @@ that much, -SIZE shrinks (no `--` needed). qcow2 sizes are multiples of 512. The
 edited as a transaction: an error or Ctrl-C leaves it byte-identical. Refused while a VM \
 holds the image. A qcow2 v3 image keeps its internal snapshots (applying one brings its own \
 size back); v2 images with snapshots are refused, as by qemu-img. Growing an overlay whose \
-backing file is bigger makes the new area read as zeros, not as the backing file."
+backing file is bigger makes the new area read as zeros, not as the backing file.
+
+--grow-fs then grows what fills the image, in the same transaction: a whole-disk ext4 (the \
+nixos.qcow2 of `nixos-rebuild build-vm`, no partition table), or on a GPT disk the last \
+partition by position (the backup GPT moves to the new end) and the ext4 in it. The ext4 \
+gains block groups offline, lazily initialised (nothing is copied), as resize2fs would. \
+Refused before anything changes when the last partition is not ext4, the filesystem is not \
+clean, needs journal recovery, uses bigalloc, meta_bg or sparse_super2, or has no reserved \
+GDT blocks left for the new group descriptors; the error says how to do it inside the guest."
 )]
 pub struct ResizeArgs {
     /// Image format (probed when not given).
@@ -482,6 +491,9 @@ pub struct ResizeArgs {
     /// Allow a smaller size: everything past the new end is deleted.
     #[arg(long)]
     pub shrink: bool,
+    /// Also grow the last partition (GPT) and the ext4 filesystem inside to fill the new size.
+    #[arg(long, conflicts_with = "shrink")]
+    pub grow_fs: bool,
     /// How the added space is allocated: off (default, sparse), metadata (qcow2: tables and
     /// clusters allocated, file sparse), falloc (space reserved), full (zeros written).
     #[arg(long, value_enum, value_name = "MODE", default_value = "off")]
@@ -667,12 +679,6 @@ pub fn main() -> ExitCode {
 /// qemu-img flags vmdisk does not take (yet), by command ("" for any command), with the
 /// nearest thing vmdisk offers.
 const QEMU_IMG_FLAGS: &[(&str, &str, &str)] = &[
-    (
-        "resize",
-        "--grow-fs",
-        "not implemented yet (issue #18 part 2); grow the partition and the filesystem from \
-         inside the guest (growpart, resize2fs), e.g. in `vmdisk rescue IMAGE`",
-    ),
     (
         "",
         "--object",
@@ -1270,12 +1276,37 @@ fn resize(a: ResizeArgs, quiet: bool) -> Result<u8> {
         prealloc: a.preallocation.into(),
         cancel,
     };
-    let stats = vmdisk_image::resize(&a.file, change, &opts)
+    let mut hook = growfs::GrowFs::new(a.file.clone());
+    let h: Option<&mut dyn vmdisk_image::ResizeHook> =
+        if a.grow_fs { Some(&mut hook) } else { None };
+    let stats = vmdisk_image::resize_with(&a.file, change, &opts, h)
         .with_context(|| format!("resizing {}", a.file.display()))?;
     if a.out.is_json() {
-        print_json(&stats)?;
+        let mut v = serde_json::to_value(&stats)?;
+        if let (Some(r), Some(o)) = (&hook.report, v.as_object_mut()) {
+            o.insert("grow-fs".into(), serde_json::to_value(r)?);
+        }
+        print_json(&v)?;
     } else if !quiet {
         say!("Image resized.");
+        if let Some(r) = &hook.report {
+            let f = &r.filesystem;
+            let what = match &r.partition {
+                Some(p) => format!(
+                    "Partition {} ({}) grown to LBA {}; its",
+                    p.number, p.name, p.new_last_lba
+                ),
+                None => "The whole-disk".to_string(),
+            };
+            say!(
+                "{what} ext4 filesystem grown from {} to {} blocks of {} bytes ({} to {} groups).",
+                f.plan.old_blocks,
+                f.plan.new_blocks,
+                f.plan.block_size,
+                f.plan.old_groups,
+                f.plan.new_groups
+            );
+        }
     }
     Ok(0)
 }
