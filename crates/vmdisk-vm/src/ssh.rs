@@ -773,16 +773,10 @@ AAAEAKTor5ewAJ5Ijn9WyKn9N97xf1A1+fBvBTAl+7+CI7qXiGbT/7DpstVT55Ys25a/vr
         assert_eq!(out.stdout_text(), "it's a \"pass\" $HOME\n");
     }
 
+    /// The wrapper keeps what vmdisk-ssh's tests prove (output, exit status, the process
+    /// group killed) and its error still names the kill and what the process said.
     #[test]
-    fn run_bounded_feeds_stdin_collects_output_and_kills_on_timeout() {
-        let mut c = Command::new("sh");
-        c.args(["-c", "cat; echo err >&2; exit 3"]);
-        let out = run_bounded(&mut c, Some(b"hello"), Duration::from_secs(10)).unwrap();
-        assert_eq!(out.status, Some(3));
-        assert_eq!(out.stdout, b"hello");
-        assert_eq!(out.stderr, b"err\n");
-
-        // A grandchild holding the pipes open dies with the process group.
+    fn run_bounded_errors_say_the_process_was_killed_and_what_it_printed() {
         let mut c = Command::new("sh");
         c.args(["-c", "echo started >&2; sleep 30 & sleep 30"]);
         let t = Instant::now();
