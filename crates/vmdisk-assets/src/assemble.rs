@@ -277,6 +277,7 @@ fn asset_key(arch: Arch, pkgs: &[&LockedPackage]) -> String {
     }
     h.update(APPLETS.join(","));
     h.update(format!("stage1 applets: {}\n", STAGE1_APPLETS.join(",")));
+    h.update("modules: unsigned\n");
     h.update(UDHCPC_SCRIPT);
     for (a, b) in PROGRAMS {
         h.update(format!("{a}>{b}\n"));
@@ -379,7 +380,9 @@ fn build_assets(
                     .replace('-', "_");
                 if !loaded.contains(&m) {
                     let bytes = fs::read(modroot.join(&m)).or_else(|_| fs::read(&m))?;
-                    w.file(&format!("lib/modules/{name}"), 0o644, &bytes)?;
+                    let bytes = kernel::strip_module_signature(&bytes)
+                        .with_context(|| format!("module {}", m.display()))?;
+                    w.file(&format!("lib/modules/{name}"), 0o644, bytes)?;
                     loaded.push(m);
                 }
                 list.push_str(&name);
