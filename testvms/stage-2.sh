@@ -10,8 +10,10 @@
 # then systemd's welcome and unit status lines in both styles.
 export PATH=@system@/bin:@system@/sbin
 export HOME=/root
+# Read once, by the shell itself (a `$(cat ...)` is a fork, ~10 ms under TCG).
+read -r cmdline </proc/cmdline
 nixos=
-case " $(cat /proc/cmdline) " in
+case " $cmdline " in
     *" vmdisk.personality=nixos-scripted "*) nixos=scripted ;;
     *" vmdisk.personality=nixos-systemd "*) nixos=systemd ;;
 esac
@@ -36,10 +38,12 @@ mkdir -p /dev/pts /run /tmp
 mount -t devpts -o mode=0620,ptmxmode=0666 devpts /dev/pts
 mount -t tmpfs -o mode=0755 tmpfs /run
 mount -t tmpfs -o mode=1777 tmpfs /tmp
-hostname "$(cat /etc/hostname 2>/dev/null || echo vmdisk-guest)"
+name=vmdisk-guest
+[ -f /etc/hostname ] && read -r name </etc/hostname
+hostname "$name"
 
 nbd= console_shell= net=static
-for arg in $(cat /proc/cmdline); do
+for arg in $cmdline; do
     case "$arg" in
         vmdisk.net=*) net="${arg#vmdisk.net=}" ;;
         vmdisk.nbd=*) nbd="${arg#vmdisk.nbd=}" ;;
@@ -68,7 +72,7 @@ nixos_say "$OK Reached target network.target - Network."
 key=/etc/dropbear/dropbear_ed25519_host_key
 [ -f "$key" ] || fail sshd "no host key $key on the root disk"
 # vmdisk.nosshd=1 (NixOS personality): a configuration without services.openssh.enable.
-case " $(cat /proc/cmdline) " in
+case " $cmdline " in
     *" vmdisk.nosshd=1 "*) [ -n "$nixos" ] || fail sshd "vmdisk.nosshd=1 needs the NixOS personality" ;;
     *)
         dropbear -E -p 22 -r "$key" -P /run/dropbear.pid 2>/dev/console || fail sshd "dropbear did not start"
