@@ -50,6 +50,8 @@
   #   fallocate             util-linux          linux
   #   mount                 util-linux          linux
   #   timeout               coreutils           all
+  #   resize2fs             e2fsprogs           all
+  #   losetup               util-linux          linux
   #   blkid                 util-linux          linux
   #   swaplabel             util-linux          linux
   #   openssl               openssl             all
