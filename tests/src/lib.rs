@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 pub use tempfile;
 
+pub mod doctor;
 pub mod ext4edit;
 pub mod mount;
 pub mod nbdsh;
