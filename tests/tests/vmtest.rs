@@ -6,60 +6,15 @@
 //! qemu process mentions the test's artifact folder.
 
 use std::fs;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use tests::testvm::{assert_no_leftovers, def, harness};
 use tests::{s, vmdisk_bin, vmdisk_bytes, workspace_root};
-use vmdisk_vm::assets::{Cache, Lock};
 use vmdisk_vm::def::VmDef;
 use vmdisk_vm::run::{Faults, Harness, PrepareOptions, Prepared, VmResult};
 use vmdisk_vm::ssh::Ssh;
 
 const PASSWORD: &str = "rescued-by-vmdisk";
-
-/// A harness writing into `dir` (artifacts in dir/artifacts, sockets in dir/tmp).
-fn harness(dir: &Path) -> Harness {
-    let lock =
-        Lock::parse(&fs::read_to_string(workspace_root().join("testvms/assets.lock")).unwrap())
-            .unwrap();
-    fs::create_dir_all(dir.join("tmp")).unwrap();
-    Harness::new(
-        vmdisk_bin(),
-        Cache::new(Cache::default_root().unwrap()),
-        lock,
-        dir.join("artifacts"),
-    )
-    .tmp_root(dir.join("tmp"))
-}
-
-fn def(name: &str) -> VmDef {
-    VmDef::load(&workspace_root().join(format!("testvms/{name}.toml"))).unwrap()
-}
-
-/// No socket dir left, no qemu process still pointing into this test's folder.
-fn assert_no_leftovers(dir: &Path) {
-    let left: Vec<PathBuf> = fs::read_dir(dir.join("tmp"))
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
-    assert!(left.is_empty(), "temp dirs left behind: {left:?}");
-    let needle = dir.to_string_lossy().to_string();
-    for e in fs::read_dir("/proc").unwrap().flatten() {
-        let name = e.file_name();
-        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        let Ok(cmd) = fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        assert!(
-            !(cmd.contains("qemu-system") && cmd.contains(&needle)),
-            "a qemu process outlived its test: pid {:?}: {cmd}",
-            name
-        );
-    }
-}
 
 fn describe(r: &VmResult) -> String {
     format!(

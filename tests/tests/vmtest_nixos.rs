@@ -14,27 +14,13 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
+use tests::testvm::harness;
 use tests::{run_with_timeout, s, sha256, vmdisk, vmdisk_bin, workspace_root};
-use vmdisk_vm::assets::{Cache, Lock};
 use vmdisk_vm::def::VmDef;
 use vmdisk_vm::run::{Harness, NixosPersonality, PrepareOptions, Prepared};
 
 /// The whole `vmdisk vmtest` run, bounded (TCG boots take seconds; the disk build more).
 const RUN_TIMEOUT: Duration = Duration::from_secs(240);
-
-fn harness(dir: &Path) -> Harness {
-    let lock =
-        Lock::parse(&fs::read_to_string(workspace_root().join("testvms/assets.lock")).unwrap())
-            .unwrap();
-    fs::create_dir_all(dir.join("tmp")).unwrap();
-    Harness::new(
-        vmdisk_bin(),
-        Cache::new(Cache::default_root().unwrap()),
-        lock,
-        dir.join("artifacts"),
-    )
-    .tmp_root(dir.join("tmp"))
-}
 
 /// The x86_64 guest's disk and a run script for it in `style`.
 fn guest(h: &Harness, style: NixosPersonality, tag: &str) -> (Prepared, PathBuf) {
