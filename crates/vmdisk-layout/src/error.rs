@@ -69,10 +69,6 @@ pub enum Error {
     /// The layout asks for something vmdisk does not build yet.
     #[error("{path}: {what} is not supported yet")]
     Unsupported { path: JsonPath, what: String },
-    /// The layout needs something only a Linux kernel can make (LUKS, LVM, mdadm, ZFS,
-    /// bcachefs): that is the builder VM's job, which is not built yet.
-    #[error("{path}: {what} needs the builder VM (not built yet)")]
-    NeedsBuilderVm { path: JsonPath, what: String },
     /// `--disk NAME` named no disk of the layout.
     #[error("the layout has no disk named {name:?} (it has: {available})")]
     NoSuchDisk { name: String, available: String },

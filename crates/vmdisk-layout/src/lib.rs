@@ -37,6 +37,7 @@ mod gpt;
 pub mod gptgrow;
 mod guid;
 mod json;
+pub mod kernel;
 mod legacy;
 mod mbr;
 mod mkfs;
@@ -61,7 +62,7 @@ pub use gpt::{probe_partitions, PartitionInfo, PartitionTable};
 pub use guid::{type_code_guid, type_code_of, Guid, TYPE_CODES};
 pub use model::{
     Content, DiskSpec, FsFormat, FsSpec, HybridSpec, PartitionSpec, PlanOptions, Subvolume,
-    SwapSpec, GPT_ENTRIES,
+    SwapFile, SwapSpec, GPT_ENTRIES,
 };
 pub use plan::{
     measure, plan, Plan, PlannedContent, PlannedPartition, DEFAULT_ALIGNMENT, MAX_DISK_BYTES,

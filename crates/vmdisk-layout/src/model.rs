@@ -39,7 +39,7 @@ pub struct DiskSpec {
 }
 
 /// One partition of a disk.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct PartitionSpec {
     /// Attribute name under `partitions`.
     pub key: String,
@@ -89,6 +89,9 @@ pub enum Content {
     None,
     Filesystem(FsSpec),
     Swap(SwapSpec),
+    /// Made in the builder VM: LUKS, LVM, mdadm members, btrfs with subvolumes or swap
+    /// files, and what sits inside those.
+    Kernel(Box<crate::kernel::Stack>),
 }
 
 /// Filesystem formats vmdisk can make.
@@ -135,6 +138,17 @@ pub struct FsSpec {
     pub fat_bits: Option<u8>,
     /// btrfs: the subvolumes (`subvolumes`), in name order.
     pub subvolumes: Vec<Subvolume>,
+    /// btrfs: swap files at the top level (`swap`), in name order.
+    pub swapfiles: Vec<SwapFile>,
+}
+
+/// A btrfs swap file (`btrfs filesystem mkswapfile --size SIZE PATH`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SwapFile {
+    /// Relative to the subvolume (or the top level).
+    pub path: String,
+    /// As disko writes it (`20M`).
+    pub size: String,
 }
 
 /// A btrfs subvolume of the layout.
@@ -144,6 +158,8 @@ pub struct Subvolume {
     pub name: String,
     pub mountpoint: Option<String>,
     pub path: JsonPath,
+    /// Swap files in this subvolume.
+    pub swapfiles: Vec<SwapFile>,
 }
 
 /// `content.type = "swap"`.

@@ -145,7 +145,8 @@ pub fn plan(
         let len = (last - first + 1) * SECTOR;
         let src = sources.get(p.number).map(|t| t.dir.clone());
         let content = match &p.content {
-            Content::None => PlannedContent::None,
+            // The builder VM makes it (see `kernel`); the host leaves it zeroed.
+            Content::None | Content::Kernel(_) => PlannedContent::None,
             Content::Filesystem(fs) if fs.format == FsFormat::Vfat => {
                 crate::fat::Geometry::mkfs(len, first, fs.fat_bits)
                     .map_err(|rule| Error::invalid(&size_path(p), rule))?;
@@ -638,6 +639,13 @@ fn content_min_bytes(
 ) -> Result<u64> {
     Ok(match &p.content {
         Content::None => 0,
+        Content::Kernel(_) => {
+            return Err(Error::unsupported(
+                &p.path.key("content"),
+                "measuring content the builder VM makes (LUKS, LVM, md, btrfs subvolumes) for \
+                 size `auto`; give the disk a SIZE",
+            ))
+        }
         Content::Swap(sw) if sw.random_encryption => 0,
         Content::Swap(_) => {
             if grows {

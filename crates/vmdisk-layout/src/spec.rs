@@ -14,15 +14,6 @@ use crate::size::{
 /// Cap on disks in one layout (a layout is hand-written; this only bounds work).
 pub const MAX_DISKS: usize = 256;
 
-/// Content types that need a Linux kernel (dm-crypt, LVM, md, ZFS, bcachefs): the builder VM.
-const BUILDER_VM_CONTENT: &[(&str, &str)] = &[
-    ("luks", "LUKS encryption"),
-    ("lvm_pv", "an LVM physical volume"),
-    ("mdraid", "an mdadm RAID member"),
-    ("zfs", "a ZFS pool member"),
-    ("bcachefs", "a bcachefs member"),
-];
-
 /// Content types disko has that vmdisk does not build at all yet.
 const UNSUPPORTED_CONTENT: &[&str] = &["nodev", "bcache", "verity"];
 
@@ -34,6 +25,8 @@ pub const DEFAULT_IMAGE_SIZE: u64 = 2 << 30;
 #[derive(Debug)]
 pub struct Layout {
     disks: Vec<(String, Result<DiskSpec>)>,
+    /// `lvm_vg` and `mdadm`: what the builder VM makes from the disks' members.
+    pub devices: crate::kernel::Devices,
 }
 
 impl Layout {
@@ -126,7 +119,17 @@ pub fn parse_layout(json: &str) -> Result<Layout> {
                 .to_string();
             Ok(Layout {
                 disks: vec![(name.clone(), parse_disk(&name, &doc, &root))],
+                devices: Default::default(),
             })
+        }
+        Some(t @ ("luks" | "lvm_pv" | "mdraid" | "filesystem" | "btrfs" | "swap" | "gpt")) => {
+            Err(Error::invalid(
+                &root.key("type"),
+                format!(
+                    "a {t:?} content object, not a disk layout (pass the whole disko.devices, \
+                     or one disk)"
+                ),
+            ))
         }
         Some(t) => Err(content_type_error(t, &root.key("type"))),
         None => Err(Error::invalid(
@@ -138,11 +141,8 @@ pub fn parse_layout(json: &str) -> Result<Layout> {
 }
 
 fn content_type_error(t: &str, path: &JsonPath) -> Error {
-    if let Some((_, what)) = BUILDER_VM_CONTENT.iter().find(|(k, _)| *k == t) {
-        Error::NeedsBuilderVm {
-            path: path.clone(),
-            what: format!("content type {t:?} ({what})"),
-        }
+    if let Some(why) = crate::kernel::refused_type(t) {
+        Error::unsupported(path, why)
     } else if UNSUPPORTED_CONTENT.contains(&t) {
         Error::unsupported(path, format!("content type {t:?}"))
     } else {
@@ -159,7 +159,19 @@ pub fn parse(json: &str) -> Result<Vec<DiskSpec>> {
         .collect()
 }
 
+fn devices_json<'a>(devices: &'a Json, key: &str) -> Option<&'a Json> {
+    devices.get(key)
+}
+
+fn devices_of<'a>(v: Option<&'a Json>, path: &JsonPath) -> Result<Option<&'a [(String, Json)]>> {
+    match v {
+        None | Some(Json::Null) => Ok(None),
+        Some(v) => Ok(Some(v.members(path)?)),
+    }
+}
+
 fn parse_devices(devices: &Json, path: &JsonPath) -> Result<Layout> {
+    let devices_src = devices;
     // lvm_vg, mdadm, zpool, bcachefs_filesystems and nodev live outside the disks: a disk
     // that needs one says so through its own content, and nodev (tmpfs) puts nothing on disk.
     devices.members(path)?;
@@ -177,11 +189,29 @@ fn parse_devices(devices: &Json, path: &JsonPath) -> Result<Layout> {
             format!("{} disks; at most {MAX_DISKS} are supported", members.len()),
         ));
     }
+    let mut devices = crate::kernel::Devices::default();
+    let vpath = path.key("lvm_vg");
+    if let Some(v) = devices_of(devices_json(devices_src, "lvm_vg"), &vpath)? {
+        for (k, vg) in v {
+            devices
+                .vgs
+                .push((k.clone(), crate::kernel::parse_vg(k, vg, &vpath.key(k))));
+        }
+    }
+    let mpath = path.key("mdadm");
+    if let Some(v) = devices_of(devices_json(devices_src, "mdadm"), &mpath)? {
+        for (k, md) in v {
+            devices
+                .mds
+                .push((k.clone(), crate::kernel::parse_md(k, md, &mpath.key(k))));
+        }
+    }
     Ok(Layout {
         disks: members
             .iter()
             .map(|(name, d)| (name.clone(), parse_disk(name, d, &disk_path.key(name))))
             .collect(),
+        devices,
     })
 }
 
@@ -300,7 +330,7 @@ fn parse_table(
     for (i, v) in items.iter().enumerate() {
         let p = ppath.index(i);
         v.members(&p)?;
-        let content = parse_content(v.get("content"), &p.key("content"))?;
+        let content = parse_content(v.get("content"), &p.key("content"), false)?;
         let pname = v.get_str("name", &p)?.unwrap_or("").to_string();
         let mut type_code = match v.get_str("fs-type", &p)? {
             Some("linux-swap" | "linux-swap(v1)" | "linux-swap(new)") => "8200",
@@ -388,7 +418,7 @@ fn parse_table(
 
 /// disko order: priority, ties by attribute name in byte order; numbers from `_index` or the
 /// position in that order. Checks unique names, labels and numbers.
-fn order_partitions(parts: &mut [PartitionSpec]) -> Result<()> {
+pub(crate) fn order_partitions(parts: &mut [PartitionSpec]) -> Result<()> {
     parts.sort_by(|a, b| {
         a.priority
             .cmp(&b.priority)
@@ -443,8 +473,29 @@ fn order_partitions(parts: &mut [PartitionSpec]) -> Result<()> {
 }
 
 fn parse_partition(disk: &str, key: &str, v: &Json, path: &JsonPath) -> Result<PartitionSpec> {
+    parse_partition_with(&format!("disk-{disk}"), key, v, path, false)
+}
+
+/// A partition of a GPT on an array (made in the builder VM); its default GPT name is
+/// `PREFIX-NAME` (`mdadm-raid1-primary`).
+pub(crate) fn parse_partition_in(
+    prefix: &str,
+    key: &str,
+    v: &Json,
+    path: &JsonPath,
+) -> Result<PartitionSpec> {
+    parse_partition_with(prefix, key, v, path, true)
+}
+
+fn parse_partition_with(
+    prefix: &str,
+    key: &str,
+    v: &Json,
+    path: &JsonPath,
+    in_vm: bool,
+) -> Result<PartitionSpec> {
     v.members(path)?;
-    let content = parse_content(v.get("content"), &path.key("content"))?;
+    let content = parse_content(v.get("content"), &path.key("content"), in_vm)?;
     // disko's default type: 8200 for swap content, 8300 otherwise.
     let default_type = if matches!(content, Content::Swap(_)) {
         "8200"
@@ -456,7 +507,7 @@ fn parse_partition(disk: &str, key: &str, v: &Json, path: &JsonPath) -> Result<P
     let name = v.get_str("name", path)?.unwrap_or(key).to_string();
     let label = match v.get_str("label", path)? {
         Some(l) => l.to_string(),
-        None => default_label(disk, &name),
+        None => prefixed_label(prefix, &name),
     };
     let label_path = path.key("label");
     if label.encode_utf16().count() > GPT_NAME_UNITS {
@@ -579,8 +630,13 @@ fn parse_partition(disk: &str, key: &str, v: &Json, path: &JsonPath) -> Result<P
 /// disko's default GPT name: `disk-DISK-PART`, or, when that is longer than 36 characters,
 /// the first 36 hex digits of its SHA-256 (lib/types/gpt.nix).
 pub fn default_label(disk: &str, part: &str) -> String {
+    prefixed_label(&format!("disk-{disk}"), part)
+}
+
+/// `PREFIX-PART`, hashed as [`default_label`] hashes.
+fn prefixed_label(prefix: &str, part: &str) -> String {
     use sha2::{Digest, Sha256};
-    let label = format!("disk-{disk}-{part}");
+    let label = format!("{prefix}-{part}");
     // Nix's stringLength counts bytes.
     if label.len() > GPT_NAME_UNITS {
         let digest = Sha256::digest(label.as_bytes());
@@ -643,7 +699,78 @@ fn parse_type(code: &str, path: &JsonPath) -> Result<Guid> {
     })
 }
 
-fn parse_content(c: Option<&Json>, path: &JsonPath) -> Result<Content> {
+/// What goes into a partition. `in_vm`: it is made in the builder VM anyway (it sits in a
+/// LUKS, LVM or md device), so filesystems may span devices and carry subvolumes.
+fn parse_content(c: Option<&Json>, path: &JsonPath, in_vm: bool) -> Result<Content> {
+    let content = parse_content_inner(c, path)?;
+    // What the host cannot make goes to the builder VM: btrfs subvolumes and swap files (made
+    // on the mounted filesystem) and filesystems over several devices.
+    let vm_only = match &content {
+        Content::Filesystem(fs) => {
+            !fs.subvolumes.is_empty()
+                || !fs.swapfiles.is_empty()
+                || fs
+                    .extra_args
+                    .iter()
+                    .any(|a| a.split_whitespace().any(|w| w.starts_with("/dev/")))
+        }
+        _ => false,
+    };
+    if vm_only && !in_vm {
+        return Ok(Content::Kernel(Box::new(crate::kernel::Stack::Made {
+            content,
+        })));
+    }
+    Ok(content)
+}
+
+/// [`parse_content`] for a filesystem or swap the builder VM makes.
+pub(crate) fn parse_content_in_vm(c: Option<&Json>, path: &JsonPath) -> Result<Content> {
+    parse_content(c, path, true)
+}
+
+fn parse_swapfiles(sw: Option<&Json>, path: &JsonPath) -> Result<Vec<crate::model::SwapFile>> {
+    let Some(sw) = sw else {
+        return Ok(Vec::new());
+    };
+    if matches!(sw, Json::Null) {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for (k, f) in sw.members(path)? {
+        let p = path.key(k);
+        f.members(&p)?;
+        let rel = f
+            .get_str("path", &p)?
+            .unwrap_or(k)
+            .trim_start_matches('/')
+            .to_string();
+        if rel.is_empty()
+            || rel
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..")
+        {
+            return Err(Error::invalid(
+                &p.key("path"),
+                format!("{rel:?} is not a swap file path"),
+            ));
+        }
+        let size = f.get_str("size", &p)?.unwrap_or("0");
+        if !size.bytes().all(|b| b.is_ascii_alphanumeric()) || size.is_empty() {
+            return Err(Error::invalid(
+                &p.key("size"),
+                format!("{size:?} is not a swap file size"),
+            ));
+        }
+        out.push(crate::model::SwapFile {
+            path: rel,
+            size: size.to_string(),
+        });
+    }
+    Ok(out)
+}
+
+fn parse_content_inner(c: Option<&Json>, path: &JsonPath) -> Result<Content> {
     let c = match c {
         None | Some(Json::Null) => return Ok(Content::None),
         Some(c) => c,
@@ -682,42 +809,24 @@ fn parse_content(c: Option<&Json>, path: &JsonPath) -> Result<Content> {
                 fat_volume_id: None,
                 fat_bits: None,
                 subvolumes: Vec::new(),
+                swapfiles: Vec::new(),
             };
             match format {
                 FsFormat::Vfat => parse_fat_args(&mut fs, &apath)?,
                 f if f.is_ext() => check_mke2fs_args(&fs.extra_args, &apath)?,
-                _ => check_tool_args(&fs.extra_args, &apath)?,
+                _ => {}
             }
             Ok(Content::Filesystem(fs))
         }
         "btrfs" => {
-            check_tool_args(&extra_args, &apath)?;
-            if let Some(sw) = c.get("swap") {
-                if !sw.members(&path.key("swap"))?.is_empty() {
-                    return Err(Error::NeedsBuilderVm {
-                        path: path.key("swap"),
-                        what: "a btrfs swap file (`btrfs filesystem mkswapfile` runs on the \
-                               mounted filesystem)"
-                            .into(),
-                    });
-                }
-            }
+            let swapfiles = parse_swapfiles(c.get("swap"), &path.key("swap"))?;
             let mut subvolumes = Vec::new();
             if let Some(sv) = c.get("subvolumes") {
                 let spath = path.key("subvolumes");
                 for (k, s) in sv.members(&spath)? {
                     let p = spath.key(k);
                     s.members(&p)?;
-                    if let Some(sw) = s.get("swap") {
-                        if !sw.members(&p.key("swap"))?.is_empty() {
-                            return Err(Error::NeedsBuilderVm {
-                                path: p.key("swap"),
-                                what: "a btrfs swap file (`btrfs filesystem mkswapfile` runs \
-                                       on the mounted filesystem)"
-                                    .into(),
-                            });
-                        }
-                    }
+                    let sub_swap = parse_swapfiles(s.get("swap"), &p.key("swap"))?;
                     let name = s.get_str("name", &p)?.unwrap_or(k).to_string();
                     let rel = name.trim_start_matches('/');
                     if rel.is_empty()
@@ -734,6 +843,7 @@ fn parse_content(c: Option<&Json>, path: &JsonPath) -> Result<Content> {
                         name: rel.to_string(),
                         mountpoint: s.get_str("mountpoint", &p)?.map(str::to_string),
                         path: p,
+                        swapfiles: sub_swap,
                     });
                 }
             }
@@ -746,6 +856,7 @@ fn parse_content(c: Option<&Json>, path: &JsonPath) -> Result<Content> {
                 fat_volume_id: None,
                 fat_bits: None,
                 subvolumes,
+                swapfiles,
             }))
         }
         "swap" => {
@@ -788,6 +899,12 @@ fn parse_content(c: Option<&Json>, path: &JsonPath) -> Result<Content> {
             }
             Ok(Content::Swap(swap))
         }
+        "luks" | "lvm_pv" | "mdraid" => Ok(Content::Kernel(Box::new(crate::kernel::parse_stack(
+            Some(c),
+            path,
+            "",
+            false,
+        )?))),
         other => Err(content_type_error(other, &tpath)),
     }
 }
@@ -853,20 +970,6 @@ fn check_mke2fs_args(args: &[String], apath: &JsonPath) -> Result<()> {
                 &apath.index(i),
                 format!("mke2fs option {a:?} here"),
             ));
-        }
-    }
-    Ok(())
-}
-
-/// mkfs.btrfs / mkfs.xfs / mkfs.f2fs arguments: options only (disko puts the device first or
-/// last itself; another device would make a multi-device filesystem).
-fn check_tool_args(args: &[String], apath: &JsonPath) -> Result<()> {
-    for (i, a) in args.iter().enumerate() {
-        if a.starts_with("/dev/") {
-            return Err(Error::NeedsBuilderVm {
-                path: apath.index(i),
-                what: format!("a filesystem over several devices ({a})"),
-            });
         }
     }
     Ok(())

@@ -93,19 +93,27 @@ fn default_seed_comes_from_the_layout() {
 }
 
 #[test]
-fn luks_content_fixture_is_refused_with_its_path() {
+fn luks_content_goes_to_the_builder_vm() {
+    // A bare luks content object is not a layout.
     let e = parse(&shared("evaluated-luks-root-content.json")).unwrap_err();
-    assert!(matches!(e, Error::NeedsBuilderVm { .. }), "{e:?}");
     assert_eq!(
         e.to_string(),
-        "type: content type \"luks\" (LUKS encryption) needs the builder VM (not built yet)"
+        "type: a \"luks\" content object, not a disk layout (pass the whole disko.devices, \
+         or one disk)"
     );
-    let e = parse(&ours("luks-partition.json")).unwrap_err();
-    assert_eq!(
-        e.to_string(),
-        "disko.devices.disk.main.content.partitions.root.content.type: content type \"luks\" \
-         (LUKS encryption) needs the builder VM (not built yet)"
-    );
+    {
+        let d = parse(&ours("luks-partition.json")).unwrap();
+        let root = d[0]
+            .partitions
+            .iter()
+            .find(|p| p.key == "root")
+            .expect("a root partition");
+        let Content::Kernel(k) = &root.content else {
+            panic!("{:?}", root.content)
+        };
+        assert!(matches!(**k, crate::kernel::Stack::Luks(_)), "{k:?}");
+        assert!(crate::kernel::needs_builder(&d[0]));
+    }
 }
 
 #[test]
@@ -233,10 +241,7 @@ fn bad_inputs_name_path_and_rule() {
         ),
         (
             disk(r#""x":{"size":"1M","content":{"type":"zfs","pool":"z"}}"#),
-            format!(
-                "{p}.x.content.type: content type \"zfs\" (a ZFS pool member) needs the \
-                 builder VM (not built yet)"
-            ),
+            format!("{p}.x.content.type: ZFS (the builder VM's Debian kernel has no zfs module"),
         ),
         (
             disk(

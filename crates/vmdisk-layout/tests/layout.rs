@@ -9,7 +9,7 @@ use std::process::Command;
 
 use vmdisk_block::RawFile;
 use vmdisk_layout::{
-    apply, measure, parse, parse_layout, plan, probe_filesystem, probe_partitions, scan_copy_in,
+    apply, measure, parse_layout, plan, probe_filesystem, probe_partitions, scan_copy_in,
     select_disk, FsKind, Plan, PlanOptions, PlannedContent,
 };
 
@@ -227,21 +227,6 @@ fn shared_evaluated_fixture_matches_raw() {
     );
     verify(&b);
     assert_eq!(sha256(&a.image), sha256(&b.image));
-}
-
-#[test]
-fn shared_luks_fixture_is_refused() {
-    let e = parse(&fixture("evaluated-luks-root-content.json")).unwrap_err();
-    assert_eq!(
-        e.to_string(),
-        "type: content type \"luks\" (LUKS encryption) needs the builder VM (not built yet)"
-    );
-    let e = parse(&fixture("luks-partition.json")).unwrap_err();
-    assert!(
-        e.to_string()
-            .starts_with("disko.devices.disk.main.content.partitions.root.content.type:"),
-        "{e}"
-    );
 }
 
 #[test]
@@ -464,17 +449,4 @@ fn size_auto_holds_content_with_margin() {
     };
     let free = (field("Free blocks") - field("Reserved block count")) * field("Block size");
     assert!(free >= 32 << 20, "free {free}");
-}
-
-#[test]
-fn luks_partition_fixture_plans_nothing() {
-    // A layout with a supported ESP and a luks root is refused as a whole: building half a
-    // disk would be a surprise.
-    let e = parse(&fixture("luks-partition.json"))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.ends_with("content type \"luks\" (LUKS encryption) needs the builder VM (not built yet)"),
-        "{e}"
-    );
 }

@@ -80,6 +80,22 @@ pub fn create(
 ) -> Result<u8> {
     let cancel = crate::signals::cancel_on_interrupt();
     let (disk, opts, sources) = load(a)?;
+    // LUKS, LVM, md members, btrfs subvolumes: the host would leave them empty. The layout
+    // side (vmdisk_layout::kernel) parses them and writes the builder VM's script; until
+    // `create` boots that VM, such a disk is refused rather than half built.
+    if let Some(p) = disk
+        .partitions
+        .iter()
+        .find(|p| matches!(p.content, vmdisk_layout::Content::Kernel(_)))
+    {
+        bail!(
+            "in {}: {}: this content needs the builder VM (LUKS, LVM, mdadm, btrfs subvolumes \
+             or swap files are made by a Linux kernel), which `vmdisk create` does not run \
+             yet; nothing was written",
+            a.layout.as_deref().unwrap_or(Path::new("?")).display(),
+            p.path.key("content")
+        );
+    }
     let size = disk_size(&disk, &opts, &sources, size)?;
     // Plan fully (this validates everything) before a byte is written.
     let plan = vmdisk_layout::plan(&disk, size, &opts, &sources).context("nothing was written")?;
