@@ -18,7 +18,7 @@ fn fixtures_dir() -> PathBuf {
 const UNSUPPORTED: &[(&str, &str)] = &[
     (
         "luks-partition",
-        "disko.devices.disk.main.content.partitions.root.content.type",
+        "disko.devices.disk.main.content.partitions.root.content",
     ),
     ("evaluated-luks-root-content", "type"),
 ];
