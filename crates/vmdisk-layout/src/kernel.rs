@@ -212,17 +212,14 @@ fn parse_luks(c: &Json, path: &JsonPath) -> Result<Luks> {
             None => Ok(None),
         }
     };
-    let ask = matches!(c.get("askPassword"), Some(Json::Bool(true)));
     let key = if let Some(k) = setting_str("keyFile")? {
         KeySource::KeyFile(k)
     } else if let Some(k) = c.get_str("keyFile", path)? {
         KeySource::KeyFile(k.to_string())
     } else if let Some(p) = c.get_str("passwordFile", path)? {
         KeySource::PasswordFile(p.to_string())
-    } else if ask {
-        KeySource::Ask
     } else {
-        // disko asks for a password when nothing else gives the key.
+        // `askPassword`, and disko's default when nothing else gives the key: a prompt.
         KeySource::Ask
     };
     let allow_discards = match settings.and_then(|s| s.get("allowDiscards")) {
@@ -350,33 +347,21 @@ struct Feeds {
 }
 
 fn feeds_of(s: &Stack, f: &mut Feeds) {
-    match s {
-        Stack::Empty => {}
-        Stack::Made { content } => {
-            if let Content::Filesystem(fs) = content {
-                for a in &fs.extra_args {
-                    for w in a.split_whitespace() {
-                        if let Some(n) = w.strip_prefix("/dev/mapper/") {
-                            f.refs.push(n.to_string());
-                        }
-                    }
+    visit(s, &mut |s| match s {
+        Stack::Made {
+            content: Content::Filesystem(fs),
+        } => {
+            for w in fs.extra_args.iter().flat_map(|a| a.split_whitespace()) {
+                if let Some(n) = w.strip_prefix("/dev/mapper/") {
+                    f.refs.push(n.to_string());
                 }
             }
         }
-        Stack::Luks(l) => {
-            f.opens.push(l.name.clone());
-            feeds_of(&l.content, f);
-        }
+        Stack::Luks(l) => f.opens.push(l.name.clone()),
         Stack::LvmPv { vg } => f.vgs.push(vg.clone()),
         Stack::MdRaid { name } => f.mds.push(name.clone()),
-        Stack::Gpt { partitions } => {
-            for p in partitions {
-                if let Content::Kernel(k) = &p.content {
-                    feeds_of(k, f);
-                }
-            }
-        }
-    }
+        _ => {}
+    });
 }
 
 fn disk_feeds(d: &DiskSpec) -> Feeds {
@@ -531,46 +516,39 @@ pub fn needs_builder(d: &DiskSpec) -> bool {
         .any(|p| matches!(p.content, Content::Kernel(_)))
 }
 
-/// The mountpoints of the filesystems the builder VM makes for `disks` (what a
-/// `--copy-in /MOUNTPOINT=DIR` can fill there).
-pub fn vm_mountpoints(disks: &[&DiskSpec], devices: &Devices) -> Vec<String> {
-    fn walk(s: &Stack, out: &mut Vec<String>) {
-        match s {
-            Stack::Made {
-                content: Content::Filesystem(fs),
-            } => {
-                out.extend(fs.mountpoint.clone());
-                out.extend(fs.subvolumes.iter().filter_map(|s| s.mountpoint.clone()));
-            }
-            Stack::Luks(l) => walk(&l.content, out),
-            Stack::Gpt { partitions } => {
-                for p in partitions {
-                    if let Content::Kernel(k) = &p.content {
-                        walk(k, out);
-                    }
+/// Every stack node below `s`, `s` first (through LUKS contents and array partitions).
+fn visit<'a>(s: &'a Stack, f: &mut dyn FnMut(&'a Stack)) {
+    f(s);
+    match s {
+        Stack::Luks(l) => visit(&l.content, f),
+        Stack::Gpt { partitions } => {
+            for p in partitions {
+                if let Content::Kernel(k) = &p.content {
+                    visit(k, f);
                 }
             }
-            _ => {}
         }
+        _ => {}
     }
-    let mut out = Vec::new();
-    for d in disks {
-        for p in &d.partitions {
-            if let Content::Kernel(k) = &p.content {
-                walk(k, &mut out);
-            }
-        }
-    }
+}
+
+/// The kernel-made stacks of `disks` and of the VGs and arrays they feed.
+fn group_roots<'a>(disks: &[&'a DiskSpec], devices: &'a Devices) -> Vec<&'a Stack> {
+    let mut roots: Vec<&Stack> = disks
+        .iter()
+        .flat_map(|d| &d.partitions)
+        .filter_map(|p| match &p.content {
+            Content::Kernel(k) => Some(&**k),
+            _ => None,
+        })
+        .collect();
     let (vgs, mds) = group_devices(disks, devices);
-    for vg in vgs {
-        for lv in &vg.lvs {
-            walk(&lv.content, &mut out);
-        }
-    }
-    for md in mds {
-        walk(&md.content, &mut out);
-    }
-    out
+    roots.extend(
+        vgs.iter()
+            .flat_map(|vg| vg.lvs.iter().map(|lv| &lv.content)),
+    );
+    roots.extend(mds.iter().map(|md| &md.content));
+    roots
 }
 
 /// The VGs and arrays `disks` feed (directly or through each other), in layout order.
@@ -630,9 +608,10 @@ pub enum SecretRef {
 
 /// The secrets the builder script for `disks` reads, with the JSON path that names each.
 pub fn secrets_needed(disks: &[&DiskSpec], devices: &Devices) -> Vec<(SecretRef, JsonPath)> {
-    fn walk(s: &Stack, out: &mut Vec<(SecretRef, JsonPath)>) {
-        match s {
-            Stack::Luks(l) => {
+    let mut out = Vec::new();
+    for root in group_roots(disks, devices) {
+        visit(root, &mut |s| {
+            if let Stack::Luks(l) = s {
                 let r = match &l.key {
                     KeySource::KeyFile(f) | KeySource::PasswordFile(f) => {
                         SecretRef::File(f.clone())
@@ -643,34 +622,8 @@ pub fn secrets_needed(disks: &[&DiskSpec], devices: &Devices) -> Vec<(SecretRef,
                 for a in &l.additional_key_files {
                     out.push((SecretRef::File(a.clone()), l.path.key("additionalKeyFiles")));
                 }
-                walk(&l.content, out);
             }
-            Stack::Gpt { partitions } => {
-                for p in partitions {
-                    if let Content::Kernel(k) = &p.content {
-                        walk(k, out);
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    let mut out = Vec::new();
-    for d in disks {
-        for p in &d.partitions {
-            if let Content::Kernel(k) = &p.content {
-                walk(k, &mut out);
-            }
-        }
-    }
-    let (vgs, mds) = group_devices(disks, devices);
-    for vg in vgs {
-        for lv in &vg.lvs {
-            walk(&lv.content, &mut out);
-        }
-    }
-    for md in mds {
-        walk(&md.content, &mut out);
+        });
     }
     let mut seen = Vec::new();
     out.retain(|(r, _)| {
@@ -989,27 +942,15 @@ pub fn builder_script(input: &ScriptInput) -> Result<Script> {
     // Volume groups and arrays, each once all its members exist.
     let (vgs, mds) = group_devices(input.disks, input.devices);
     let mut expected: BTreeMap<String, usize> = BTreeMap::new();
-    {
-        let mut all = Feeds::default();
-        for d in input.disks {
-            let f = disk_feeds(d);
-            all.vgs.extend(f.vgs);
-            all.mds.extend(f.mds);
-        }
-        for vg in &vgs {
-            for lv in &vg.lvs {
-                feeds_of(&lv.content, &mut all);
-            }
-        }
-        for md in &mds {
-            feeds_of(&md.content, &mut all);
-        }
-        for v in all.vgs {
-            *expected.entry(format!("vg:{v}")).or_default() += 1;
-        }
-        for m in all.mds {
-            *expected.entry(format!("md:{m}")).or_default() += 1;
-        }
+    let mut all = Feeds::default();
+    for root in group_roots(input.disks, input.devices) {
+        feeds_of(root, &mut all);
+    }
+    for v in all.vgs {
+        *expected.entry(format!("vg:{v}")).or_default() += 1;
+    }
+    for m in all.mds {
+        *expected.entry(format!("md:{m}")).or_default() += 1;
     }
     let mut done: Vec<String> = Vec::new();
     loop {

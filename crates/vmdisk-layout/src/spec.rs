@@ -159,10 +159,6 @@ pub fn parse(json: &str) -> Result<Vec<DiskSpec>> {
         .collect()
 }
 
-fn devices_json<'a>(devices: &'a Json, key: &str) -> Option<&'a Json> {
-    devices.get(key)
-}
-
 fn devices_of<'a>(v: Option<&'a Json>, path: &JsonPath) -> Result<Option<&'a [(String, Json)]>> {
     match v {
         None | Some(Json::Null) => Ok(None),
@@ -191,7 +187,7 @@ fn parse_devices(devices: &Json, path: &JsonPath) -> Result<Layout> {
     }
     let mut devices = crate::kernel::Devices::default();
     let vpath = path.key("lvm_vg");
-    if let Some(v) = devices_of(devices_json(devices_src, "lvm_vg"), &vpath)? {
+    if let Some(v) = devices_of(devices_src.get("lvm_vg"), &vpath)? {
         for (k, vg) in v {
             devices
                 .vgs
@@ -199,7 +195,7 @@ fn parse_devices(devices: &Json, path: &JsonPath) -> Result<Layout> {
         }
     }
     let mpath = path.key("mdadm");
-    if let Some(v) = devices_of(devices_json(devices_src, "mdadm"), &mpath)? {
+    if let Some(v) = devices_of(devices_src.get("mdadm"), &mpath)? {
         for (k, md) in v {
             devices
                 .mds
