@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::error::JsonPath;
+use crate::error::{JsonPath, Result};
 use crate::guid::Guid;
 use crate::legacy::PartedPos;
 use crate::size::{Position, SizeSpec};
@@ -91,7 +91,7 @@ pub enum Content {
     Swap(SwapSpec),
     /// Made in the builder VM: LUKS, LVM, mdadm members, btrfs with subvolumes or swap
     /// files, and what sits inside those.
-    Kernel(Box<crate::kernel::Stack>),
+    Kernel(Box<Stack>),
 }
 
 /// Filesystem formats vmdisk can make.
@@ -195,4 +195,99 @@ pub struct PlanOptions {
     pub copy_in: Vec<(String, PathBuf)>,
     /// Free bytes `measure` leaves in the `100%` partition's filesystem beyond its content.
     pub free_margin: u64,
+}
+
+/// A kernel-made content tree (what sits in a partition, LV or array).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Stack {
+    /// Nothing (an LV or array left empty).
+    Empty,
+    /// A filesystem or swap, made by its own tool inside the VM.
+    Made {
+        content: Content,
+    },
+    Luks(Box<Luks>),
+    /// `lvm_pv`: a physical volume of volume group `vg`.
+    LvmPv {
+        vg: String,
+    },
+    /// `mdraid`: a member of array `name`.
+    MdRaid {
+        name: String,
+    },
+    /// A GPT on an array (mdadm content), written with disko's sgdisk calls.
+    Gpt {
+        partitions: Vec<PartitionSpec>,
+    },
+}
+
+/// Where a LUKS key comes from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeySource {
+    /// `settings.keyFile` (or the deprecated `keyFile`): the file's bytes.
+    KeyFile(String),
+    /// `passwordFile`: the file's text without trailing newlines (disko's `$(cat FILE)`).
+    PasswordFile(String),
+    /// `askPassword`: disko prompts; vmdisk takes it from `--secret NAME=FILE`.
+    Ask,
+}
+
+/// `type = "luks"`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Luks {
+    /// The dm name (`/dev/mapper/NAME`).
+    pub name: String,
+    pub key: KeySource,
+    pub additional_key_files: Vec<String>,
+    pub extra_format_args: Vec<String>,
+    pub extra_open_args: Vec<String>,
+    pub allow_discards: bool,
+    pub keyfile_size: Option<i64>,
+    pub keyfile_offset: Option<i64>,
+    pub content: Stack,
+    pub path: JsonPath,
+}
+
+/// `lvm_vg.NAME`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct VolumeGroup {
+    pub name: String,
+    /// In disko's creation order: thin pools, then fixed sizes, then `%` sizes; by name within.
+    pub lvs: Vec<LogicalVolume>,
+    pub path: JsonPath,
+}
+
+/// `lvm_vg.NAME.lvs.LV`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LogicalVolume {
+    pub name: String,
+    /// lvcreate's size: `-L SIZE`, or `-l SIZE` when it has a `%` (`100%FREE`).
+    pub size: String,
+    /// `lvm_type` (`--type=...`): thin-pool, raid0, mirror, ...
+    pub lvm_type: Option<String>,
+    /// `pool`: a thin volume of this thin pool (`-V SIZE --thinpool=POOL`).
+    pub pool: Option<String>,
+    pub extra_args: Vec<String>,
+    pub content: Stack,
+    pub path: JsonPath,
+}
+
+/// `mdadm.NAME`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct MdArray {
+    pub name: String,
+    pub level: i64,
+    pub metadata: String,
+    pub extra_args: Vec<String>,
+    pub content: Stack,
+    pub path: JsonPath,
+}
+
+/// The kernel-side devices of a layout: volume groups and arrays, each parsed or refused.
+#[derive(Debug, Default)]
+pub struct Devices {
+    pub vgs: Vec<(String, Result<VolumeGroup>)>,
+    pub mds: Vec<(String, Result<MdArray>)>,
 }

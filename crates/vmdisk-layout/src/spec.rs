@@ -4,8 +4,9 @@ use crate::error::{Error, JsonPath, Result};
 use crate::guid::{type_code_guid, Guid};
 use crate::json::Json;
 use crate::model::{
-    Content, DiskSpec, FsFormat, FsSpec, HybridSpec, PartitionSpec, Subvolume, SwapSpec,
-    GPT_ENTRIES, GPT_NAME_UNITS, PRIORITY_BIOS_BOOT, PRIORITY_DEFAULT, PRIORITY_REST,
+    Content, Devices, DiskSpec, FsFormat, FsSpec, HybridSpec, KeySource, LogicalVolume, Luks,
+    MdArray, PartitionSpec, Stack, Subvolume, SwapSpec, VolumeGroup, GPT_ENTRIES, GPT_NAME_UNITS,
+    PRIORITY_BIOS_BOOT, PRIORITY_DEFAULT, PRIORITY_REST,
 };
 use crate::size::{
     in_sector_units, parse_image_size, parse_position, parse_size, Position, SizeSpec, SECTOR,
@@ -26,7 +27,7 @@ pub const DEFAULT_IMAGE_SIZE: u64 = 2 << 30;
 pub struct Layout {
     disks: Vec<(String, Result<DiskSpec>)>,
     /// `lvm_vg` and `mdadm`: what the builder VM makes from the disks' members.
-    pub devices: crate::kernel::Devices,
+    pub devices: Devices,
 }
 
 impl Layout {
@@ -141,7 +142,7 @@ pub fn parse_layout(json: &str) -> Result<Layout> {
 }
 
 fn content_type_error(t: &str, path: &JsonPath) -> Error {
-    if let Some(why) = crate::kernel::refused_type(t) {
+    if let Some(why) = refused_type(t) {
         Error::unsupported(path, why)
     } else if UNSUPPORTED_CONTENT.contains(&t) {
         Error::unsupported(path, format!("content type {t:?}"))
@@ -185,13 +186,13 @@ fn parse_devices(devices: &Json, path: &JsonPath) -> Result<Layout> {
             format!("{} disks; at most {MAX_DISKS} are supported", members.len()),
         ));
     }
-    let mut devices = crate::kernel::Devices::default();
+    let mut devices = Devices::default();
     let vpath = path.key("lvm_vg");
     if let Some(v) = devices_of(devices_src.get("lvm_vg"), &vpath)? {
         for (k, vg) in v {
             devices
                 .vgs
-                .push((k.clone(), crate::kernel::parse_vg(k, vg, &vpath.key(k))));
+                .push((k.clone(), parse_vg(k, vg, &vpath.key(k))));
         }
     }
     let mpath = path.key("mdadm");
@@ -199,7 +200,7 @@ fn parse_devices(devices: &Json, path: &JsonPath) -> Result<Layout> {
         for (k, md) in v {
             devices
                 .mds
-                .push((k.clone(), crate::kernel::parse_md(k, md, &mpath.key(k))));
+                .push((k.clone(), parse_md(k, md, &mpath.key(k))));
         }
     }
     Ok(Layout {
@@ -713,9 +714,7 @@ fn parse_content(c: Option<&Json>, path: &JsonPath, in_vm: bool) -> Result<Conte
         _ => false,
     };
     if vm_only && !in_vm {
-        return Ok(Content::Kernel(Box::new(crate::kernel::Stack::Made {
-            content,
-        })));
+        return Ok(Content::Kernel(Box::new(Stack::Made { content })));
     }
     Ok(content)
 }
@@ -895,7 +894,7 @@ fn parse_content_inner(c: Option<&Json>, path: &JsonPath) -> Result<Content> {
             }
             Ok(Content::Swap(swap))
         }
-        "luks" | "lvm_pv" | "mdraid" => Ok(Content::Kernel(Box::new(crate::kernel::parse_stack(
+        "luks" | "lvm_pv" | "mdraid" => Ok(Content::Kernel(Box::new(parse_stack(
             Some(c),
             path,
             "",
@@ -1000,4 +999,233 @@ fn takes_value(opt: &str) -> bool {
 /// Pick the disk to build from a parsed layout (see [`Layout::select`]).
 pub fn select_disk(layout: Layout, name: Option<&str>) -> Result<DiskSpec> {
     layout.select(name)
+}
+
+/// Why a content type cannot be made at all, even in the builder VM.
+pub(crate) fn refused_type(t: &str) -> Option<&'static str> {
+    match t {
+        "zfs" | "zpool" => Some(
+            "ZFS (the builder VM's Debian kernel has no zfs module: Debian ships it only as \
+             zfs-dkms source, which the VM cannot compile)",
+        ),
+        "bcachefs" | "bcachefs_filesystem" => Some(
+            "bcachefs (the builder VM's Debian 12 kernel, 6.1, predates it: it entered Linux \
+             in 6.7)",
+        ),
+        _ => None,
+    }
+}
+
+/// Parse a kernel-made content (`luks`, `lvm_pv`, `mdraid`, or what sits inside those).
+/// `gpt` is accepted only where disko accepts it below a disk-like device (an array).
+pub(crate) fn parse_stack(
+    c: Option<&Json>,
+    path: &JsonPath,
+    label_prefix: &str,
+    gpt_allowed: bool,
+) -> Result<Stack> {
+    let c = match c {
+        None | Some(Json::Null) => return Ok(Stack::Empty),
+        Some(c) => c,
+    };
+    c.members(path)?;
+    let tpath = path.key("type");
+    let t = c
+        .get_str("type", path)?
+        .ok_or_else(|| Error::invalid(&tpath, "missing content type"))?;
+    match t {
+        "luks" => parse_luks(c, path).map(|l| Stack::Luks(Box::new(l))),
+        "lvm_pv" => {
+            let vg = c
+                .get_str("vg", path)?
+                .ok_or_else(|| Error::invalid(&path.key("vg"), "an lvm_pv needs \"vg\""))?;
+            Ok(Stack::LvmPv { vg: vg.to_string() })
+        }
+        "mdraid" => {
+            let name = c
+                .get_str("name", path)?
+                .ok_or_else(|| Error::invalid(&path.key("name"), "an mdraid needs \"name\""))?;
+            Ok(Stack::MdRaid {
+                name: name.to_string(),
+            })
+        }
+        "gpt" if gpt_allowed => {
+            let ppath = path.key("partitions");
+            let parts = match c.get("partitions") {
+                None | Some(Json::Null) => &[][..],
+                Some(p) => p.members(&ppath)?,
+            };
+            let mut partitions = parts
+                .iter()
+                .map(|(k, v)| crate::spec::parse_partition_in(label_prefix, k, v, &ppath.key(k)))
+                .collect::<Result<Vec<_>>>()?;
+            crate::spec::order_partitions(&mut partitions)?;
+            Ok(Stack::Gpt { partitions })
+        }
+        "filesystem" | "btrfs" | "swap" => Ok(Stack::Made {
+            content: crate::spec::parse_content_in_vm(Some(c), path)?,
+        }),
+        other => match refused_type(other) {
+            Some(why) => Err(Error::unsupported(&tpath, why)),
+            None => Err(Error::invalid(
+                &tpath,
+                format!("unknown content type {other:?}"),
+            )),
+        },
+    }
+}
+
+fn parse_luks(c: &Json, path: &JsonPath) -> Result<Luks> {
+    let name = c
+        .get_str("name", path)?
+        .ok_or_else(|| Error::invalid(&path.key("name"), "a luks device needs \"name\""))?
+        .to_string();
+    if name.is_empty() || name.contains('/') || name.chars().any(char::is_whitespace) {
+        return Err(Error::invalid(
+            &path.key("name"),
+            format!("{name:?} is not a device-mapper name"),
+        ));
+    }
+    let spath = path.key("settings");
+    let settings = match c.get("settings") {
+        None | Some(Json::Null) => None,
+        Some(s) => {
+            s.members(&spath)?;
+            Some(s)
+        }
+    };
+    let setting_str = |k: &str| -> Result<Option<String>> {
+        Ok(match settings {
+            Some(s) => s.get_str(k, &spath)?.map(str::to_string),
+            None => None,
+        })
+    };
+    let setting_int = |k: &str| -> Result<Option<i64>> {
+        match settings {
+            Some(s) => s.get_int(k, &spath),
+            None => Ok(None),
+        }
+    };
+    let key = if let Some(k) = setting_str("keyFile")? {
+        KeySource::KeyFile(k)
+    } else if let Some(k) = c.get_str("keyFile", path)? {
+        KeySource::KeyFile(k.to_string())
+    } else if let Some(p) = c.get_str("passwordFile", path)? {
+        KeySource::PasswordFile(p.to_string())
+    } else {
+        // `askPassword`, and disko's default when nothing else gives the key: a prompt.
+        KeySource::Ask
+    };
+    let allow_discards = match settings.and_then(|s| s.get("allowDiscards")) {
+        None | Some(Json::Null) => false,
+        Some(Json::Bool(b)) => *b,
+        Some(other) => {
+            return Err(Error::invalid(
+                &spath.key("allowDiscards"),
+                format!("expected a boolean, found {}", other.kind()),
+            ))
+        }
+    };
+    let content = parse_stack(c.get("content"), &path.key("content"), "", false)?;
+    Ok(Luks {
+        name,
+        key,
+        additional_key_files: c.get_str_list("additionalKeyFiles", path)?,
+        extra_format_args: c.get_str_list("extraFormatArgs", path)?,
+        extra_open_args: c.get_str_list("extraOpenArgs", path)?,
+        allow_discards,
+        keyfile_size: setting_int("keyFileSize")?,
+        keyfile_offset: setting_int("keyFileOffset")?,
+        content,
+        path: path.clone(),
+    })
+}
+
+/// `lvm_vg.NAME`.
+pub(crate) fn parse_vg(key: &str, v: &Json, path: &JsonPath) -> Result<VolumeGroup> {
+    v.members(path)?;
+    let name = v.get_str("name", path)?.unwrap_or(key).to_string();
+    let lpath = path.key("lvs");
+    let items = match v.get("lvs") {
+        None | Some(Json::Null) => &[][..],
+        Some(l) => l.members(&lpath)?,
+    };
+    let mut lvs = Vec::with_capacity(items.len());
+    for (k, lv) in items {
+        let p = lpath.key(k);
+        lv.members(&p)?;
+        let size = lv
+            .get_str("size", &p)?
+            .ok_or_else(|| Error::invalid(&p.key("size"), "an LV needs a size"))?;
+        if size.is_empty() || size.chars().any(|c| c.is_whitespace() || c == '\'') {
+            return Err(Error::invalid(
+                &p.key("size"),
+                format!("{size:?} is not an lvcreate size"),
+            ));
+        }
+        lvs.push(LogicalVolume {
+            name: lv.get_str("name", &p)?.unwrap_or(k).to_string(),
+            size: size.to_string(),
+            lvm_type: lv.get_str("lvm_type", &p)?.map(str::to_string),
+            pool: lv.get_str("pool", &p)?.map(str::to_string),
+            extra_args: lv.get_str_list("extraArgs", &p)?,
+            content: parse_stack(lv.get("content"), &p.key("content"), "", false)?,
+            path: p,
+        });
+    }
+    // disko (lvm_vg.nix): thin pools first, then the LVs whose size has no `%`, then the rest.
+    let rank = |lv: &LogicalVolume| {
+        if lv.lvm_type.as_deref() == Some("thin-pool") {
+            0
+        } else if !lv.size.contains('%') {
+            1
+        } else {
+            2
+        }
+    };
+    lvs.sort_by(|a, b| rank(a).cmp(&rank(b)).then_with(|| a.name.cmp(&b.name)));
+    Ok(VolumeGroup {
+        name,
+        lvs,
+        path: path.clone(),
+    })
+}
+
+/// `mdadm.NAME`.
+pub(crate) fn parse_md(key: &str, v: &Json, path: &JsonPath) -> Result<MdArray> {
+    v.members(path)?;
+    let name = v.get_str("name", path)?.unwrap_or(key).to_string();
+    let level = v.get_int("level", path)?.unwrap_or(1);
+    if ![0, 1, 4, 5, 6, 10].contains(&level) {
+        return Err(Error::invalid(
+            &path.key("level"),
+            format!("RAID level {level} (mdadm takes 0, 1, 4, 5, 6, 10)"),
+        ));
+    }
+    let metadata = v
+        .get_str("metadata", path)?
+        .unwrap_or("default")
+        .to_string();
+    if !matches!(
+        metadata.as_str(),
+        "default" | "0.90" | "1.0" | "1.1" | "1.2" | "ddf" | "imsm"
+    ) {
+        return Err(Error::invalid(
+            &path.key("metadata"),
+            format!("{metadata:?} is not an mdadm metadata version"),
+        ));
+    }
+    Ok(MdArray {
+        content: parse_stack(
+            v.get("content"),
+            &path.key("content"),
+            &format!("mdadm-{name}"),
+            true,
+        )?,
+        name,
+        level,
+        metadata,
+        extra_args: v.get_str_list("extraArgs", path)?,
+        path: path.clone(),
+    })
 }

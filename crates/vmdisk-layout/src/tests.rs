@@ -111,7 +111,7 @@ fn luks_content_goes_to_the_builder_vm() {
         let Content::Kernel(k) = &root.content else {
             panic!("{:?}", root.content)
         };
-        assert!(matches!(**k, crate::kernel::Stack::Luks(_)), "{k:?}");
+        assert!(matches!(**k, crate::model::Stack::Luks(_)), "{k:?}");
         assert!(crate::kernel::needs_builder(&d[0]));
     }
 }
