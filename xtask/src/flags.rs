@@ -72,6 +72,10 @@ pub struct Vmtest {
     /// Re-resolve testvms/assets.lock from Debian (as root on Debian).
     #[arg(long)]
     pub relock: bool,
+    /// Like --relock, but keep every package the lock pins (the kernel too) and pin only
+    /// those it lacks: for adding a package without moving the others.
+    #[arg(long)]
+    pub relock_missing: bool,
     /// Do not apt-get; print what is missing.
     #[arg(long)]
     pub no_install: bool,

@@ -14,13 +14,14 @@ use crate::flags::Vmtest;
 impl Vmtest {
     pub fn run(self, sh: &Shell) -> Result<()> {
         let root = crate::project_root();
-        if self.relock {
+        if self.relock || self.relock_missing {
             let path = root.join("testvms/assets.lock");
             let cache = Cache::new(Cache::default_root()?);
             let lock = vmdisk_vm::assets::write_lock(
                 &path,
                 &cache,
                 &[vmdisk_vm::Arch::X86_64, vmdisk_vm::Arch::Aarch64],
+                self.relock_missing,
             )?;
             eprintln!(
                 "xtask: wrote {} ({} packages)",

@@ -14,7 +14,9 @@ use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
 use crate::arch::Arch;
-use crate::assets::{Cache, Lock, LockedPackage, GUEST_PACKAGES, TOOLCHAIN_PACKAGES};
+use crate::assets::{
+    Cache, Lock, LockedPackage, BUILDER_PACKAGES, GUEST_PACKAGES, TOOLCHAIN_PACKAGES,
+};
 use crate::cpio::CpioWriter;
 use crate::{elf, kernel};
 
@@ -42,6 +44,81 @@ pub const STAGE1_HALTED: &str = "@@vmdisk stage1 halted";
 pub const FAIL_MARKER: &str = "@@vmdisk FAIL";
 /// Stage 2 attached the `vmdisk.nbd=` export as /dev/nbd0 (`... /dev/nbd0 N partitions`).
 pub const STAGE2_NBD_ATTACHED: &str = "@@vmdisk stage2 nbd-attached";
+
+/// `vmdisk-builder-init` (in the store's bin/): loads [`BUILDER_MODULES`], makes the run
+/// directories the builder's tools want, and links /etc/lvm to [`LVM_CONF`]'s folder.
+pub const BUILDER_INIT: &str = include_str!("../../../testvms/builder-init.sh");
+/// The builder VM's lvm.conf (`<system>/etc/lvm/lvm.conf`).
+const LVM_CONF: &str = include_str!("../../../testvms/lvm.conf");
+
+/// Kernel modules the builder VM loads on demand (`vmdisk-builder-init`), kept in the store
+/// rather than the initramfs so no other boot pays for them: device mapper targets for LUKS
+/// and LVM (thin pools, raid and mirror LVs), the md personalities, btrfs, and the crypto
+/// cryptsetup uses (dm-crypt's aes-xts, and AF_ALG for LUKS2 keyslots).
+const BUILDER_MODULES: &[&str] = &[
+    // The disks arrive over NBD (attached after this, not by stage 2).
+    "nbd",
+    "dm_mod",
+    "dm_crypt",
+    "dm_thin_pool",
+    "dm_raid",
+    "dm_mirror",
+    "dm_snapshot",
+    "md_mod",
+    "raid0",
+    "raid1",
+    "raid10",
+    "raid456",
+    "btrfs",
+    "xts",
+    "af_alg",
+    "algif_skcipher",
+    "algif_hash",
+];
+
+/// The builder VM's programs (package path -> path in the system), copied with their
+/// library closure like [`PROGRAMS`].
+const BUILDER_PROGRAMS: &[(&str, &str)] = &[
+    ("sbin/cryptsetup", "sbin/cryptsetup"),
+    ("sbin/lvm", "sbin/lvm"),
+    ("sbin/dmsetup", "sbin/dmsetup"),
+    ("sbin/mdadm", "sbin/mdadm"),
+    ("bin/btrfs", "sbin/btrfs"),
+    ("sbin/mkfs.btrfs", "sbin/mkfs.btrfs"),
+    ("sbin/mke2fs", "sbin/mke2fs"),
+    ("sbin/e2fsck", "sbin/e2fsck"),
+    ("sbin/tune2fs", "sbin/tune2fs"),
+    ("sbin/mkfs.fat", "sbin/mkfs.fat"),
+    ("sbin/fsck.fat", "sbin/fsck.fat"),
+    ("sbin/sgdisk", "sbin/sgdisk"),
+];
+
+/// Names the packages install as links to a program (in the system's sbin/ -> target).
+const BUILDER_LINKS: &[(&str, &str)] = &[
+    ("pvcreate", "lvm"),
+    ("pvs", "lvm"),
+    ("pvscan", "lvm"),
+    ("pvremove", "lvm"),
+    ("vgcreate", "lvm"),
+    ("vgchange", "lvm"),
+    ("vgs", "lvm"),
+    ("vgscan", "lvm"),
+    ("vgremove", "lvm"),
+    ("lvcreate", "lvm"),
+    ("lvchange", "lvm"),
+    ("lvs", "lvm"),
+    ("lvscan", "lvm"),
+    ("lvremove", "lvm"),
+    ("lvmconfig", "lvm"),
+    ("mkfs.ext2", "mke2fs"),
+    ("mkfs.ext3", "mke2fs"),
+    ("mkfs.ext4", "mke2fs"),
+    ("fsck.ext4", "e2fsck"),
+    ("mkfs.vfat", "mkfs.fat"),
+    ("mkfs.msdos", "mkfs.fat"),
+    ("fsck.vfat", "fsck.fat"),
+    ("fsck.btrfs", "btrfs"),
+];
 
 /// busybox udhcpc's event script (`vmdisk.net=dhcp`): apply the lease with `ip`.
 const UDHCPC_SCRIPT: &str = "#!/bin/sh\n\
@@ -114,6 +191,7 @@ const APPLETS: &[&str] = &[
     "[",
     "[[",
     "awk",
+    "base64",
     "basename",
     "blkid",
     "blockdev",
@@ -161,6 +239,7 @@ const APPLETS: &[&str] = &[
     "mkdir",
     "mkfifo",
     "mknod",
+    "mkswap",
     "mktemp",
     "more",
     "mount",
@@ -254,7 +333,11 @@ fn kernel_package(lock: &Lock, arch: Arch) -> Result<&LockedPackage> {
 
 fn packages(lock: &Lock, arch: Arch) -> Result<Vec<&LockedPackage>> {
     let mut v = vec![kernel_package(lock, arch)?];
-    for name in GUEST_PACKAGES.iter().chain(TOOLCHAIN_PACKAGES) {
+    for name in GUEST_PACKAGES
+        .iter()
+        .chain(BUILDER_PACKAGES)
+        .chain(TOOLCHAIN_PACKAGES)
+    {
         v.push(lock.get(name, arch.debian())?);
     }
     Ok(v)
@@ -279,9 +362,15 @@ fn asset_key(arch: Arch, pkgs: &[&LockedPackage]) -> String {
     h.update(format!("stage1 applets: {}\n", STAGE1_APPLETS.join(",")));
     h.update("modules: unsigned\n");
     h.update(UDHCPC_SCRIPT);
-    for (a, b) in PROGRAMS {
+    for (a, b) in PROGRAMS.iter().chain(BUILDER_PROGRAMS) {
         h.update(format!("{a}>{b}\n"));
     }
+    for (a, b) in BUILDER_LINKS {
+        h.update(format!("{a}->{b}\n"));
+    }
+    h.update(format!("builder modules: {}\n", BUILDER_MODULES.join(",")));
+    h.update(BUILDER_INIT);
+    h.update(LVM_CONF);
     h.update("toolchain: libc6 + TOOLCHAIN_PACKAGES, whole\n");
     hex(&h.finalize())[..32].to_string()
 }
@@ -416,10 +505,15 @@ fn build_assets(
     fs::set_permissions(&init, fs::Permissions::from_mode(0o755))?;
 
     let sysroot = cache.sysroot_of(&pkgs[1..])?;
-    let programs: Vec<PathBuf> = PROGRAMS.iter().map(|(src, _)| PathBuf::from(src)).collect();
-    for (src, dst) in PROGRAMS {
+    let all_programs = || PROGRAMS.iter().chain(BUILDER_PROGRAMS);
+    let programs: Vec<PathBuf> = all_programs().map(|(src, _)| PathBuf::from(src)).collect();
+    for (src, dst) in all_programs() {
         copy_file(&sysroot.join(src), &sys.join(dst))?;
     }
+    for (link, target) in BUILDER_LINKS {
+        symlink(target, sys.join("sbin").join(link))?;
+    }
+    install_builder(&sys, &system_path, &modroot)?;
     for rel in elf::library_closure(&sysroot, arch, &programs)? {
         copy_entry(&sysroot, &rel, &sys)?;
     }
@@ -445,6 +539,34 @@ fn build_assets(
             Err(e).with_context(|| format!("moving built assets to {}", dir.display()))
         }
     }
+}
+
+/// The builder VM's part of the store: `bin/vmdisk-builder-init`, `etc/lvm/lvm.conf` and
+/// `lib/vmdisk-modules/` (the modules, unsigned, and their `load-order`).
+fn install_builder(sys: &Path, system_path: &str, modroot: &Path) -> Result<()> {
+    let init = sys.join("bin/vmdisk-builder-init");
+    fs::write(&init, BUILDER_INIT.replace("@system@", system_path))?;
+    fs::set_permissions(&init, fs::Permissions::from_mode(0o755))?;
+    fs::create_dir_all(sys.join("etc/lvm"))?;
+    fs::write(sys.join("etc/lvm/lvm.conf"), LVM_CONF)?;
+    let mods = sys.join("lib/vmdisk-modules");
+    fs::create_dir_all(&mods)?;
+    let mut list = String::new();
+    for m in kernel::load_order(modroot, BUILDER_MODULES).context("the builder's modules")? {
+        let name = m
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("module file name")?
+            .replace('-', "_");
+        let bytes = fs::read(modroot.join(&m)).or_else(|_| fs::read(&m))?;
+        let bytes = kernel::strip_module_signature(&bytes)
+            .with_context(|| format!("module {}", m.display()))?;
+        fs::write(mods.join(&name), bytes)?;
+        list.push_str(&name);
+        list.push('\n');
+    }
+    fs::write(mods.join("load-order"), list)?;
+    Ok(())
 }
 
 fn find<'a>(pkgs: &[&'a LockedPackage], name: &str) -> Result<&'a LockedPackage> {

@@ -706,6 +706,52 @@ pub const GUEST_PACKAGES: &[&str] = &[
     "libffi8",
 ];
 
+/// The builder VM's tools (what disko's `_create` runs for content only a kernel makes:
+/// cryptsetup, lvm2 and dmsetup, mdadm, btrfs-progs, e2fsprogs, dosfstools, sgdisk) and the
+/// libraries they need beyond [`GUEST_PACKAGES`]. xfsprogs is not here: its libicu72 alone is
+/// 9 MB, and no corpus example puts xfs inside LUKS, LVM or an array.
+pub const BUILDER_PACKAGES: &[&str] = &[
+    "cryptsetup-bin",
+    "lvm2",
+    "dmsetup",
+    "mdadm",
+    "btrfs-progs",
+    "e2fsprogs",
+    "dosfstools",
+    "gdisk",
+    "libblkid1",
+    "libcryptsetup12",
+    "libpopt0",
+    "libuuid1",
+    "libaio1",
+    "libdevmapper-event1.02.1",
+    "libedit2",
+    "libselinux1",
+    "libsystemd0",
+    "libudev1",
+    "libdevmapper1.02.1",
+    "libcom-err2",
+    "libext2fs2",
+    "liblzo2-2",
+    "libzstd1",
+    "libss2",
+    "libgcc-s1",
+    "libncursesw6",
+    "libstdc++6",
+    "libtinfo6",
+    "libargon2-1",
+    "libjson-c5",
+    "libssl3",
+    "libbsd0",
+    "libpcre2-8-0",
+    "libcap2",
+    "libgcrypt20",
+    "liblz4-1",
+    "liblzma5",
+    "libmd0",
+    "libgpg-error0",
+];
+
 /// A native C toolchain in the guest, for the cross-architecture build assertion: tcc, and the
 /// C library's headers and start files it links against.
 pub const TOOLCHAIN_PACKAGES: &[&str] = &["tcc", "libc6-dev", "linux-libc-dev"];
@@ -759,6 +805,7 @@ pub fn default_requests(guest: Arch, host: Arch) -> Result<Vec<Request>> {
     reqs.extend(
         GUEST_PACKAGES
             .iter()
+            .chain(BUILDER_PACKAGES)
             .chain(TOOLCHAIN_PACKAGES)
             .chain(emulator_packages(guest))
             .map(|n| Request::new(n, g, Role::Guest)),
@@ -851,12 +898,22 @@ fn parse_print_uris(out: &str) -> Result<AptUri> {
 }
 
 /// Pin the current version of every request: ask apt where each package is, download it into
-/// `cache` (so the next build needs no network), and record size and sha256. Debian only.
-pub fn relock(cache: &Cache, requests: &[Request]) -> Result<Lock> {
+/// `cache` (so the next build needs no network), and record size and sha256. A request that
+/// `keep` already pins keeps that entry (no apt, no download). Debian only.
+pub fn relock(cache: &Cache, requests: &[Request], keep: Option<&Lock>) -> Result<Lock> {
     ensure_debian()?;
     let dir = cache.subdir("debs")?;
     let mut packages = Vec::new();
     for r in requests {
+        let kept = keep.and_then(|k| {
+            k.packages
+                .iter()
+                .find(|p| p.name == r.name && p.arch == r.arch && p.role == r.role)
+        });
+        if let Some(p) = kept {
+            packages.push(p.clone());
+            continue;
+        }
         let spec = format!("{}:{}", r.name, r.arch);
         let out = run_apt(
             Command::new("apt-get")
@@ -930,8 +987,11 @@ pub fn relock(cache: &Cache, requests: &[Request]) -> Result<Lock> {
 }
 
 /// Relock the default packages for `guests` (host packages for this machine's architecture)
-/// and write the lock to `path` atomically. What `cargo xtask vmtest --relock` runs.
-pub fn write_lock(path: &Path, cache: &Cache, guests: &[Arch]) -> Result<Lock> {
+/// and write the lock to `path` atomically. What `cargo xtask vmtest --relock` runs; with
+/// `keep_pinned` (`--relock-missing`), every package `path` pins already keeps its version
+/// (and the kernel its release: it is the entry named `linux-image-*`) and only packages the
+/// lock lacks are asked of apt.
+pub fn write_lock(path: &Path, cache: &Cache, guests: &[Arch], keep_pinned: bool) -> Result<Lock> {
     let host = Arch::host().context("this machine's architecture cannot run the harness")?;
     let mut requests: Vec<Request> = Vec::new();
     for g in guests {
@@ -944,7 +1004,27 @@ pub fn write_lock(path: &Path, cache: &Cache, guests: &[Arch]) -> Result<Lock> {
             }
         }
     }
-    let lock = relock(cache, &requests)?;
+    let old = if keep_pinned {
+        let text = fs::read_to_string(path)
+            .with_context(|| format!("reading {} to keep its pins", path.display()))?;
+        let old = Lock::parse(&text).with_context(|| format!("parsing {}", path.display()))?;
+        // The kernel request names apt's current release; keep the pinned one instead.
+        for r in requests.iter_mut() {
+            if r.name.starts_with("linux-image-") {
+                if let Some(k) = old
+                    .packages
+                    .iter()
+                    .find(|p| p.name.starts_with("linux-image-") && p.arch == r.arch)
+                {
+                    r.name = k.name.clone();
+                }
+            }
+        }
+        Some(old)
+    } else {
+        None
+    };
+    let lock = relock(cache, &requests, old.as_ref())?;
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -1029,8 +1109,10 @@ mod tests {
     #[test]
     fn builtin_lock_parses_and_pins_the_guest() {
         let lock = Lock::builtin().unwrap();
-        for name in GUEST_PACKAGES {
-            lock.get(name, "amd64").unwrap();
+        for name in GUEST_PACKAGES.iter().chain(BUILDER_PACKAGES) {
+            for arch in ["amd64", "arm64"] {
+                lock.get(name, arch).unwrap();
+            }
         }
         assert!(lock
             .packages

@@ -16,7 +16,9 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use crate::error::{Error, JsonPath, Result};
-use crate::model::{Content, Devices, DiskSpec, FsFormat, KeySource, MdArray, Stack, VolumeGroup};
+use crate::model::{
+    Content, Devices, DiskSpec, FsFormat, KeySource, Luks, MdArray, Stack, VolumeGroup,
+};
 use crate::size::Position;
 
 /// What a disk, LV or array feeds: the VGs and arrays its stacks are members of, and the
@@ -193,6 +195,24 @@ pub fn needs_builder(d: &DiskSpec) -> bool {
 }
 
 /// Every stack node below `s`, `s` first (through LUKS contents and array partitions).
+/// The mountpoints of the filesystems (and btrfs subvolumes) the builder VM makes for this
+/// group: where a `--copy-in` that is not a host-made partition can go.
+pub fn mountpoints(disks: &[&DiskSpec], devices: &Devices) -> Vec<String> {
+    let mut out = Vec::new();
+    for root in group_roots(disks, devices) {
+        visit(root, &mut |s| {
+            if let Stack::Made {
+                content: Content::Filesystem(fs),
+            } = s
+            {
+                out.extend(fs.mountpoint.clone());
+                out.extend(fs.subvolumes.iter().filter_map(|v| v.mountpoint.clone()));
+            }
+        });
+    }
+    out
+}
+
 fn visit<'a>(s: &'a Stack, f: &mut dyn FnMut(&'a Stack)) {
     f(s);
     match s {
@@ -274,12 +294,23 @@ fn group_devices<'a>(
     (vgs, mds)
 }
 
-/// A secret the script needs: a path the layout names (`/tmp/secret.key`) or, for
-/// `askPassword`, the LUKS name; the caller resolves it to bytes.
+/// A secret the builder needs, as the layout names it. The caller supplies its bytes.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum SecretRef {
+    /// A key file (`settings.keyFile`, `additionalKeyFiles`): its bytes, as they are.
     File(String),
+    /// A `passwordFile`: its text without trailing newlines (disko's `$(cat FILE)`).
+    PasswordFile(String),
+    /// The password of LUKS device NAME, which disko asks for (`askPassword`).
     Password(String),
+}
+
+fn secret_of(l: &Luks) -> SecretRef {
+    match &l.key {
+        KeySource::KeyFile(f) => SecretRef::File(f.clone()),
+        KeySource::PasswordFile(f) => SecretRef::PasswordFile(f.clone()),
+        KeySource::Ask => SecretRef::Password(l.name.clone()),
+    }
 }
 
 /// The secrets the builder script for `disks` reads, with the JSON path that names each.
@@ -288,12 +319,7 @@ pub fn secrets_needed(disks: &[&DiskSpec], devices: &Devices) -> Vec<(SecretRef,
     for root in group_roots(disks, devices) {
         visit(root, &mut |s| {
             if let Stack::Luks(l) = s {
-                let r = match &l.key {
-                    KeySource::KeyFile(f) | KeySource::PasswordFile(f) => {
-                        SecretRef::File(f.clone())
-                    }
-                    KeySource::Ask => SecretRef::Password(l.name.clone()),
-                };
+                let r = secret_of(l);
                 out.push((r, l.path.clone()));
                 for a in &l.additional_key_files {
                     out.push((SecretRef::File(a.clone()), l.path.key("additionalKeyFiles")));
@@ -385,12 +411,7 @@ impl Emitter<'_> {
             Stack::Empty => {}
             Stack::Made { content } => self.made(content, dev)?,
             Stack::Luks(l) => {
-                let key = match &l.key {
-                    KeySource::KeyFile(f) | KeySource::PasswordFile(f) => {
-                        self.secret(&SecretRef::File(f.clone()), &l.path)?
-                    }
-                    KeySource::Ask => self.secret(&SecretRef::Password(l.name.clone()), &l.path)?,
-                };
+                let key = self.secret(&secret_of(l), &l.path)?;
                 let mut kargs = format!("--key-file {}", q(&key));
                 if let Some(n) = l.keyfile_size {
                     let _ = write!(kargs, " --keyfile-size {n}");
@@ -679,6 +700,9 @@ pub fn builder_script(input: &ScriptInput) -> Result<Script> {
             for lv in &vg.lvs {
                 let size = if let Some(pool) = &lv.pool {
                     format!("-V {} --thinpool={}", q(&lv.size), q(pool))
+                } else if lv.size.ends_with('%') {
+                    // disko: a bare percentage is of the free space (`100%` -> `100%FREE`).
+                    format!("-l {}", q(&format!("{}FREE", lv.size)))
                 } else if lv.size.contains('%') {
                     format!("-l {}", q(&lv.size))
                 } else {

@@ -61,8 +61,9 @@ pub use fat::{Geometry as FatGeometry, MIN_CLUSTERS_32 as FAT_MIN_CLUSTERS_32};
 pub use gpt::{probe_partitions, PartitionInfo, PartitionTable};
 pub use guid::{type_code_guid, type_code_of, Guid, TYPE_CODES};
 pub use model::{
-    Content, DiskSpec, FsFormat, FsSpec, HybridSpec, PartitionSpec, PlanOptions, Subvolume,
-    SwapFile, SwapSpec, GPT_ENTRIES,
+    Content, Devices, DiskSpec, FsFormat, FsSpec, HybridSpec, KeySource, LogicalVolume, Luks,
+    MdArray, PartitionSpec, PlanOptions, Stack, Subvolume, SwapFile, SwapSpec, VolumeGroup,
+    GPT_ENTRIES,
 };
 pub use plan::{
     measure, plan, Plan, PlannedContent, PlannedPartition, DEFAULT_ALIGNMENT, MAX_DISK_BYTES,

@@ -47,8 +47,20 @@ impl Layout {
     /// Pick the disk to build: `name` (its attribute name or disko `name`), or the only one;
     /// its refusal, if it has one, comes out here.
     pub fn select(self, name: Option<&str>) -> Result<DiskSpec> {
+        let at = self.select_index(name)?;
+        self.disks
+            .into_iter()
+            .nth(at)
+            .map(|(_, d)| d)
+            .unwrap_or(Err(Error::NoDisk {
+                path: JsonPath::root(),
+            }))
+    }
+
+    /// Where [`Layout::select`]'s disk is in [`Layout::into_results`].
+    pub fn select_index(&self, name: Option<&str>) -> Result<usize> {
         let available = self.names().join(", ");
-        let at = match name {
+        Ok(match name {
             Some(n) => self
                 .disks
                 .iter()
@@ -66,14 +78,7 @@ impl Layout {
                 }
                 _ => return Err(Error::AmbiguousDisk { available }),
             },
-        };
-        self.disks
-            .into_iter()
-            .nth(at)
-            .map(|(_, d)| d)
-            .unwrap_or(Err(Error::NoDisk {
-                path: JsonPath::root(),
-            }))
+        })
     }
 
     /// Every disk's result, for callers that go through all of them.

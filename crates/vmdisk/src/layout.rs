@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use vmdisk_image::{CreateSpec, Format, ImageOptions, OpenOptions};
-use vmdisk_layout::{DiskSpec, PlanOptions, Sources};
+use vmdisk_layout::{kernel, DiskSpec, PlanOptions, Sources};
 
 /// Layout flags shared by create and measure.
 #[derive(Debug, Clone, clap::Args)]
@@ -26,34 +26,90 @@ pub struct LayoutArgs {
     /// With size `auto`: free space to leave in the last (100%) filesystem.
     #[arg(long, value_name = "SIZE", default_value = "64M", requires = "layout")]
     pub free: String,
+    /// Another disk of the layout, built into FILE together with this one: disks that share
+    /// a volume group, an md array or a multi-device btrfs are made in one builder-VM run
+    /// (NAME is the disk's attribute name; the error lists which are needed).
+    #[arg(long = "with-disk", value_name = "NAME=FILE", requires = "layout")]
+    pub with_disk: Vec<String>,
+    /// A LUKS key: PATH=FILE reads FILE for the key or password file PATH the layout names
+    /// (by default PATH itself is read, as disko does); NAME=FILE gives the password of the
+    /// LUKS device NAME that asks for one (`askPassword`), without trailing newlines.
+    #[arg(long = "secret", value_name = "PATH=FILE", requires = "layout")]
+    pub secret: Vec<String>,
 }
 
-/// Parse the layout, pick the disk, and scan every `--copy-in` tree (once).
-fn load(a: &LayoutArgs) -> Result<(DiskSpec, PlanOptions, Sources)> {
+/// `NAME=VALUE` arguments of `flag`, split.
+fn pairs(flag: &str, args: &[String], example: &str) -> Result<Vec<(String, PathBuf)>> {
+    args.iter()
+        .map(|c| match c.split_once('=') {
+            Some((k, v)) if !k.is_empty() && !v.is_empty() => Ok((k.to_string(), PathBuf::from(v))),
+            _ => bail!("{flag} {c}: expected NAME=FILE, e.g. {flag} {example}"),
+        })
+        .collect()
+}
+
+/// The parsed layout with the disk to build picked out.
+struct Selected {
+    path: PathBuf,
+    disk: DiskSpec,
+    /// Every disk that parsed (the selected one too) and the layout's VGs and arrays: what a
+    /// builder-VM group is computed from.
+    valid: Vec<DiskSpec>,
+    devices: vmdisk_layout::Devices,
+}
+
+fn select(a: &LayoutArgs) -> Result<Selected> {
     let Some(path) = &a.layout else {
         bail!("--layout is required here");
     };
     let json =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let layout =
-        vmdisk_layout::parse_layout(&json).with_context(|| format!("in {}", path.display()))?;
-    let disk = layout
-        .select(a.disk.as_deref())
-        .with_context(|| format!("in {}", path.display()))?;
-    let mut copy_in = Vec::new();
-    for c in &a.copy_in {
-        let Some((part, dir)) = c.split_once('=') else {
-            bail!("--copy-in {c}: expected PART=DIR, e.g. root=./rootfs");
-        };
-        copy_in.push((part.to_string(), PathBuf::from(dir)));
+    let in_file = || format!("in {}", path.display());
+    let mut layout = vmdisk_layout::parse_layout(&json).with_context(in_file)?;
+    let at = layout
+        .select_index(a.disk.as_deref())
+        .with_context(in_file)?;
+    let devices = std::mem::take(&mut layout.devices);
+    let mut disk = None;
+    let mut valid = Vec::new();
+    for (i, (_, d)) in layout.into_results().into_iter().enumerate() {
+        if i == at {
+            let d = d.with_context(in_file)?;
+            disk = Some(d.clone());
+            valid.push(d);
+        } else if let Ok(d) = d {
+            valid.push(d);
+        }
     }
+    Ok(Selected {
+        path: path.clone(),
+        disk: disk.context("the selected disk is missing")?,
+        valid,
+        devices,
+    })
+}
+
+/// Plan options for `disk` with these `--copy-in`s, and the scanned trees.
+fn plan_inputs(
+    a: &LayoutArgs,
+    disk: &DiskSpec,
+    copy_in: Vec<(String, PathBuf)>,
+) -> Result<(PlanOptions, Sources)> {
     let opts = PlanOptions {
         seed: a.seed.clone(),
         copy_in,
         free_margin: vmdisk_image::parse_size(&a.free)?,
     };
-    let sources = vmdisk_layout::scan_copy_in(&disk, &opts)?;
-    Ok((disk, opts, sources))
+    let sources = vmdisk_layout::scan_copy_in(disk, &opts)?;
+    Ok((opts, sources))
+}
+
+/// Parse the layout, pick the disk, and scan every `--copy-in` tree (once).
+fn load(a: &LayoutArgs) -> Result<(DiskSpec, PlanOptions, Sources)> {
+    let sel = select(a)?;
+    let copy_in = pairs("--copy-in", &a.copy_in, "root=./rootfs")?;
+    let (opts, sources) = plan_inputs(a, &sel.disk, copy_in)?;
+    Ok((sel.disk, opts, sources))
 }
 
 /// Size from SIZE (`auto` measures), else the layout's imageSize.
@@ -79,38 +135,72 @@ pub fn create(
     quiet: bool,
 ) -> Result<u8> {
     let cancel = crate::signals::cancel_on_interrupt();
-    let (disk, opts, sources) = load(a)?;
-    // LUKS, LVM, md members, btrfs subvolumes: the host would leave them empty. The layout
-    // side (vmdisk_layout::kernel) parses them and writes the builder VM's script; until
-    // `create` boots that VM, such a disk is refused rather than half built.
-    if let Some(p) = disk
-        .partitions
-        .iter()
-        .find(|p| matches!(p.content, vmdisk_layout::Content::Kernel(_)))
-    {
-        bail!(
-            "in {}: {}: this content needs the builder VM (LUKS, LVM, mdadm, btrfs subvolumes \
-             or swap files are made by a Linux kernel), which `vmdisk create` does not run \
-             yet; nothing was written",
-            a.layout.as_deref().unwrap_or(Path::new("?")).display(),
-            p.path.key("content")
-        );
+    let sel = select(a)?;
+    let copy_in = pairs("--copy-in", &a.copy_in, "root=./rootfs")?;
+    if !kernel::needs_builder(&sel.disk) {
+        if let Some(w) = a.with_disk.first() {
+            bail!(
+                "--with-disk {w}: disk {:?} shares nothing with another disk (no LUKS, LVM, md \
+                 or multi-device btrfs); build each disk on its own",
+                sel.disk.key
+            );
+        }
+        let (opts, sources) = plan_inputs(a, &sel.disk, copy_in)?;
+        let built = build_host(&sel.disk, file, format, &options, size, &opts, &sources)?;
+        cancel.check()?;
+        built.new.finish(false)?;
+        report(&built.report, file, quiet);
+        return Ok(0);
     }
-    let size = disk_size(&disk, &opts, &sources, size)?;
+    create_with_builder(a, sel, copy_in, file, format, options, size, quiet, &cancel)
+}
+
+/// A disk written by the host, still under its temporary name.
+struct Built {
+    new: vmdisk_image::NewImage,
+    report: vmdisk_layout::ApplyReport,
+}
+
+fn report(r: &vmdisk_layout::ApplyReport, file: &Path, quiet: bool) {
+    if !quiet {
+        eprintln!(
+            "vmdisk: built disk '{}' ({} bytes) in {}",
+            r.disk_name,
+            r.disk_size,
+            file.display()
+        );
+        for p in &r.partitions {
+            eprintln!("  {:>2}  {}", p.number, p.label);
+        }
+    }
+}
+
+/// Plan `disk` and write its table and host-made filesystems into a new image that becomes
+/// FILE only when the caller finishes it. Kernel-made content is left empty for the builder.
+fn build_host(
+    disk: &DiskSpec,
+    file: &Path,
+    format: Format,
+    options: &ImageOptions,
+    size: Option<&str>,
+    opts: &PlanOptions,
+    sources: &Sources,
+) -> Result<Built> {
+    let size = disk_size(disk, opts, sources, size)?;
     // Plan fully (this validates everything) before a byte is written.
-    let plan = vmdisk_layout::plan(&disk, size, &opts, &sources).context("nothing was written")?;
+    let plan = vmdisk_layout::plan(disk, size, opts, sources).context("nothing was written")?;
     // And the installed tools can make it.
     vmdisk_layout::preflight(&plan)?;
     // Content that cannot fit is refused now, not half-way through writing. measure is the
     // size `auto` would pick; where it cannot estimate (it is conservative for some content),
     // the build itself decides, and a failure still leaves FILE as it was.
     if let Ok(needed) = vmdisk_layout::measure(
-        &disk,
+        disk,
         &PlanOptions {
             free_margin: 0,
             ..opts.clone()
         },
-        &sources,
+        sources,
     ) {
         if plan.disk_size < needed {
             bail!(
@@ -130,7 +220,7 @@ pub fn create(
         &CreateSpec {
             format,
             size: Some(plan.disk_size),
-            options,
+            options: options.clone(),
             backing_file: None,
             backing_format: None,
         },
@@ -140,24 +230,253 @@ pub fn create(
         .tempdir_in(scratch_dir(file))
         .context("creating a scratch directory")?;
     let _registered = vmdisk_block::register_temp(scratch.path());
-    cancel.check()?;
-    let report = vmdisk_layout::apply(&plan, &sources, new.image().dev().as_ref(), scratch.path())
+    let report = vmdisk_layout::apply(&plan, sources, new.image().dev().as_ref(), scratch.path())
         .with_context(|| format!("building {}", file.display()))?;
-    cancel.check()?;
-    drop(scratch);
-    new.finish(false)?;
-    if !quiet {
-        eprintln!(
-            "vmdisk: built disk '{}' ({} bytes) in {}",
-            report.disk_name,
-            report.disk_size,
-            file.display()
-        );
-        for p in &report.partitions {
-            eprintln!("  {:>2}  {}", p.number, p.label);
+    Ok(Built { new, report })
+}
+
+/// A disk with LUKS, LVM, md or btrfs-subvolume content: the host writes what it can into
+/// every disk of its group, the builder VM makes the rest, then all of them are renamed.
+#[allow(clippy::too_many_arguments)]
+fn create_with_builder(
+    a: &LayoutArgs,
+    sel: Selected,
+    copy_in: Vec<(String, PathBuf)>,
+    file: &Path,
+    format: Format,
+    options: ImageOptions,
+    size: Option<&str>,
+    quiet: bool,
+    cancel: &vmdisk_block::Cancel,
+) -> Result<u8> {
+    let layout = sel.path.display().to_string();
+    let refs: Vec<&DiskSpec> = sel.valid.iter().collect();
+    let at = refs
+        .iter()
+        .position(|d| d.key == sel.disk.key)
+        .context("the selected disk is not among the layout's disks")?;
+    let group =
+        kernel::build_group(&refs, &sel.devices, at).with_context(|| format!("in {layout}"))?;
+    let with = pairs("--with-disk", &a.with_disk, "disk2=second.qcow2")?;
+    for (name, _) in &with {
+        if !group.iter().any(|i| refs[*i].key == *name) {
+            let names: Vec<&str> = group
+                .iter()
+                .filter(|i| **i != at)
+                .map(|i| refs[*i].key.as_str())
+                .collect();
+            bail!(
+                "--with-disk {name}: disk {name:?} is not built together with {:?} (it shares \
+                 no volume group, array or filesystem with it; {})",
+                sel.disk.key,
+                if names.is_empty() {
+                    "no other disk is".to_string()
+                } else {
+                    format!("these are: {}", names.join(", "))
+                }
+            );
         }
     }
+    // The members in NBD order: the selected disk first, then the rest in layout order.
+    let mut members: Vec<(&DiskSpec, PathBuf)> = vec![(refs[at], file.to_path_buf())];
+    let mut missing = Vec::new();
+    for &i in &group {
+        if i == at {
+            continue;
+        }
+        match with.iter().find(|(n, _)| *n == refs[i].key) {
+            Some((_, f)) => members.push((refs[i], f.clone())),
+            None => missing.push(refs[i].key.clone()),
+        }
+    }
+    if !missing.is_empty() {
+        bail!(
+            "in {layout}: disk {:?} shares a volume group, md array or multi-device filesystem \
+             with {}; they are built together: add {}; nothing was written",
+            sel.disk.key,
+            missing.join(", "),
+            missing
+                .iter()
+                .map(|m| format!("--with-disk {m}=FILE"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
+    for (i, (_, f)) in members.iter().enumerate() {
+        if members[..i].iter().any(|(_, g)| g == f) {
+            bail!(
+                "{} is named for two disks; give each disk its own file",
+                f.display()
+            );
+        }
+    }
+    let disks: Vec<&DiskSpec> = members.iter().map(|(d, _)| *d).collect();
+
+    // --copy-in: a host-made partition of one of the disks, else a mountpoint the VM makes.
+    let vm_mounts = kernel::mountpoints(&disks, &sel.devices);
+    let mut host_copy: Vec<Vec<(String, PathBuf)>> = vec![Vec::new(); members.len()];
+    let mut vm_copy: Vec<(String, PathBuf)> = Vec::new();
+    for (part, dir) in copy_in {
+        if vm_mounts.contains(&part) {
+            if !dir.is_dir() {
+                bail!("--copy-in {part}={}: not a directory", dir.display());
+            }
+            vm_copy.push((part, dir));
+            continue;
+        }
+        let owner = disks
+            .iter()
+            .position(|d| names_partition(d, &part))
+            .unwrap_or(0);
+        host_copy[owner].push((part, dir));
+    }
+
+    let secrets = read_secrets(
+        &layout,
+        kernel::secrets_needed(&disks, &sel.devices),
+        &pairs("--secret", &a.secret, "/tmp/secret.key=./key")?,
+    )?;
+    let mounts: Vec<String> = vm_copy.iter().map(|(m, _)| m.clone()).collect();
+    let script = kernel::builder_script(&kernel::ScriptInput {
+        disks: &disks,
+        devices: &sel.devices,
+        secrets: &secrets,
+        copy_in: &mounts,
+    })
+    .with_context(|| format!("in {layout}"))?;
+    let mut inputs = Vec::new();
+    for (i, (d, _)) in members.iter().enumerate() {
+        inputs.push(plan_inputs(a, d, std::mem::take(&mut host_copy[i]))?);
+    }
+
+    // The VM first: a missing package fails before anything is written.
+    let vm = crate::builder::Builder::prepare(quiet)?;
+    cancel.check()?;
+    let mut built = Vec::new();
+    for ((d, f), (opts, sources)) in members.iter().zip(&inputs) {
+        built.push(
+            build_host(d, f, format, &options, size, opts, sources)
+                .with_context(|| format!("building disk {:?} into {}", d.key, f.display()))?,
+        );
+        cancel.check()?;
+    }
+    let scratch = tempfile::Builder::new()
+        .prefix(".vmdisk-copy-in-")
+        .tempdir_in(scratch_dir(file))
+        .context("creating a scratch directory")?;
+    let _registered = vmdisk_block::register_temp(scratch.path());
+    let mut served = crate::builder::Served::new()?;
+    for (i, b) in built.iter().enumerate() {
+        served.add(
+            b.new.image().dev(),
+            &format!("disk{i}"),
+            false,
+            format!("vmdisk create: disk {}", disks[i].key),
+        )?;
+    }
+    let mut archives = Vec::new();
+    for (j, (m, dir)) in vm_copy.iter().enumerate() {
+        let tar = crate::builder::tar_of(dir, &scratch.path().join(format!("copy-in-{j}.tar")))?;
+        let img = vmdisk_image::open(
+            &tar,
+            &OpenOptions {
+                format: Some(Format::Raw),
+                ..OpenOptions::read_only()
+            },
+        )
+        .with_context(|| format!("opening the archive of {}", dir.display()))?;
+        served.add(
+            img.dev(),
+            &format!("copy{j}"),
+            true,
+            format!("--copy-in {m}"),
+        )?;
+        archives.push(img);
+    }
+    let ran = vm.run(&served, &script.text, quiet);
+    let stopped = served.stop();
+    ran?;
+    stopped?;
+    drop(archives);
+    cancel.check()?;
+    for (b, (_, f)) in built.into_iter().zip(&members) {
+        b.new.finish(false)?;
+        report(&b.report, f, quiet);
+    }
     Ok(0)
+}
+
+/// Whether `sel` names a partition of `d` the way `--copy-in` does (attribute name, GPT
+/// name, number or mountpoint).
+fn names_partition(d: &DiskSpec, sel: &str) -> bool {
+    d.partitions.iter().any(|p| {
+        p.key == sel
+            || p.name == sel
+            || p.label == sel
+            || p.number.to_string() == sel
+            || p.content.mountpoint() == Some(sel)
+    })
+}
+
+/// Largest key file read: cryptsetup's own default limit (`--keyfile-size` maximum, 8 MiB).
+const MAX_KEY_FILE: u64 = 8 << 20;
+
+/// The bytes of every secret the layout needs, from `--secret` or the file the layout names.
+fn read_secrets(
+    layout: &str,
+    needed: Vec<(kernel::SecretRef, vmdisk_layout::JsonPath)>,
+    given: &[(String, PathBuf)],
+) -> Result<Vec<(kernel::SecretRef, Vec<u8>)>> {
+    use kernel::SecretRef;
+    let mut out = Vec::new();
+    for (r, at) in needed {
+        let (key, password) = match &r {
+            SecretRef::File(p) => (p.as_str(), false),
+            SecretRef::PasswordFile(p) => (p.as_str(), true),
+            SecretRef::Password(n) => (n.as_str(), true),
+        };
+        let file = match (given.iter().find(|(k, _)| k == key), &r) {
+            (Some((_, f)), _) => f.clone(),
+            (None, SecretRef::Password(n)) => bail!(
+                "in {layout}: {at}: LUKS device {n:?} asks for its password when disko runs \
+                 (askPassword); give it in a file with --secret {n}=FILE; nothing was written"
+            ),
+            (None, _) => PathBuf::from(key),
+        };
+        let what = if password { "password" } else { "key" };
+        let len = std::fs::metadata(&file)
+            .with_context(|| {
+                format!(
+                    "in {layout}: {at}: reading the LUKS {what} file {}; create it, or pass \
+                     --secret {key}=FILE; nothing was written",
+                    file.display()
+                )
+            })?
+            .len();
+        if len > MAX_KEY_FILE {
+            bail!(
+                "in {layout}: {at}: {} is {len} bytes, more than a LUKS key file can be \
+                 (cryptsetup reads at most 8 MiB); nothing was written",
+                file.display()
+            );
+        }
+        let mut bytes = std::fs::read(&file)
+            .with_context(|| format!("in {layout}: {at}: reading {}", file.display()))?;
+        if password {
+            // disko passes `$(cat FILE)`: the shell drops trailing newlines.
+            while bytes.last() == Some(&b'\n') {
+                bytes.pop();
+            }
+        }
+        if bytes.is_empty() {
+            bail!(
+                "in {layout}: {at}: the LUKS {what} in {} is empty; nothing was written",
+                file.display()
+            );
+        }
+        out.push((r, bytes));
+    }
+    Ok(out)
 }
 
 /// Where scratch filesystems go: beside the disk being built (same filesystem as the output,

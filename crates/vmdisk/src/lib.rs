@@ -7,6 +7,7 @@
 //! compare: 0 same / 1 different / 2 error; everything else 0 / 1; usage errors 1; an
 //! interrupted command 128 + the signal, after it removed its partial output).
 
+mod builder;
 mod copy;
 mod doctor;
 mod editor;
