@@ -52,6 +52,7 @@
   #   timeout               coreutils           all
   #   resize2fs             e2fsprogs           all
   #   losetup               util-linux          linux
+  #   cryptsetup            cryptsetup          linux
   #   blkid                 util-linux          linux
   #   swaplabel             util-linux          linux
   #   openssl               openssl             all

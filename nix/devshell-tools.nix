@@ -38,6 +38,7 @@
       "xfsprogs" # mkfs.xfs: a reflink-capable filesystem for the copy tests; xfs_repair
       "btrfs-progs" # disko layouts with btrfs partitions, checked by `btrfs check`
       "f2fs-tools" # disko layouts with f2fs partitions (mkfs.f2fs, sload.f2fs, fsck.f2fs)
+      "cryptsetup" # the LUKS headers the builder VM writes, read with luksDump
     ]
   else
     [ ]

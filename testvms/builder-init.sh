@@ -10,6 +10,11 @@ for m in $(cat "$mods/load-order"); do
     [ -d "/sys/module/${m%.ko}" ] && continue
     insmod "$mods/$m" || { echo "vmdisk-builder-init: insmod $m failed" >&2; exit 1; }
 done
+# A new md array's initial resync would write every member through NBD now (slow, and the
+# images lose their sparseness); held back here, the kernel resumes it when the array is
+# first assembled, as it does after any interrupted resync.
+echo 1 > /proc/sys/dev/raid/speed_limit_min
+echo 1 > /proc/sys/dev/raid/speed_limit_max
 mkdir -p /run/cryptsetup /run/lvm /run/lock/lvm /run/mdadm /dev/mapper /dev/disk/by-partlabel /etc
 [ -e /etc/lvm ] || ln -s @system@/etc/lvm /etc/lvm
 [ -e /dev/mapper/control ] || { echo "vmdisk-builder-init: no /dev/mapper/control after loading dm_mod" >&2; exit 1; }

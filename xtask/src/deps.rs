@@ -70,6 +70,8 @@ pub const TOOLS: &[(&str, &str)] = &[
     // exposes a GPT partition to e2fsck/debugfs/mount
     ("resize2fs", "e2fsprogs"),
     ("losetup", "mount"),
+    // disko layouts with LUKS (issue #19): the builder VM's LUKS headers, read on the host
+    ("cryptsetup", "cryptsetup-bin"),
 ];
 
 /// Shared libraries of Debian 12's qemu-system-x86 7.2. The harness unpacks that package into

@@ -200,14 +200,23 @@ pub fn needs_builder(d: &DiskSpec) -> bool {
 pub fn mountpoints(disks: &[&DiskSpec], devices: &Devices) -> Vec<String> {
     let mut out = Vec::new();
     for root in group_roots(disks, devices) {
-        visit(root, &mut |s| {
-            if let Stack::Made {
+        let mut add = |fs: &crate::model::FsSpec| {
+            out.extend(fs.mountpoint.clone());
+            out.extend(fs.subvolumes.iter().filter_map(|v| v.mountpoint.clone()));
+        };
+        visit(root, &mut |s| match s {
+            Stack::Made {
                 content: Content::Filesystem(fs),
-            } = s
-            {
-                out.extend(fs.mountpoint.clone());
-                out.extend(fs.subvolumes.iter().filter_map(|v| v.mountpoint.clone()));
+            } => add(fs),
+            // A GPT on an array: its partitions' filesystems are made in the VM too.
+            Stack::Gpt { partitions } => {
+                for p in partitions {
+                    if let Content::Filesystem(fs) = &p.content {
+                        add(fs);
+                    }
+                }
             }
+            _ => {}
         });
     }
     out
@@ -518,11 +527,15 @@ impl Emitter<'_> {
                 let extra = words(&fs.extra_args);
                 match fs.format {
                     FsFormat::Btrfs => self.line(&format!("mkfs.btrfs {d} {extra}")),
-                    FsFormat::F2fs => {
+                    FsFormat::F2fs | FsFormat::Xfs => {
                         return Err(Error::unsupported(
                             &JsonPath::root(),
-                            "f2fs inside a LUKS, LVM or md device (the builder VM has no \
-                             mkfs.f2fs)",
+                            format!(
+                                "{} inside a LUKS, LVM or md device (the builder VM has no \
+                                 mkfs.{0}: xfsprogs needs libicu's 9 MB, f2fs-tools is not \
+                                 carried)",
+                                fs.format.name()
+                            ),
                         ))
                     }
                     f => self.line(&format!("mkfs.{} {extra} {d}", f.name())),

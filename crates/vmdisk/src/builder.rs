@@ -121,10 +121,20 @@ impl Served {
         Ok(port)
     }
 
+    pub(crate) fn len(&self) -> usize {
+        self.exports.len()
+    }
+
     /// Shell lines that attach every export in the guest, in order, as /dev/nbd0, /dev/nbd1...
     fn attach_script(&self) -> String {
+        self.attach_script_from(0)
+    }
+
+    /// [`Served::attach_script`] for the exports from `first` on (stage 2 attached the ones
+    /// before).
+    pub(crate) fn attach_script_from(&self, first: usize) -> String {
         let mut s = String::from("set -e\n");
-        for (i, e) in self.exports.iter().enumerate() {
+        for (i, e) in self.exports.iter().enumerate().skip(first) {
             s.push_str(&format!(
                 "nbd-client 10.0.2.2 {} /dev/nbd{i} -N {} -b 512 >/dev/null\n\
                  blockdev --rereadpt /dev/nbd{i} 2>/dev/null || true\n",
@@ -134,7 +144,8 @@ impl Served {
         s
     }
 
-    fn detach_script(&self) -> String {
+    /// Shell lines that sync and detach every export in the guest.
+    pub(crate) fn detach_script(&self) -> String {
         let mut s = String::from("sync\n");
         for i in 0..self.exports.len() {
             s.push_str(&format!("nbd-client -d /dev/nbd{i} >/dev/null\n"));
@@ -206,10 +217,17 @@ impl Builder {
     }
 
     /// Boot, attach `served`'s exports, run `script`, sync and detach, stop. The console log
-    /// is kept (and named in the error) when it fails.
-    pub(crate) fn run(self, served: &Served, script: &str, quiet: bool) -> Result<()> {
-        let r = self.run_inner(served, script, quiet);
-        if r.is_err() {
+    /// is kept (and named in the error) when it fails. An interrupt (`cancel`) stops the VM
+    /// at once: the outputs are still temporaries, which the caller then removes.
+    pub(crate) fn run(
+        self,
+        served: &Served,
+        script: &str,
+        cancel: &vmdisk_block::Cancel,
+        quiet: bool,
+    ) -> Result<()> {
+        let r = self.run_inner(served, script, cancel, quiet);
+        if r.is_err() && !cancel.is_cancelled() {
             let kept = self.work.keep();
             eprintln!(
                 "vmdisk: the builder VM's console log and qemu command line are in {}",
@@ -219,15 +237,35 @@ impl Builder {
         r
     }
 
-    fn run_inner(&self, served: &Served, script: &str, quiet: bool) -> Result<()> {
+    fn run_inner(
+        &self,
+        served: &Served,
+        script: &str,
+        cancel: &vmdisk_block::Cancel,
+        quiet: bool,
+    ) -> Result<()> {
         let h = &self.harness;
         let mut t = Timings::default();
         let started = std::time::Instant::now();
         let mut b = h
             .boot(&self.prepared, &Faults::default(), "", &mut t)
             .context("booting the builder VM")?;
-        let step = |what: &str, cmd: &str, stdin: Option<&[u8]>, timeout: Duration| -> Result<()> {
-            let out = b.ssh.run(cmd, stdin, timeout)?;
+        let (vm, ssh) = (&mut b.vm, &b.ssh);
+        // One command in the guest; the VM is stopped if an interrupt comes meanwhile.
+        let mut step = |what: &str, cmd: &str, stdin: Option<&[u8]>, timeout: Duration| {
+            let out = std::thread::scope(|sc| {
+                let job = sc.spawn(|| ssh.run(cmd, stdin, timeout));
+                while !job.is_finished() {
+                    if cancel.is_cancelled() {
+                        vm.stop();
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                job.join()
+            });
+            cancel.check()?;
+            let out = out.map_err(|_| anyhow::anyhow!("the ssh thread panicked"))??;
             if out.status != Some(0) {
                 let err = String::from_utf8_lossy(&out.stderr);
                 let tail: Vec<&str> = err.trim().lines().rev().take(12).collect();
@@ -238,7 +276,7 @@ impl Builder {
                     tail.join("\n")
                 );
             }
-            Ok(())
+            anyhow::Ok(())
         };
         let short = h.timeouts.ssh_command;
         step(

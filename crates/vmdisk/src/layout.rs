@@ -360,11 +360,6 @@ fn create_with_builder(
         );
         cancel.check()?;
     }
-    let scratch = tempfile::Builder::new()
-        .prefix(".vmdisk-copy-in-")
-        .tempdir_in(scratch_dir(file))
-        .context("creating a scratch directory")?;
-    let _registered = vmdisk_block::register_temp(scratch.path());
     let mut served = crate::builder::Served::new()?;
     for (i, b) in built.iter().enumerate() {
         served.add(
@@ -374,9 +369,23 @@ fn create_with_builder(
             format!("vmdisk create: disk {}", disks[i].key),
         )?;
     }
+    // The archives live beside FILE while the VM reads them (only when there are any).
+    let scratch = match vm_copy.is_empty() {
+        true => None,
+        false => Some(
+            tempfile::Builder::new()
+                .prefix(".vmdisk-copy-in-")
+                .tempdir_in(scratch_dir(file))
+                .context("creating a scratch directory")?,
+        ),
+    };
+    let _registered = scratch
+        .as_ref()
+        .map(|d| vmdisk_block::register_temp(d.path()));
     let mut archives = Vec::new();
     for (j, (m, dir)) in vm_copy.iter().enumerate() {
-        let tar = crate::builder::tar_of(dir, &scratch.path().join(format!("copy-in-{j}.tar")))?;
+        let at = scratch.as_ref().context("no scratch directory")?.path();
+        let tar = crate::builder::tar_of(dir, &at.join(format!("copy-in-{j}.tar")))?;
         let img = vmdisk_image::open(
             &tar,
             &OpenOptions {
@@ -393,7 +402,7 @@ fn create_with_builder(
         )?;
         archives.push(img);
     }
-    let ran = vm.run(&served, &script.text, quiet);
+    let ran = vm.run(&served, &script.text, cancel, quiet);
     let stopped = served.stop();
     ran?;
     stopped?;
@@ -578,4 +587,92 @@ pub fn describe_human(v: &serde_json::Value) -> String {
         s += &format!("Filesystem (whole disk): {}\n", fs_text(f));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kernel::SecretRef;
+
+    fn at() -> vmdisk_layout::JsonPath {
+        vmdisk_layout::JsonPath::root().key("disk").key("main")
+    }
+
+    #[test]
+    fn key_files_are_read_as_they_are_and_password_files_lose_trailing_newlines() {
+        let tmp = tempfile::tempdir().unwrap();
+        let key = tmp.path().join("key");
+        std::fs::write(&key, b"bytes\n\n").unwrap();
+        let needed = vec![
+            (SecretRef::File(s(&key)), at()),
+            (SecretRef::PasswordFile(s(&key)), at()),
+            (SecretRef::Password("crypted".into()), at()),
+        ];
+        let given = vec![("crypted".to_string(), key.clone())];
+        let got = read_secrets("l.json", needed, &given).unwrap();
+        assert_eq!(got[0].1, b"bytes\n\n");
+        assert_eq!(got[1].1, b"bytes");
+        assert_eq!(got[2].1, b"bytes");
+        // --secret PATH=FILE reads FILE instead of PATH.
+        let other = tmp.path().join("other");
+        std::fs::write(&other, b"other").unwrap();
+        let got = read_secrets(
+            "l.json",
+            vec![(SecretRef::File("/nonexistent/secret.key".into()), at())],
+            &[("/nonexistent/secret.key".into(), other)],
+        )
+        .unwrap();
+        assert_eq!(got[0].1, b"other");
+    }
+
+    #[test]
+    fn missing_secrets_are_refused_naming_the_json_path_and_the_way_out() {
+        let e = read_secrets(
+            "l.json",
+            vec![(SecretRef::Password("crypted".into()), at())],
+            &[],
+        )
+        .unwrap_err();
+        let m = format!("{e:#}");
+        assert!(
+            m.contains("disk.main") && m.contains("--secret crypted=FILE"),
+            "{m}"
+        );
+        let e = read_secrets(
+            "l.json",
+            vec![(SecretRef::File("/nonexistent/secret.key".into()), at())],
+            &[],
+        )
+        .unwrap_err();
+        let m = format!("{e:#}");
+        assert!(
+            m.contains("/nonexistent/secret.key")
+                && m.contains("--secret /nonexistent/secret.key=FILE"),
+            "{m}"
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let empty = tmp.path().join("empty");
+        std::fs::write(&empty, b"\n").unwrap();
+        let e = read_secrets(
+            "l.json",
+            vec![(SecretRef::PasswordFile(s(&empty)), at())],
+            &[],
+        )
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("is empty"), "{e:#}");
+    }
+
+    #[test]
+    fn name_file_pairs_are_split_or_refused_with_an_example() {
+        let ok = pairs("--with-disk", &["b=x.raw".to_string()], "d=f").unwrap();
+        assert_eq!(ok, vec![("b".to_string(), PathBuf::from("x.raw"))]);
+        for bad in ["b", "=x", "b="] {
+            let e = pairs("--with-disk", &[bad.to_string()], "disk2=second.qcow2").unwrap_err();
+            assert!(e.to_string().contains("disk2=second.qcow2"), "{e}");
+        }
+    }
+
+    fn s(p: &Path) -> String {
+        p.display().to_string()
+    }
 }

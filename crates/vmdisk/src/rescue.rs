@@ -14,28 +14,19 @@
 //! package is an error that names that step. What is cached is unpacked and built locally.
 
 use std::io::{Read, Write};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use vmdisk_assets::assemble::STAGE2_NBD_ATTACHED;
-use vmdisk_assets::assets::{Cache, Downloads, Lock};
-use vmdisk_block::BlockDevice;
 use vmdisk_image::OpenOptions;
-use vmdisk_nbd::{Listen, Listener, ServerConfig};
 use vmdisk_vm::def::VmDef;
 use vmdisk_vm::run::{Faults, Harness, PrepareOptions, Prepared, Timings};
 use vmdisk_vm::Arch;
 
+use crate::builder::Served;
 use crate::FormatArg;
-
-/// What the error says when a package is missing and --fetch was not given.
-const HOW_TO_FETCH: &str = "download the rescue VM's packages once with `vmdisk rescue --fetch` \
-     (pinned Debian packages, about 100 MB, each checked against its sha256), or point \
-     VMDISK_DEB_DIR at a folder holding those .debs";
 
 #[derive(Debug, Args)]
 pub struct RescueArgs {
@@ -53,6 +44,10 @@ pub struct RescueArgs {
     /// Attach the image read-only (the guest sees a read-only /dev/nbd0).
     #[arg(long)]
     pub read_only: bool,
+    /// More images to attach, in order, as /dev/nbd1, /dev/nbd2, ... (the other members of
+    /// an md array or a volume group); with a COMMAND. Same format probing and locks.
+    #[arg(long = "with-image", value_name = "FILE", requires = "command")]
+    pub with_image: Vec<PathBuf>,
     /// Keep the rescue VM's artifact folder (console log, qemu command line) and print it.
     #[arg(long)]
     pub keep: bool,
@@ -67,20 +62,7 @@ pub fn run(a: RescueArgs, quiet: bool) -> Result<u8> {
     let work = tempfile::Builder::new()
         .prefix("vmdisk-rescue-")
         .tempdir()?;
-    let downloads = if a.fetch {
-        Downloads::Allowed
-    } else {
-        Downloads::Refused {
-            how_to_fetch: HOW_TO_FETCH.into(),
-        }
-    };
-    let cache = Cache::new(Cache::default_root()?).with_downloads(downloads);
-    let harness = Harness::new(
-        std::env::current_exe().context("finding the vmdisk binary")?,
-        cache,
-        Lock::builtin()?,
-        work.path(),
-    );
+    let harness = crate::builder::harness(work.path(), a.fetch)?;
     // The VM first (assets, qemu, its own disk), so nothing holds the image while that fails.
     if !quiet {
         eprintln!(
@@ -118,35 +100,38 @@ pub fn run(a: RescueArgs, quiet: bool) -> Result<u8> {
         },
     )
     .with_context(|| format!("opening {} for the rescue VM", image.display()))?;
-    let dev: Arc<dyn BlockDevice> = img.dev();
+    let mut extra = Vec::new();
+    for f in &a.with_image {
+        extra.push(
+            vmdisk_image::open(
+                f,
+                &OpenOptions {
+                    read_only: a.read_only,
+                    ..Default::default()
+                },
+            )
+            .with_context(|| format!("opening {} for the rescue VM", f.display()))?,
+        );
+    }
 
-    // The NBD server on a loopback port, in its own runtime thread until we say stop.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let cfg = ServerConfig {
-        export_name: "rescue".into(),
-        read_only: a.read_only,
-        persistent: true,
-        max_connections: 2,
-        allow_uids: None,
-        description: Some(format!("vmdisk rescue of {}", image.display())),
-        allow_remote: false,
-        tls: None,
-    };
-    let addr: SocketAddr = "127.0.0.1:0".parse()?;
-    let listener = rt.block_on(async { Listener::bind(&Listen::Tcp(addr), &cfg) })?;
-    let port = listener
-        .local_addr()
-        .context("the NBD listener has no address")?
-        .port();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = rt.spawn(vmdisk_nbd::serve_listener(dev, listener, cfg, async move {
-        let _ = stop_rx.await;
-    }));
+    // Our NBD server on loopback ports, in its own runtime threads until we say stop.
+    let mut served = Served::new()?;
+    let port = served.add(
+        img.dev(),
+        "rescue",
+        a.read_only,
+        format!("vmdisk rescue of {}", image.display()),
+    )?;
+    for (i, (x, f)) in extra.iter().zip(&a.with_image).enumerate() {
+        served.add(
+            x.dev(),
+            &format!("with{}", i + 1),
+            a.read_only,
+            format!("vmdisk rescue of {}", f.display()),
+        )?;
+    }
 
-    let outcome = boot_and_work(&a, image, &harness, &p, port, quiet);
+    let outcome = boot_and_work(&a, image, &harness, &p, port, &served, quiet);
     if outcome.is_err() || a.keep {
         let kept = work.keep();
         eprintln!(
@@ -155,13 +140,12 @@ pub fn run(a: RescueArgs, quiet: bool) -> Result<u8> {
         );
     }
 
-    let _ = stop_tx.send(());
-    let served = rt.block_on(server);
+    if let Err(e) = served.stop() {
+        eprintln!("vmdisk: rescue: {e}");
+    }
     img.close()?;
-    match served {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => eprintln!("vmdisk: rescue: NBD server: {e}"),
-        Err(e) => eprintln!("vmdisk: rescue: NBD server task: {e}"),
+    for x in extra {
+        x.close()?;
     }
     outcome
 }
@@ -172,6 +156,7 @@ fn boot_and_work(
     harness: &Harness,
     p: &Prepared,
     port: u16,
+    served: &Served,
     quiet: bool,
 ) -> Result<u8> {
     let mut append = format!("vmdisk.nbd=10.0.2.2:{port}:rescue");
@@ -206,6 +191,33 @@ fn boot_and_work(
     if interactive {
         return console_shell(&mut b.vm);
     }
+    if served.len() > 1 {
+        let out = b.ssh.run(
+            &served.attach_script_from(1),
+            None,
+            harness.timeouts.ssh_command,
+        )?;
+        if out.status != Some(0) {
+            bail!(
+                "the rescue VM could not attach {}: {}",
+                a.with_image
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        if !quiet {
+            for (i, f) in a.with_image.iter().enumerate() {
+                eprintln!(
+                    "vmdisk: rescue: {} is /dev/nbd{} in the VM",
+                    f.display(),
+                    i + 1
+                );
+            }
+        }
+    }
     let script = a.command.join(" ");
     let status = b
         .ssh
@@ -215,11 +227,9 @@ fn boot_and_work(
         .status()
         .context("running the command over SSH")?;
     // Flush the guest's caches to the NBD device and detach before stopping the VM.
-    let out = b.ssh.run(
-        "sync && nbd-client -d /dev/nbd0",
-        None,
-        harness.timeouts.ssh_command,
-    )?;
+    let out = b
+        .ssh
+        .run(&served.detach_script(), None, harness.timeouts.ssh_command)?;
     if out.status != Some(0) {
         bail!(
             "the rescue VM could not flush and detach the image: {}",
