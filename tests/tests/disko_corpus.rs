@@ -92,6 +92,31 @@ struct Case {
     index: Option<Value>,
 }
 
+impl Case {
+    /// disko's image size for this disk (4G where the corpus records none).
+    fn size(&self) -> u64 {
+        self.index
+            .as_ref()
+            .and_then(|i| i["size_bytes"].as_u64())
+            .unwrap_or(4 << 30)
+    }
+}
+
+/// `create -f raw --layout FILE [--disk DISK]`: what every build starts with.
+fn create_args(c: &Case) -> Vec<String> {
+    let mut args = vec![
+        "create".to_string(),
+        "-f".into(),
+        "raw".into(),
+        "--layout".into(),
+        s(&c.file).into(),
+    ];
+    if c.several {
+        args.extend(["--disk".to_string(), c.disk.clone()]);
+    }
+    args
+}
+
 fn cases() -> Vec<Case> {
     let index = read_json(&corpus().join("tables/index.json"));
     let mut out = Vec::new();
@@ -442,7 +467,6 @@ struct VmGroup {
     config: String,
     /// The shape built (the evaluated one where there is one).
     file: PathBuf,
-    several: bool,
     /// Disk keys, the first is the one passed to `--disk`.
     members: Vec<String>,
     secrets: Vec<SecretRef>,
@@ -543,7 +567,6 @@ fn vm_groups(
                     groups.push(VmGroup {
                         config: c.config.clone(),
                         file: f.clone(),
-                        several: c.several,
                         members: keys.clone(),
                         secrets: needed.into_iter().map(|(r, _)| r).collect(),
                     });
@@ -594,22 +617,13 @@ fn build_vm_group(g: &VmGroup, all: &[Case], tmp: &Path) -> Vec<(String, Outcome
             .unwrap()
             .clone()
     };
-    let size = case(&g.members[0])
-        .index
-        .as_ref()
-        .and_then(|i| i["size_bytes"].as_u64())
-        .unwrap_or(4 << 30);
-    let mut args = vec![
-        "create".to_string(),
-        "-q".into(),
-        "-f".into(),
-        "raw".into(),
-        "--layout".into(),
-        s(&g.file).into(),
-    ];
-    if g.several {
-        args.extend(["--disk".to_string(), g.members[0].clone()]);
-    }
+    // The group's first disk, in the shape the group is built from.
+    let first = Case {
+        file: g.file.clone(),
+        ..case(&g.members[0])
+    };
+    let mut args = create_args(&first);
+    args.insert(1, "-q".into());
     for m in &g.members[1..] {
         args.extend(["--with-disk".to_string(), format!("{m}={}", s(&out(m)))]);
     }
@@ -621,7 +635,7 @@ fn build_vm_group(g: &VmGroup, all: &[Case], tmp: &Path) -> Vec<(String, Outcome
         };
         args.extend(["--secret".to_string(), format!("{name}={}", s(&key))]);
     }
-    args.extend([s(&out(&g.members[0])).to_string(), size.to_string()]);
+    args.extend([s(&out(&g.members[0])).to_string(), first.size().to_string()]);
     let r = vmdisk(&args);
     let mut results = Vec::new();
     for m in &g.members {
@@ -646,6 +660,7 @@ fn build_vm_group(g: &VmGroup, all: &[Case], tmp: &Path) -> Vec<(String, Outcome
     results
 }
 
+#[derive(Clone)]
 enum Outcome {
     Exact,
     Differs(Vec<String>),
@@ -656,22 +671,8 @@ enum Outcome {
 fn build(c: &Case, tmp: &Path) -> Outcome {
     let out = tmp.join("disk.raw");
     let _ = fs::remove_file(&out);
-    let size = c
-        .index
-        .as_ref()
-        .and_then(|i| i["size_bytes"].as_u64())
-        .unwrap_or(4 << 30);
-    let mut args = vec![
-        "create".to_string(),
-        "-f".into(),
-        "raw".into(),
-        "--layout".into(),
-        s(&c.file).into(),
-    ];
-    if c.several {
-        args.extend(["--disk".to_string(), c.disk.clone()]);
-    }
-    args.extend([s(&out).to_string(), size.to_string()]);
+    let mut args = create_args(c);
+    args.extend([s(&out).to_string(), c.size().to_string()]);
     let r = vmdisk(&args);
     if !r.success() {
         let msg = r.stderr.trim().to_string();
@@ -755,16 +756,7 @@ fn every_corpus_disk_is_built_as_disko_builds_it_or_refused_cleanly() {
     // Every shape of a group's disk gets the outcome of the group's one build.
     for c in &all {
         if let Some(o) = group_results.get(&(c.config.clone(), c.disk.clone())) {
-            let o = match o {
-                Outcome::Exact => Outcome::Exact,
-                Outcome::Differs(d) => Outcome::Differs(d.clone()),
-                Outcome::Refused { reason, vm } => Outcome::Refused {
-                    reason: reason.clone(),
-                    vm: *vm,
-                },
-                Outcome::Unclean(m) => Outcome::Unclean(m.clone()),
-            };
-            results.push((c.clone(), o));
+            results.push((c.clone(), o.clone()));
         }
     }
     eprintln!(

@@ -72,6 +72,18 @@ pub struct PartitionSpec {
     pub content: Content,
 }
 
+impl PartitionSpec {
+    /// Whether `--copy-in SEL=...` means this partition: its attribute name, disko name, GPT
+    /// name, number or filesystem mountpoint.
+    pub fn answers_to(&self, sel: &str) -> bool {
+        self.key == sel
+            || self.name == sel
+            || self.label == sel
+            || self.number.to_string() == sel
+            || self.content.mountpoint() == Some(sel)
+    }
+}
+
 /// A partition's entry in a hybrid MBR (`sgdisk -h`, then `sfdisk --part-type/--activate`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct HybridSpec {

@@ -28,13 +28,7 @@ pub fn scan_copy_in(disk: &DiskSpec, opts: &PlanOptions) -> Result<Sources> {
         let matches: Vec<&PartitionSpec> = disk
             .partitions
             .iter()
-            .filter(|p| {
-                p.key == *sel
-                    || p.name == *sel
-                    || p.label == *sel
-                    || p.number.to_string() == *sel
-                    || p.content.mountpoint() == Some(sel.as_str())
-            })
+            .filter(|p| p.answers_to(sel))
             .collect();
         let p = match matches.as_slice() {
             [one] => *one,

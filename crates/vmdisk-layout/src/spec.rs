@@ -770,16 +770,24 @@ fn parse_swapfiles(sw: Option<&Json>, path: &JsonPath) -> Result<Vec<crate::mode
     Ok(out)
 }
 
-fn parse_content_inner(c: Option<&Json>, path: &JsonPath) -> Result<Content> {
+/// A content object and its `type`; None for an absent or null content.
+fn content_object<'a>(c: Option<&'a Json>, path: &JsonPath) -> Result<Option<(&'a Json, &'a str)>> {
     let c = match c {
-        None | Some(Json::Null) => return Ok(Content::None),
+        None | Some(Json::Null) => return Ok(None),
         Some(c) => c,
     };
     c.members(path)?;
-    let tpath = path.key("type");
     let t = c
         .get_str("type", path)?
-        .ok_or_else(|| Error::invalid(&tpath, "missing content type"))?;
+        .ok_or_else(|| Error::invalid(&path.key("type"), "missing content type"))?;
+    Ok(Some((c, t)))
+}
+
+fn parse_content_inner(c: Option<&Json>, path: &JsonPath) -> Result<Content> {
+    let Some((c, t)) = content_object(c, path)? else {
+        return Ok(Content::None);
+    };
+    let tpath = path.key("type");
     let extra_args = c.get_str_list("extraArgs", path)?;
     let apath = path.key("extraArgs");
     match t {
@@ -1029,15 +1037,10 @@ pub(crate) fn parse_stack(
     label_prefix: &str,
     gpt_allowed: bool,
 ) -> Result<Stack> {
-    let c = match c {
-        None | Some(Json::Null) => return Ok(Stack::Empty),
-        Some(c) => c,
+    let Some((c, t)) = content_object(c, path)? else {
+        return Ok(Stack::Empty);
     };
-    c.members(path)?;
     let tpath = path.key("type");
-    let t = c
-        .get_str("type", path)?
-        .ok_or_else(|| Error::invalid(&tpath, "missing content type"))?;
     match t {
         "luks" => parse_luks(c, path).map(|l| Stack::Luks(Box::new(l))),
         "lvm_pv" => {

@@ -326,7 +326,7 @@ fn create_with_builder(
         }
         let owner = disks
             .iter()
-            .position(|d| names_partition(d, &part))
+            .position(|d| d.partitions.iter().any(|p| p.answers_to(&part)))
             .unwrap_or(0);
         host_copy[owner].push((part, dir));
     }
@@ -413,18 +413,6 @@ fn create_with_builder(
         report(&b.report, f, quiet);
     }
     Ok(0)
-}
-
-/// Whether `sel` names a partition of `d` the way `--copy-in` does (attribute name, GPT
-/// name, number or mountpoint).
-fn names_partition(d: &DiskSpec, sel: &str) -> bool {
-    d.partitions.iter().any(|p| {
-        p.key == sel
-            || p.name == sel
-            || p.label == sel
-            || p.number.to_string() == sel
-            || p.content.mountpoint() == Some(sel)
-    })
 }
 
 /// Largest key file read: cryptsetup's own default limit (`--keyfile-size` maximum, 8 MiB).
