@@ -324,10 +324,23 @@ fn create_with_builder(
             vm_copy.push((part, dir));
             continue;
         }
-        let owner = disks
+        let Some(owner) = disks
             .iter()
             .position(|d| d.partitions.iter().any(|p| p.answers_to(&part)))
-            .unwrap_or(0);
+        else {
+            let parts: Vec<&str> = disks
+                .iter()
+                .flat_map(|d| d.partitions.iter().map(|p| p.key.as_str()))
+                .collect();
+            bail!(
+                "--copy-in {part}={}: no partition is called that and no filesystem the \
+                 builder VM makes is mounted there (partitions: {}; mountpoints made in the VM: \
+                 {}); nothing was written",
+                dir.display(),
+                parts.join(", "),
+                vm_mounts.join(", ")
+            );
+        };
         host_copy[owner].push((part, dir));
     }
 
