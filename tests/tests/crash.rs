@@ -280,14 +280,14 @@ fn clear_temps(d: &Path) {
     }
 }
 
-/// Known and NOT fixed (vmdisk-qcow2, outside this test's reach): a SIGKILL inside a
-/// snapshot operation can leave clusters whose refcount already dropped to 1 without their
-/// COPIED flag (ARCHITECTURE.md, "Known windows"). qemu-img check counts each as a
-/// corruption; it is the harmless direction (a write copies a cluster it could have written
-/// in place; nothing shared is ever written) and `check -r all` repairs it. Only this exact
-/// finding is tolerated, and only for snapshot commands; the test still requires the repair
-/// to end clean and every view to be intact. Set to false once the engine orders its
-/// COPIED-flag updates crash-safely.
+/// Inherent, not a bug: a SIGKILL inside a snapshot operation can leave clusters at refcount
+/// 1 without their COPIED flag (ARCHITECTURE.md, "Known windows"), since flag and refcount
+/// live in different clusters and one of them is written first. qemu-img check counts each
+/// as a corruption; it is the harmless direction (a write copies a cluster it could have
+/// written in place; nothing shared is ever written) and `check -r all` repairs it. Only
+/// this exact finding is tolerated, and only for snapshot commands; the test still requires
+/// the repair to end clean and every view to be intact. The dangerous direction (COPIED at
+/// refcount 2) fails here, and deterministically in vmdisk-qcow2's crash_points test.
 const TOLERATE_SNAPSHOT_COPIED_WINDOW: bool = true;
 
 /// qemu-img check finds no corruption (exit 0, or 3 for leaks, which it then repairs);

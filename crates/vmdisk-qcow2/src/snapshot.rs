@@ -4,9 +4,11 @@
 //! reach it. The active tables carry COPIED exactly where the refcount is 1. Every step keeps
 //! the on-disk image free of references to clusters whose refcount is not durable:
 //! increments are written and flushed before the tables that add references, a snapshot is
-//! removed from the table before its clusters are released. A crash can leak clusters; the
-//! short window between writing refcounts and fixing COPIED flags (as in qemu) can leave
-//! COPIED-flag mismatches that `check -r all` repairs.
+//! removed from the table before its clusters are released, and COPIED is cleared (durably)
+//! before a refcount rises above 1. A crash can leak clusters, and can leave clusters at
+//! refcount 1 without COPIED (harmless: the next write copies them; `check -r all` sets the
+//! flag again) — never COPIED on a shared cluster. `tests/crash_points.rs` cuts every
+//! snapshot operation at each of its writes and has qemu-img check the result.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -132,6 +134,27 @@ fn fix_copied(st: &mut State, host: &dyn BlockDevice) -> Result<()> {
     Ok(())
 }
 
+/// Clear COPIED everywhere in the active L1/L2 tables (before a snapshot shares them all).
+fn clear_copied(st: &mut State, host: &dyn BlockDevice) -> Result<()> {
+    let cs = st.cs();
+    for i in 0..st.l1.len() {
+        let off = meta::check_l1_entry(st.l1[i], cs, i as u64 * 8)?;
+        if off == 0 {
+            continue;
+        }
+        for (idx, (raw, _)) in st.l2_words(host, off)?.into_iter().enumerate() {
+            if raw & OFLAG_COPIED != 0 {
+                st.set_l2_word(host, off, idx, raw & !OFLAG_COPIED)?;
+            }
+        }
+        if st.l1[i] & OFLAG_COPIED != 0 {
+            st.l1[i] &= !OFLAG_COPIED;
+            st.l1_dirty = true;
+        }
+    }
+    Ok(())
+}
+
 /// Write `snaps` as the new snapshot table and point the header at it (crash-safe order).
 pub(crate) fn replace_table(
     st: &mut State,
@@ -210,9 +233,13 @@ pub fn create(img: &Qcow2Image, name: &str) -> vmdisk_block::Result<String> {
         } else {
             0
         };
-        tree_adjust(st, host, &active, 1)?;
+        // COPIED goes first and durably: until the new refcounts land, a cluster without
+        // COPIED at refcount 1 only costs a needless copy-on-write, while COPIED at refcount
+        // 2 would be a real inconsistency (qemu-img check counts it as corruption).
+        // (write_back flushes the tables before returning).
+        clear_copied(st, host)?;
         st.write_back(host)?;
-        fix_copied(st, host)?;
+        tree_adjust(st, host, &active, 1)?;
         st.write_back(host)?;
         let id = st
             .snaps
@@ -240,6 +267,10 @@ pub fn create(img: &Qcow2Image, name: &str) -> vmdisk_block::Result<String> {
             extra_tail: Vec::new(),
         });
         replace_table(st, host, snaps)?;
+        // Normally a no-op (everything active is now shared); it settles odd inputs such as
+        // a cluster the active tables reach twice.
+        fix_copied(st, host)?;
+        st.write_back(host)?;
         Ok(id.to_string())
     })
 }
