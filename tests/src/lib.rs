@@ -1014,3 +1014,127 @@ impl Serve {
         }
     }
 }
+
+/// `vmdisk rescue IMAGE [--with-image MORE...] -- SCRIPT` (the images are /dev/nbd0,
+/// /dev/nbd1, ... in the VM); its output.
+pub fn rescue(images: &[&Path], script: &str) -> Run {
+    let mut args = vec!["rescue".to_string(), s(images[0]).to_string()];
+    for i in &images[1..] {
+        args.extend(["--with-image".to_string(), s(i).to_string()]);
+    }
+    args.extend(["--".to_string(), script.to_string()]);
+    run_with_timeout(
+        Command::new(vmdisk_bin()).args(&args),
+        Duration::from_secs(600),
+    )
+}
+
+/// The name of the marker file [`open_everything`] looks for; put one, holding the
+/// mountpoint, in each `--copy-in` tree.
+pub const MARKER_PREFIX: &str = "vmdisk-marker-";
+
+/// What [`open_everything`] found in the rescue VM.
+#[derive(Debug, Default)]
+pub struct Opened {
+    /// The contents of every marker file found, one per filesystem it was on.
+    pub markers: Vec<String>,
+    /// LUKS devices opened (`luks-open DEV`) and problems (`luks-fail`, `mount-fail`,
+    /// `fsck-fail`), as the script printed them.
+    pub opened_luks: usize,
+    pub problems: Vec<String>,
+    /// Filesystems mounted and checked, as `DEV TYPE`.
+    pub checked: Vec<String>,
+}
+
+/// Attach `images` in the rescue VM and open everything the way a booting machine would,
+/// without being told the layout: assemble md arrays, open every LUKS device with one of
+/// `keys` (as given, and without a trailing newline, the two ways disko hands keys to
+/// cryptsetup), activate every LVM volume group, repeat for stacks (LUKS on md, LVM on
+/// LUKS), scan btrfs devices; then mount each ext2/3/4, vfat and btrfs filesystem (btrfs at
+/// its top level, so every subvolume shows) read-only, collect marker files, and fsck it.
+/// The rescue busybox has no blkid: a filesystem is whatever mounts, counted once per UUID.
+pub fn open_everything(images: &[&Path], keys: &[Vec<u8>]) -> (Opened, Run) {
+    use std::fmt::Write as _;
+    let mut script =
+        String::from("set -e; export DM_DISABLE_UDEV=1; vmdisk-builder-init >/dev/null; set +e\n");
+    for (i, k) in keys.iter().enumerate() {
+        let hex: String = k.iter().fold(String::new(), |mut h, b| {
+            let _ = write!(h, "\\{b:03o}");
+            h
+        });
+        let _ = writeln!(script, "printf '{hex}' > /tmp/key{i}");
+        let stripped = k.strip_suffix(b"\n").unwrap_or(k);
+        let hex: String = stripped.iter().fold(String::new(), |mut h, b| {
+            let _ = write!(h, "\\{b:03o}");
+            h
+        });
+        let _ = writeln!(script, "printf '{hex}' > /tmp/key{i}s");
+    }
+    script.push_str(&format!(
+        r#"for round in 1 2 3 4; do
+  mdadm --assemble --scan >/dev/null 2>&1
+  for b in /sys/class/block/*; do
+    n=${{b##*/}}; d=/dev/$n
+    cryptsetup isLuks $d 2>/dev/null || continue
+    [ -e /dev/mapper/open-$n ] && continue
+    ok=
+    for k in /tmp/key*; do
+      [ -e "$k" ] || continue
+      cryptsetup open $d open-$n --key-file $k 2>/dev/null && {{ ok=1; break; }}
+    done
+    if [ -n "$ok" ]; then echo "luks-open $d"; elif [ $round = 4 ]; then echo "luks-fail $d"; fi
+  done
+  vgchange -ay >/dev/null 2>&1
+done
+btrfs device scan >/dev/null 2>&1
+seen=" "
+mkdir -p /m
+for b in /sys/class/block/*; do
+  d=/dev/${{b##*/}}
+  # Members of an array (a raid1 with metadata at the end looks like its filesystem).
+  mdadm --examine $d >/dev/null 2>&1 && continue
+  t=
+  for try in ext4 btrfs vfat; do
+    o=ro; [ $try = btrfs ] && o=ro,subvolid=5
+    mount -t $try -o $o $d /m 2>/dev/null && {{ t=$try; break; }}
+  done
+  [ -n "$t" ] || continue
+  case $t in
+    ext4) u=$(tune2fs -l $d | sed -n 's/^Filesystem UUID: *//p') ;;
+    btrfs) u=$(btrfs inspect-internal dump-super $d | sed -n 's/^fsid[[:space:]]*//p') ;;
+    *) u=$d ;;
+  esac
+  case "$seen" in *" $u "*) umount /m; continue;; esac
+  seen="$seen$u "
+  find /m -maxdepth 5 -type f -name '{MARKER_PREFIX}*' | while read f; do echo "marker $(cat "$f")"; done
+  umount /m
+  case $t in
+    ext4) e2fsck -fn $d >/dev/null 2>&1 ;;
+    vfat) fsck.fat -n $d >/dev/null 2>&1 ;;
+    btrfs) btrfs check --readonly $d >/dev/null 2>&1 ;;
+  esac && echo "checked $d $t" || echo "fsck-fail $d $t"
+done
+echo open-everything-done
+"#
+    ));
+    let r = rescue(images, &script);
+    let mut o = Opened::default();
+    for l in r.stdout.lines() {
+        if let Some(m) = l.strip_prefix("marker ") {
+            o.markers.push(m.to_string());
+        } else if l.starts_with("luks-open ") {
+            o.opened_luks += 1;
+        } else if let Some(c) = l.strip_prefix("checked ") {
+            o.checked.push(c.to_string());
+        } else if ["luks-fail ", "mount-fail ", "fsck-fail "]
+            .iter()
+            .any(|p| l.starts_with(p))
+        {
+            o.problems.push(l.to_string());
+        }
+    }
+    if !r.success() || !r.stdout.contains("open-everything-done") {
+        o.problems.push(format!("the rescue VM run failed:\n{r}"));
+    }
+    (o, r)
+}

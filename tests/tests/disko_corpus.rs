@@ -7,7 +7,10 @@
 //! checked with the tool that makes it (`fsck.vfat -n`, `e2fsck -fn`, `btrfs check`,
 //! `xfs_repair -n`, `fsck.f2fs`) and compared with `blkid` / `dumpe2fs` to the recorded
 //! `STEM.fs.json`. A disk vmdisk does not build must be refused with one line naming the
-//! JSON path, leaving no file.
+//! JSON path, leaving no file. Disks the builder VM makes (LUKS, LVM, md, btrfs subvolumes)
+//! get a `--copy-in` at every filesystem it makes and must then open in a fresh rescue VM
+//! without being told the layout (`tests::open_everything`: arrays assembled, LUKS opened
+//! with the key, volume groups activated, each filesystem mounted and fsck'd).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -470,6 +473,9 @@ struct VmGroup {
     /// Disk keys, the first is the one passed to `--disk`.
     members: Vec<String>,
     secrets: Vec<SecretRef>,
+    /// Where the builder VM makes filesystems: each gets a `--copy-in`, and the built disks
+    /// must open in a rescue VM with every one of them mounted and holding its file.
+    mountpoints: Vec<String>,
 }
 
 /// What the builder script and the host plan of a group are, minus what names the JSON
@@ -569,6 +575,7 @@ fn vm_groups(
                         file: f.clone(),
                         members: keys.clone(),
                         secrets: needed.into_iter().map(|(r, _)| r).collect(),
+                        mountpoints: kernel::mountpoints(&members, &layout.devices),
                     });
                     for k in &keys {
                         of.insert((c.config.clone(), k.clone()), groups.len() - 1);
@@ -627,23 +634,60 @@ fn build_vm_group(g: &VmGroup, all: &[Case], tmp: &Path) -> Vec<(String, Outcome
     for m in &g.members[1..] {
         args.extend(["--with-disk".to_string(), format!("{m}={}", s(&out(m)))]);
     }
+    let key_of = |i: usize| format!("vmdisk-corpus-key-{i}\n").into_bytes();
     for (i, r) in g.secrets.iter().enumerate() {
         let key = tmp.join(format!("secret{i}"));
-        fs::write(&key, format!("vmdisk-corpus-key-{i}\n")).unwrap();
+        fs::write(&key, key_of(i)).unwrap();
         let name = match r {
             SecretRef::File(p) | SecretRef::PasswordFile(p) | SecretRef::Password(p) => p,
         };
         args.extend(["--secret".to_string(), format!("{name}={}", s(&key))]);
     }
+    for (i, mp) in g.mountpoints.iter().enumerate() {
+        let dir = tmp.join(format!("copy-in-{i}"));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join(format!("{MARKER_PREFIX}{i}")), mp).unwrap();
+        args.extend(["--copy-in".to_string(), format!("{mp}={}", s(&dir))]);
+    }
     args.extend([s(&out(&g.members[0])).to_string(), first.size().to_string()]);
     let r = vmdisk(&args);
+    // Opened as the machine would open them: every LUKS device with its key, every array
+    // and volume group, every filesystem mounted with its copied-in file.
+    let opened = r.success().then(|| {
+        let paths: Vec<PathBuf> = g.members.iter().map(|m| out(m)).collect();
+        let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
+        let keys: Vec<Vec<u8>> = (0..g.secrets.len()).map(key_of).collect();
+        let (o, _) = open_everything(&refs, &keys);
+        let mut diffs = o.problems.clone();
+        let mut want = g.mountpoints.clone();
+        want.sort();
+        let mut got = o.markers.clone();
+        got.sort();
+        if got != want {
+            diffs.push(format!(
+                "opened in a rescue VM, the copied-in files found are for {got:?}, not for \
+                 every filesystem the builder made ({want:?}); filesystems checked: {:?}",
+                o.checked
+            ));
+        }
+        if !g.secrets.is_empty() && o.opened_luks == 0 {
+            diffs.push("no LUKS device opened with the keys given".into());
+        }
+        diffs
+    });
     let mut results = Vec::new();
     for m in &g.members {
         let c = case(m);
         let o = if !r.success() {
             Outcome::Differs(vec![format!("the builder VM build failed:\n{r}")])
         } else if let Some(idx) = c.index.as_ref().filter(|i| i["table"].is_string()) {
-            let mut diffs = Vec::new();
+            // The group opens or fails as a whole: its findings go with the first disk.
+            let mut diffs = if m == &g.members[0] {
+                opened.clone().unwrap_or_default()
+            } else {
+                Vec::new()
+            };
             let parts = compare_table(&c, &out(m), idx, &mut diffs);
             compare_filesystems(&out(m), idx, &parts, tmp, &mut diffs);
             if diffs.is_empty() {

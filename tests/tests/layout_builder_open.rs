@@ -7,25 +7,11 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use tests::*;
 
 fn example(name: &str) -> PathBuf {
     workspace_root().join(format!("../shared/corpus/disko/json/{name}.evaluated.json"))
-}
-
-/// `vmdisk rescue IMAGE [--with-image MORE...] -- SCRIPT`; its output.
-fn rescue(images: &[&Path], script: &str) -> Run {
-    let mut args = vec!["rescue".to_string(), s(images[0]).to_string()];
-    for i in &images[1..] {
-        args.extend(["--with-image".to_string(), s(i).to_string()]);
-    }
-    args.extend(["--".to_string(), script.to_string()]);
-    run_with_timeout(
-        std::process::Command::new(vmdisk_bin()).args(&args),
-        Duration::from_secs(600),
-    )
 }
 
 /// A --copy-in tree with one file whose content names the test.

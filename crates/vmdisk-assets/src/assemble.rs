@@ -53,7 +53,7 @@ const LVM_CONF: &str = include_str!("../../../testvms/lvm.conf");
 
 /// Kernel modules the builder VM loads on demand (`vmdisk-builder-init`), kept in the store
 /// rather than the initramfs so no other boot pays for them: device mapper targets for LUKS
-/// and LVM (thin pools, raid and mirror LVs), the md personalities, btrfs, and the crypto
+/// and LVM (thin pools, raid and mirror LVs), the md personalities, btrfs, vfat, and the crypto
 /// cryptsetup uses (dm-crypt's aes-xts, and AF_ALG for LUKS2 keyslots).
 const BUILDER_MODULES: &[&str] = &[
     // The disks arrive over NBD (attached after this, not by stage 2).
@@ -70,6 +70,12 @@ const BUILDER_MODULES: &[&str] = &[
     "raid10",
     "raid456",
     "btrfs",
+    // vfat for a --copy-in onto an ESP the VM makes (on an md raid1, as in disko's
+    // boot-raid1), with the code page and charsets Debian's fat defaults name.
+    "vfat",
+    "nls_cp437",
+    "nls_ascii",
+    "nls_utf8",
     "xts",
     "af_alg",
     "algif_skcipher",
