@@ -1091,8 +1091,11 @@ seen=" "
 mkdir -p /m
 for b in /sys/class/block/*; do
   d=/dev/${{b##*/}}
-  # Members of an array (a raid1 with metadata at the end looks like its filesystem).
-  mdadm --examine $d >/dev/null 2>&1 && continue
+  # A device something is stacked on (an md member, an opened LUKS container, an LVM PV)
+  # is read through what sits above it; a raid1 member with metadata at the end would
+  # otherwise look like its filesystem. (`mdadm --examine` cannot tell: it accepts any
+  # device with an MBR signature, which includes a FAT boot sector.)
+  [ -n "$(ls $b/holders 2>/dev/null)" ] && continue
   t=
   for try in ext4 btrfs vfat; do
     o=ro; [ $try = btrfs ] && o=ro,subvolid=5
