@@ -1,4 +1,5 @@
-//! `benches layout`: building an ESP + swap + root qcow2 from a disko layout, vmdisk vs a script.
+//! `benches layout`: building an ESP + swap + root qcow2 from a disko layout, vmdisk vs a script
+//! (and, in [`crate::disko_vm`], two of disko's examples that need a kernel, vs disko's `_create`).
 //!
 //! vmdisk runs `vmdisk create -f qcow2 --layout L --copy-in /=TREE --seed 1 OUT`. The script
 //! is what a rootless user does today with the usual tools: `truncate` a raw file, `sgdisk`
@@ -29,6 +30,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::disko_vm::DiskoCase;
 use crate::util::{remove_if_exists, run, sha256, sync};
 
 /// script time / vmdisk time must reach this.
@@ -108,106 +110,6 @@ impl Shape {
             } }
         } } } } })
     }
-}
-
-impl Shape {
-    /// The btrfs case: ESP (vfat) and a btrfs root holding subvolumes `@root`, `@nix` and
-    /// `@home` (mount options as people write them), nothing copied in. vmdisk makes the
-    /// subvolumes with `mkfs.btrfs --subvol` (btrfs-progs 6.11 or newer); without it the case
-    /// reports vmdisk's refusal. There is no rootless script to race: making subvolumes needs
-    /// a mounted filesystem otherwise.
-    fn btrfs_json(&self) -> serde_json::Value {
-        let sub = |mp: &str| serde_json::json!({ "mountpoint": mp, "mountOptions": ["compress=zstd", "noatime"] });
-        serde_json::json!({ "disko": { "devices": { "disk": { "main": {
-            "type": "disk",
-            "device": "/dev/vda",
-            "imageSize": format!("{}M", self.disk / MIB),
-            "content": { "type": "gpt", "partitions": {
-                "ESP": {
-                    "type": "EF00",
-                    "size": format!("{}M", self.esp / MIB),
-                    "content": { "type": "filesystem", "format": "vfat", "mountpoint": "/boot" }
-                },
-                "root": {
-                    "size": "100%",
-                    "content": {
-                        "type": "btrfs",
-                        "extraArgs": ["-f", "-L", "nixos"],
-                        "subvolumes": { "@root": sub("/"), "@nix": sub("/nix"), "@home": sub("/home") }
-                    }
-                }
-            } }
-        } } } } })
-    }
-}
-
-/// The btrfs-with-subvolumes case: vmdisk's time, or why it refused.
-#[derive(Clone, Serialize)]
-pub struct BtrfsCase {
-    pub best_s: Option<f64>,
-    /// `btrfs check --readonly` of the root partition, and the subvolumes it lists.
-    pub check: Option<String>,
-    pub error: Option<String>,
-}
-
-fn btrfs_case(vmdisk: &Path, shape: &Shape, dir: &Path, runs: usize) -> Result<BtrfsCase> {
-    let layout = dir.join("btrfs-layout.json");
-    fs::write(&layout, serde_json::to_vec_pretty(&shape.btrfs_json())?)?;
-    let out = dir.join("btrfs.raw");
-    let mut best: Option<f64> = None;
-    for _ in 0..runs.max(1) {
-        remove_if_exists(&out)?;
-        sync();
-        let t = Instant::now();
-        let r = Command::new(vmdisk)
-            .args(["create", "-q", "-f", "raw", "--layout"])
-            .arg(&layout)
-            .args(["--seed", LAYOUT_SEED])
-            .arg(&out)
-            .output()?;
-        if !r.status.success() {
-            return Ok(BtrfsCase {
-                best_s: None,
-                check: None,
-                error: Some(String::from_utf8_lossy(&r.stderr).trim().to_string()),
-            });
-        }
-        let secs = t.elapsed().as_secs_f64();
-        best = Some(best.map_or(secs, |b: f64| b.min(secs)));
-    }
-    // Check the root partition with btrfs-progs itself.
-    let parts = sfdisk_parts(&out)?;
-    let check = match parts.get(1) {
-        Some(root) => {
-            let img = dir.join("btrfs-root.img");
-            run(Command::new("dd")
-                .arg(format!("if={}", out.display()))
-                .arg(format!("of={}", img.display()))
-                .args(["bs=512", "conv=sparse", "status=none"])
-                .arg(format!("skip={}", root.start))
-                .arg(format!("count={}", root.size)))?;
-            let r = Command::new("btrfs")
-                .args(["check", "--readonly"])
-                .arg(&img)
-                .output()?;
-            remove_if_exists(&img)?;
-            Some(if r.status.success() {
-                "btrfs check --readonly: clean".to_string()
-            } else {
-                format!(
-                    "btrfs check --readonly failed: {}",
-                    String::from_utf8_lossy(&r.stderr).trim()
-                )
-            })
-        }
-        None => Some("no root partition".into()),
-    };
-    remove_if_exists(&out)?;
-    Ok(BtrfsCase {
-        best_s: best,
-        check,
-        error: None,
-    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -461,7 +363,7 @@ pub struct Part {
     pub name: String,
 }
 
-fn sfdisk_parts(raw: &Path) -> Result<Vec<Part>> {
+pub(crate) fn sfdisk_parts(raw: &Path) -> Result<Vec<Part>> {
     let out = run(Command::new("sfdisk").arg("--json").arg(raw))?;
     let v: serde_json::Value = serde_json::from_slice(&out).context("parsing sfdisk --json")?;
     let parts = v
@@ -823,8 +725,8 @@ pub struct Report {
     pub target_met: bool,
     /// Every vmdisk run wrote the same bytes (same seed, layout and tree).
     pub vmdisk_reproducible: Option<bool>,
-    /// ESP + btrfs root with subvolumes, vmdisk alone (no rootless script can make it).
-    pub btrfs_subvolumes: BtrfsCase,
+    /// disko's btrfs-subvolumes and luks-lvm examples, vmdisk vs disko's `_create` in a VM.
+    pub disko_layouts: Vec<DiskoCase>,
     pub verdict: String,
 }
 
@@ -880,6 +782,8 @@ pub struct Options<'a> {
     pub runs: usize,
     pub quick: bool,
     pub seed: u64,
+    /// The disko corpus (the folder holding json/).
+    pub corpus: &'a Path,
 }
 
 /// Who runs in one timed slot.
@@ -1024,9 +928,14 @@ pub fn bench(o: &Options) -> Result<Report> {
     } else {
         "MISS: speed".to_string()
     };
-    let btrfs_subvolumes = btrfs_case(o.vmdisk, &shape, o.dir, o.runs)?;
+    eprintln!("   disko's own examples that need a kernel, vmdisk vs disko's _create in a VM:");
+    let disko_layouts = crate::disko_vm::cases(o.vmdisk, o.corpus, o.dir, o.runs)?;
+    let verdict = match disko_layouts.iter().find(|c| c.failed()) {
+        Some(c) if !verdict.starts_with("FAIL") => format!("FAIL: {} (disko example)", c.example),
+        _ => verdict,
+    };
     Ok(Report {
-        btrfs_subvolumes,
+        disko_layouts,
         shape,
         tree: tree_stats,
         qemu_img_version,
@@ -1042,7 +951,7 @@ pub fn bench(o: &Options) -> Result<Report> {
     })
 }
 
-fn table_differences(v: &[Part], s: &[Part]) -> Vec<String> {
+pub(crate) fn table_differences(v: &[Part], s: &[Part]) -> Vec<String> {
     let mut d = Vec::new();
     if v.len() != s.len() {
         d.push(format!("{} vs {} partitions", v.len(), s.len()));
@@ -1080,15 +989,6 @@ impl Report {
     pub fn markdown(&self) -> String {
         use std::fmt::Write;
         let mut md = String::new();
-        let b = &self.btrfs_subvolumes;
-        let btrfs_line = match (&b.error, b.best_s) {
-            (Some(e), _) => format!("vmdisk refused: {e}"),
-            (None, Some(t)) => format!(
-                "vmdisk {t:.2} s; {}",
-                b.check.as_deref().unwrap_or("not checked")
-            ),
-            (None, None) => "not run".to_string(),
-        };
         let sh = &self.shape;
         let t = &self.tree;
         let _ = writeln!(
@@ -1215,11 +1115,7 @@ impl Report {
                 if r { "yes" } else { "**no**" }
             );
         }
-        let _ = writeln!(
-            md,
-            "- ESP + btrfs root with subvolumes @root, @nix, @home (no rootless script can make \
-             subvolumes): {btrfs_line}"
-        );
+        md.push_str(&crate::disko_vm::markdown(&self.disko_layouts));
         md
     }
 }

@@ -5,7 +5,7 @@
 //! target/release/benches convert [--size 8G] [--data 1.5G] [--runs 3] [--dir DIR]
 //!                                [--vmdisk PATH] [--quick] [--json] [--qemu-parallel]
 //!                                [--case SUBSTR]...
-//! target/release/benches layout  [--runs 3] [--quick] [--json]   (see layout.rs)
+//! target/release/benches layout  [--runs 3] [--quick] [--json] [--corpus DIR]   (see layout.rs)
 //! target/release/benches nbd     [--runs 3] [--quick] [--json] [--reads N]   (see nbd.rs)
 //! target/release/benches resize  [--runs 3] [--quick] [--json]   (see resize.rs)
 //! ```
@@ -21,6 +21,7 @@
 //! table (or JSON). The exit status is non-zero only when vmdisk failed or wrote a wrong image;
 //! a missed performance target is reported, not fatal.
 
+mod disko_vm;
 mod ext4;
 mod gen;
 mod layout;
@@ -56,7 +57,8 @@ enum Bench {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
-    /// `vmdisk create --layout --copy-in` vs truncate + sgdisk + mkfs + dd + qemu-img convert.
+    /// `vmdisk create --layout --copy-in` vs truncate + sgdisk + mkfs + dd + qemu-img convert;
+    /// disko's btrfs-subvolumes and luks-lvm examples vs disko's own `_create` in a VM.
     Layout(LayoutArgs),
     /// `vmdisk serve` vs `qemu-nbd`: nbdcopy full/sparse/dense reads, random 4 KiB reads.
     Nbd(NbdArgs),
@@ -128,6 +130,10 @@ struct LayoutArgs {
     /// Print the results as JSON instead of Markdown.
     #[arg(long)]
     json: bool,
+    /// disko's evaluated examples (the folder holding json/) [default: ../shared/corpus/disko
+    /// next to the project].
+    #[arg(long)]
+    corpus: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -210,6 +216,7 @@ fn main() -> Result<()> {
                 runs: a.runs,
                 quick: a.quick,
                 seed: a.seed,
+                corpus: &a.corpus.unwrap_or_else(disko_vm::default_corpus),
             })?;
             print_report(&report, a.json, report.markdown(), report.failed())
         }

@@ -97,6 +97,10 @@ const BUILDER_PROGRAMS: &[(&str, &str)] = &[
     ("sbin/mkfs.fat", "sbin/mkfs.fat"),
     ("sbin/fsck.fat", "sbin/fsck.fat"),
     ("sbin/sgdisk", "sbin/sgdisk"),
+    // For disko's own `_create` (the layout bench): bash, and a blkid that answers
+    // `-o export` (busybox's does not; the store's bin/blkid stays busybox's).
+    ("bin/bash", "bin/bash"),
+    ("sbin/blkid", "sbin/blkid"),
 ];
 
 /// Names the packages install as links to a program (in the system's sbin/ -> target).

@@ -708,9 +708,13 @@ pub const GUEST_PACKAGES: &[&str] = &[
 
 /// The builder VM's tools (what disko's `_create` runs for content only a kernel makes:
 /// cryptsetup, lvm2 and dmsetup, mdadm, btrfs-progs, e2fsprogs, dosfstools, sgdisk) and the
-/// libraries they need beyond [`GUEST_PACKAGES`]. xfsprogs is not here: its libicu72 alone is
-/// 9 MB, and no corpus example puts xfs inside LUKS, LVM or an array.
+/// libraries they need beyond [`GUEST_PACKAGES`]; and bash and util-linux's blkid, so that
+/// disko's own generated `_create` (a bash script that asks blkid what a device holds) runs
+/// here too, as `cargo xtask bench layout` runs it. xfsprogs is not here: its libicu72 alone
+/// is 9 MB, and no corpus example puts xfs inside LUKS, LVM or an array.
 pub const BUILDER_PACKAGES: &[&str] = &[
+    "bash",
+    "util-linux",
     "cryptsetup-bin",
     "lvm2",
     "dmsetup",
