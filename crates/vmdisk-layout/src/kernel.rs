@@ -403,6 +403,16 @@ struct Emitter<'a> {
     secret_files: BTreeMap<SecretRef, String>,
 }
 
+/// awk over `cryptsetup luksDump` of a fresh LUKS device: slot 0's PBKDF as cryptsetup
+/// options (`--pbkdf argon2id --pbkdf-force-iterations 4 --pbkdf-memory 65536
+/// --pbkdf-parallel 1`, or pbkdf2 with its iterations), nothing for a header it cannot read
+/// (LUKS1), so cryptsetup falls back to benchmarking.
+const PBKDF_OF_SLOT0: &str = "awk '/^Keyslots:/{k=1;next} /^[^ \\t]/{if(k)exit} \
+     k&&$1==\"PBKDF:\"{p=$2} k&&$1==\"Time\"{t=$3} k&&$1==\"Memory:\"{m=$2} \
+     k&&$1==\"Threads:\"{th=$2} k&&$1==\"Iterations:\"{it=$2} \
+     END{if(p~/^argon2/&&t&&m&&th)print \"--pbkdf \"p\" --pbkdf-force-iterations \"t\" --pbkdf-memory \"m\" --pbkdf-parallel \"th; \
+     else if(p==\"pbkdf2\"&&it)print \"--pbkdf pbkdf2 --pbkdf-force-iterations \"it}'";
+
 impl Emitter<'_> {
     fn line(&mut self, s: &str) {
         self.out.push_str(s);
@@ -446,10 +456,26 @@ impl Emitter<'_> {
                 ));
                 self.teardown
                     .push(format!("cryptsetup close {}", q(&l.name)));
+                // Each luksAddKey would benchmark the PBKDF again (13 s of a 50 s build
+                // under an emulated CPU) only to pick what luksFormat's benchmark picked on
+                // the same VM: the added keys get slot 0's parameters. Not when the layout
+                // chose its own PBKDF options, which disko applies to luksFormat alone.
+                let own_pbkdf = l
+                    .extra_format_args
+                    .iter()
+                    .any(|a| a.starts_with("--pbkdf") || a.starts_with("--iter-time"));
+                let mut add_args = String::new();
+                if !l.additional_key_files.is_empty() && !own_pbkdf {
+                    self.line(&format!(
+                        "pbkdf=$(cryptsetup luksDump {} | {PBKDF_OF_SLOT0})",
+                        q(dev)
+                    ));
+                    add_args.push_str(" $pbkdf");
+                }
                 for a in &l.additional_key_files {
                     let f = self.secret(&SecretRef::File(a.clone()), &l.path)?;
                     self.line(&format!(
-                        "cryptsetup luksAddKey {} {} {kargs}",
+                        "cryptsetup luksAddKey {} {} {kargs}{add_args}",
                         q(dev),
                         q(&f)
                     ));
