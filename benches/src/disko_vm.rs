@@ -28,7 +28,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::layout::{sfdisk_parts, table_differences, Part};
+use crate::table::{sfdisk_parts, table_differences, Part};
 use crate::util::{remove_if_exists, sync};
 
 /// One example: its corpus name and the key files its configuration names (for vmdisk's

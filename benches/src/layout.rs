@@ -31,6 +31,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::disko_vm::DiskoCase;
+use crate::table::{sfdisk_parts, table_differences, Part};
 use crate::util::{remove_if_exists, run, sha256, sync};
 
 /// script time / vmdisk time must reach this.
@@ -350,34 +351,6 @@ struct Paths {
     vmdisk_out: PathBuf,
     /// The scripts' working directory (raw, per-filesystem files, out-VARIANT.qcow2).
     work: PathBuf,
-}
-
-/// One GPT entry as `sfdisk --json` reports it (sectors of 512 bytes).
-#[derive(Clone, Deserialize, Serialize, PartialEq)]
-pub struct Part {
-    pub start: u64,
-    pub size: u64,
-    #[serde(rename = "type")]
-    pub type_guid: String,
-    #[serde(default)]
-    pub name: String,
-}
-
-pub(crate) fn sfdisk_parts(raw: &Path) -> Result<Vec<Part>> {
-    let out = run(Command::new("sfdisk").arg("--json").arg(raw))?;
-    let v: serde_json::Value = serde_json::from_slice(&out).context("parsing sfdisk --json")?;
-    let parts = v
-        .pointer("/partitiontable/partitions")
-        .cloned()
-        .context("sfdisk --json: no partitions")?;
-    let parts: Vec<Part> = serde_json::from_value(parts).context("parsing sfdisk partitions")?;
-    if v.pointer("/partitiontable/sectorsize")
-        .and_then(|s| s.as_u64())
-        .is_some_and(|s| s != 512)
-    {
-        bail!("sfdisk reports a sector size other than 512");
-    }
-    Ok(parts)
 }
 
 fn time_vmdisk(vmdisk: &Path, p: &Paths) -> Result<RunTime> {
@@ -949,29 +922,6 @@ pub fn bench(o: &Options) -> Result<Report> {
         vmdisk_reproducible,
         verdict,
     })
-}
-
-pub(crate) fn table_differences(v: &[Part], s: &[Part]) -> Vec<String> {
-    let mut d = Vec::new();
-    if v.len() != s.len() {
-        d.push(format!("{} vs {} partitions", v.len(), s.len()));
-    }
-    for (i, (a, b)) in v.iter().zip(s).enumerate() {
-        let n = i + 1;
-        if a.type_guid != b.type_guid || a.name != b.name {
-            d.push(format!(
-                "partition {n}: vmdisk {} {:?}, script {} {:?}",
-                a.type_guid, a.name, b.type_guid, b.name
-            ));
-        }
-        if a.start != b.start || a.size != b.size {
-            d.push(format!(
-                "partition {n}: vmdisk sectors {}+{}, script {}+{}",
-                a.start, a.size, b.start, b.size
-            ));
-        }
-    }
-    d
 }
 
 fn load_average() -> String {

@@ -30,6 +30,7 @@ mod overlay;
 mod report;
 mod resize;
 mod run;
+mod table;
 mod util;
 
 use std::path::PathBuf;
