@@ -12,7 +12,7 @@
 //! without being told the layout (`tests::open_everything`: arrays assembled, LUKS opened
 //! with the key, volume groups activated, each filesystem mounted and fsck'd).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
@@ -823,7 +823,7 @@ fn every_corpus_disk_is_built_as_disko_builds_it_or_refused_cleanly() {
         .chain(TEMPLATES_WITHOUT_ZFS)
         .map(|e| (*e, true))
         .collect();
-    let mut shapes_seen: BTreeMap<&str, std::collections::BTreeSet<&str>> = BTreeMap::new();
+    let mut shapes_seen: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
     for (c, o) in &results {
         let what = format!("{} ({}) disk {}", c.config, c.shape, c.disk);
         let ok = match o {
