@@ -646,3 +646,60 @@ fn bad_layouts_are_rejected_naming_the_json_path() {
         &format!("{p}.b.size"),
     );
 }
+
+/// A LUKS key that cannot be read is a user mistake caught before the builder VM starts: the
+/// error names the JSON path and the way out (create the file, or fix `--secret`'s FILE), and
+/// no image is left.
+#[test]
+fn unreadable_luks_keys_are_refused_with_the_way_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tmp = tmp.path();
+    let named = tmp.join("named.key");
+    let layout = tmp.join("luks.json");
+    write_file(
+        &layout,
+        one_disk(&format!(
+            r#""c":{{"size":"100%","content":{{"type":"luks","name":"crypted",
+                "settings":{{"keyFile":"{}"}},
+                "content":{{"type":"filesystem","format":"ext4"}}}}}}"#,
+            s(&named)
+        ))
+        .as_bytes(),
+    );
+    let at = "disko.devices.disk.d.content.partitions.c.content";
+    let empty = tmp.join("empty.key");
+    write_file(&empty, b"");
+    let secret = |f: &Path| vec!["--secret".to_string(), format!("{}={}", s(&named), s(f))];
+    for (what, extra, needle) in [
+        (
+            "missing named file",
+            vec![],
+            format!("create it, or pass --secret {}=FILE", s(&named)),
+        ),
+        (
+            "missing --secret file",
+            secret(&tmp.join("typo.key")),
+            format!("check the FILE of --secret {}=FILE", s(&named)),
+        ),
+        ("empty key", secret(&empty), "is empty".to_string()),
+    ] {
+        let out = tmp.join("out.qcow2");
+        let r = create(&layout, &None, "qcow2", &extra, &out, "64M");
+        assert_ne!(r.code(), 0, "{what}: create accepted it:\n{r}");
+        for n in [at, needle.as_str(), "nothing was written"] {
+            assert!(
+                r.stderr.contains(n),
+                "{what}: the error should say `{n}`:\n{r}"
+            );
+        }
+        assert!(
+            !r.stderr.contains("builder VM up"),
+            "{what}: the VM started:\n{r}"
+        );
+        assert!(
+            !out.exists(),
+            "{what}: a refused create left {}",
+            out.display()
+        );
+    }
+}

@@ -445,7 +445,8 @@ fn read_secrets(
             SecretRef::PasswordFile(p) => (p.as_str(), true),
             SecretRef::Password(n) => (n.as_str(), true),
         };
-        let file = match (given.iter().find(|(k, _)| k == key), &r) {
+        let from_flag = given.iter().find(|(k, _)| k == key);
+        let file = match (from_flag, &r) {
             (Some((_, f)), _) => f.clone(),
             (None, SecretRef::Password(n)) => bail!(
                 "in {layout}: {at}: LUKS device {n:?} asks for its password when disko runs \
@@ -456,9 +457,13 @@ fn read_secrets(
         let what = if password { "password" } else { "key" };
         let len = std::fs::metadata(&file)
             .with_context(|| {
+                let way_out = match from_flag {
+                    Some(_) => format!("check the FILE of --secret {key}=FILE"),
+                    None => format!("create it, or pass --secret {key}=FILE"),
+                };
                 format!(
-                    "in {layout}: {at}: reading the LUKS {what} file {}; create it, or pass \
-                     --secret {key}=FILE; nothing was written",
+                    "in {layout}: {at}: reading the LUKS {what} file {}; {way_out}; nothing \
+                     was written",
                     file.display()
                 )
             })?
